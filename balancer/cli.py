@@ -1,0 +1,143 @@
+"""The ``balancer`` command line: a thin shell over ``balancer.service``.
+
+Exit codes: 0 success; 2 bad input (one readable line on stderr); 3 infeasible (the conflicting
+rules, hosts or budgets named); 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from importlib import resources
+from typing import Any, NoReturn
+
+from balancer.errors import BalancerError, InfeasibleError, InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_float(name: str):  # noqa: ANN202
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _nonneg_float(name: str):  # noqa: ANN202
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}")
+        return value
+    return parse
+
+
+def _nonneg_int(name: str):  # noqa: ANN202
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
+        return value
+    return parse
+
+
+def _threshold(text: str) -> int:
+    if text not in {"1", "2", "3", "4", "5"}:
+        raise argparse.ArgumentTypeError(f"--threshold must be 1, 2, 3, 4 or 5, got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="balancer", description="An open, optimal DRS for KVM/QEMU clusters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("plan", help="plan the migrations that rebalance a cluster snapshot")
+    p.add_argument("snapshot", nargs="?", help="snapshot v1 JSON file, or - for stdin")
+    p.add_argument("--demo", action="store_true", help="plan the bundled demo cluster")
+    p.add_argument("--max-migrations", type=_nonneg_int("--max-migrations"), metavar="K")
+    p.add_argument("--max-moved-mem-gb", type=_nonneg_float("--max-moved-mem-gb"), metavar="G")
+    p.add_argument("--threshold", type=_threshold, default=3,
+                   help="migration threshold 1 (mandatory moves only) .. 5 (most aggressive)")
+    p.add_argument("--time-limit", type=_positive_float("--time-limit"), metavar="S",
+                   help="solver wall time, seconds (default: scales with cluster size, 3 to 25)")
+    p.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
+    p.add_argument("--mem-overcommit", type=_positive_float("--mem-overcommit"), default=1.0)
+    p.add_argument("--cpu-headroom", type=_nonneg_float("--cpu-headroom"), default=0.1)
+    p.add_argument("--solver", choices=["cpsat", "greedy"], default="cpsat")
+    p.add_argument("--format", choices=["json", "table"], default="json")
+    return parser
+
+
+def _load_snapshot(args: argparse.Namespace) -> Any:
+    from balancer import snapshot
+
+    if args.demo:
+        if args.snapshot:
+            raise InputError("plan: give a snapshot file or --demo, not both")
+        text = resources.files("balancer").joinpath("data/demo-cluster.json").read_text()
+        return snapshot.loads(text, source="demo-cluster.json",
+                              mem_overcommit=args.mem_overcommit)
+    if not args.snapshot:
+        raise InputError("plan: a snapshot file (or - for stdin, or --demo) is required")
+    if args.snapshot == "-":
+        return snapshot.loads(sys.stdin.read(), source="stdin", mem_overcommit=args.mem_overcommit)
+    return snapshot.load(args.snapshot, mem_overcommit=args.mem_overcommit)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from balancer.report import plan_table
+    from balancer.service import PlanOptions, plan
+
+    snap = _load_snapshot(args)
+    result = plan(snap, PlanOptions(
+        threshold=args.threshold,
+        max_migrations=args.max_migrations,
+        max_moved_mem_gb=args.max_moved_mem_gb,
+        mem_overcommit=args.mem_overcommit,
+        cpu_headroom=args.cpu_headroom,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        solver=args.solver,
+    ))
+    if args.format == "json":
+        json.dump(result.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(plan_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"plan": cmd_plan}[args.command](args)
+    except InputError as exc:
+        print(f"balancer: error: {exc}", file=sys.stderr)
+        return 2
+    except InfeasibleError as exc:
+        print(f"balancer: infeasible: {exc}", file=sys.stderr)
+        return 3
+    except BalancerError as exc:
+        print(f"balancer: failed: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

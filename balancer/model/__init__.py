@@ -1,0 +1,176 @@
+"""Core types of the balancer, standard library only.
+
+Everything the engine reasons about is an integer: CPU in millicores, memory in MiB. Hosts, VMs
+and rules are kept in name order so that every run over the same input is deterministic.
+
+Hosts and VMs are addressed by their index in ``ClusterSnapshot.hosts`` / ``.vms`` inside the
+engine; names appear only at the edges (file formats, CLI, API).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class HostState(str, Enum):
+    ACTIVE = "active"
+    MAINTENANCE = "maintenance"
+    STANDBY = "standby"
+
+
+class Automation(str, Enum):
+    FULLY = "fully"
+    MANUAL = "manual"
+
+
+class RuleType(str, Enum):
+    AFFINITY = "affinity"
+    ANTI_AFFINITY = "anti_affinity"
+    VM_HOST = "vm_host"
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str
+    cpu_capacity: int  # millicores
+    mem_capacity: int  # MiB
+    state: HostState = HostState.ACTIVE
+
+    @property
+    def active(self) -> bool:
+        return self.state is HostState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class VM:
+    name: str
+    host: str
+    vcpus: int
+    mem: int  # configured memory, MiB
+    cpu_demand: int  # millicores in use
+    mem_demand: int  # MiB in use
+    automation: Automation = Automation.FULLY
+
+    @property
+    def movable(self) -> bool:
+        return self.automation is Automation.FULLY
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    type: RuleType
+    vms: tuple[str, ...]
+    hosts: tuple[str, ...] = ()
+    mandatory: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """The cluster as it is: hosts, VMs (each on a host) and placement rules."""
+
+    hosts: tuple[Host, ...]
+    vms: tuple[VM, ...]
+    rules: tuple[Rule, ...] = ()
+    host_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    vm_index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_index", {h.name: i for i, h in enumerate(self.hosts)})
+        object.__setattr__(self, "vm_index", {v.name: i for i, v in enumerate(self.vms)})
+
+    def placement(self) -> Placement:
+        """The current placement: VM index -> host index."""
+        return tuple(self.host_index[v.host] for v in self.vms)
+
+    def active_hosts(self) -> list[int]:
+        return [i for i, h in enumerate(self.hosts) if h.active]
+
+
+# VM index -> host index, in VM order.
+Placement = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    vm: str
+    source: str
+    target: str
+    reason: str
+    mem: int  # MiB moved (configured memory of the VM)
+
+
+@dataclass(frozen=True, slots=True)
+class UtilStats:
+    """Spread of host utilisation (demand / capacity) over the active hosts."""
+
+    cpu_std: float
+    mem_std: float
+    cpu_max: float
+    mem_max: float
+
+    @property
+    def imbalance(self) -> float:
+        return self.cpu_std + self.mem_std
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "cpu_std": round(self.cpu_std, 6),
+            "mem_std": round(self.mem_std, 6),
+            "cpu_max": round(self.cpu_max, 6),
+            "mem_max": round(self.mem_max, 6),
+            "imbalance": round(self.imbalance, 6),
+        }
+
+
+def host_loads(snapshot: ClusterSnapshot, placement: Placement) -> tuple[list[int], list[int]]:
+    """CPU demand (millicores) and memory demand (MiB) per host under ``placement``."""
+    cpu = [0] * len(snapshot.hosts)
+    mem = [0] * len(snapshot.hosts)
+    for vm, h in zip(snapshot.vms, placement, strict=True):
+        cpu[h] += vm.cpu_demand
+        mem[h] += vm.mem_demand
+    return cpu, mem
+
+
+def _pstd(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / len(values))
+
+
+def util_stats(snapshot: ClusterSnapshot, placement: Placement) -> UtilStats:
+    """Population standard deviation and maximum of CPU and memory demand utilisation.
+
+    Computed over active hosts only; hosts in maintenance or standby are being emptied and do
+    not count towards balance (their load shows up in the active hosts once evacuated).
+    """
+    cpu, mem = host_loads(snapshot, placement)
+    active = snapshot.active_hosts()
+    cu = [cpu[h] / snapshot.hosts[h].cpu_capacity for h in active]
+    mu = [mem[h] / snapshot.hosts[h].mem_capacity for h in active]
+    return UtilStats(
+        cpu_std=_pstd(cu),
+        mem_std=_pstd(mu),
+        cpu_max=max(cu, default=0.0),
+        mem_max=max(mu, default=0.0),
+    )
+
+
+__all__ = [
+    "Automation",
+    "ClusterSnapshot",
+    "Host",
+    "HostState",
+    "Move",
+    "Placement",
+    "Rule",
+    "RuleType",
+    "UtilStats",
+    "VM",
+    "host_loads",
+    "util_stats",
+]

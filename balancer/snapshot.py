@@ -1,0 +1,322 @@
+"""Read and write the snapshot file format v1 (docs/snapshot-format.md).
+
+Validation names the item and the field at fault in one line, e.g.
+``vms[12] (vm-00013): field 'cpu_demand': 9.5 is above the VM's size (vcpus=8)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from balancer.errors import SnapshotError
+from balancer.model import VM, Automation, ClusterSnapshot, Host, HostState, Rule, RuleType
+
+FORMAT_VERSION = 1
+
+
+def _where(kind: str, i: int, item: Any) -> str:
+    name = item.get("name") if isinstance(item, Mapping) else None
+    return f"{kind}[{i}] ({name})" if isinstance(name, str) else f"{kind}[{i}]"
+
+
+def _number(where: str, item: Mapping[str, Any], key: str, *, positive: bool,
+            required: bool = True, default: float | None = None) -> float:
+    if key not in item:
+        if required:
+            raise SnapshotError(f"{where}: field '{key}' is missing")
+        assert default is not None
+        return default
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SnapshotError(f"{where}: field '{key}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SnapshotError(f"{where}: field '{key}' must be finite, got {value}")
+    if value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise SnapshotError(f"{where}: field '{key}' must be {bound}, got {value}")
+    return float(value)
+
+
+def _string(where: str, item: Mapping[str, Any], key: str) -> str:
+    value = item.get(key)
+    if key not in item:
+        raise SnapshotError(f"{where}: field '{key}' is missing")
+    if not isinstance(value, str) or not value.strip():
+        raise SnapshotError(f"{where}: field '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _enum(where: str, item: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
+    if key not in item:
+        return default
+    value = item[key]
+    allowed = [e.value for e in enum]
+    if value not in allowed:
+        raise SnapshotError(
+            f"{where}: field '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+        )
+    return enum(value)
+
+
+def _list(where: str, item: Mapping[str, Any], key: str, *, required: bool = True) -> list[Any]:
+    if key not in item:
+        if required:
+            raise SnapshotError(f"{where}: field '{key}' is missing")
+        return []
+    value = item[key]
+    if not isinstance(value, list):
+        raise SnapshotError(f"{where}: field '{key}' must be a list, got {type(value).__name__}")
+    return value
+
+
+def _object(where: str, item: Any) -> Mapping[str, Any]:
+    if not isinstance(item, Mapping):
+        raise SnapshotError(f"{where}: must be an object, got {type(item).__name__}")
+    return item
+
+
+def _parse_host(i: int, raw: Any) -> Host:
+    where = _where("hosts", i, raw)
+    item = _object(where, raw)
+    name = _string(where, item, "name")
+    cpu = _number(where, item, "cpu_capacity", positive=True)
+    mem = _number(where, item, "mem_capacity_mb", positive=True)
+    state = _enum(where, item, "state", HostState, HostState.ACTIVE)
+    return Host(name=name, cpu_capacity=round(cpu * 1000), mem_capacity=round(mem), state=state)
+
+
+def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
+    where = _where("vms", i, raw)
+    item = _object(where, raw)
+    name = _string(where, item, "name")
+    host = _string(where, item, "host")
+    if host not in hosts:
+        raise SnapshotError(f"{where}: field 'host': unknown host {host!r}")
+    vcpus = _number(where, item, "vcpus", positive=True)
+    if vcpus != int(vcpus):
+        raise SnapshotError(f"{where}: field 'vcpus' must be a whole number, got {item['vcpus']}")
+    mem = _number(where, item, "mem_mb", positive=True)
+    cpu_demand = _number(where, item, "cpu_demand", positive=False)
+    mem_demand = _number(where, item, "mem_demand_mb", positive=False)
+    if cpu_demand > vcpus:
+        raise SnapshotError(
+            f"{where}: field 'cpu_demand': {cpu_demand:g} is above the VM's size (vcpus={vcpus:g})"
+        )
+    if mem_demand > mem:
+        raise SnapshotError(
+            f"{where}: field 'mem_demand_mb': {mem_demand:g} is above the VM's size "
+            f"(mem_mb={mem:g})"
+        )
+    automation = _enum(where, item, "automation", Automation, Automation.FULLY)
+    return VM(
+        name=name,
+        host=host,
+        vcpus=int(vcpus),
+        mem=round(mem),
+        cpu_demand=round(cpu_demand * 1000),
+        mem_demand=round(mem_demand),
+        automation=automation,
+    )
+
+
+def _parse_rule(i: int, raw: Any, vms: set[str], hosts: set[str]) -> Rule:
+    where = _where("rules", i, raw)
+    item = _object(where, raw)
+    name = _string(where, item, "name")
+    rtype = _enum(where, item, "type", RuleType, None)
+    if rtype is None:
+        raise SnapshotError(f"{where}: field 'type' is missing")
+    members = _list(where, item, "vms")
+    for m in members:
+        if not isinstance(m, str):
+            raise SnapshotError(f"{where}: field 'vms' must hold VM names, got {m!r}")
+        if m not in vms:
+            raise SnapshotError(f"{where}: field 'vms': unknown VM {m!r}")
+    if len(set(members)) != len(members):
+        raise SnapshotError(f"{where}: field 'vms' names a VM twice")
+    minimum = 1 if rtype is RuleType.VM_HOST else 2
+    if len(members) < minimum:
+        raise SnapshotError(f"{where}: field 'vms' needs at least {minimum} VM(s)")
+    rule_hosts: list[Any] = []
+    if rtype is RuleType.VM_HOST:
+        rule_hosts = _list(where, item, "hosts")
+        if not rule_hosts:
+            raise SnapshotError(f"{where}: field 'hosts' needs at least one host")
+        for h in rule_hosts:
+            if not isinstance(h, str):
+                raise SnapshotError(f"{where}: field 'hosts' must hold host names, got {h!r}")
+            if h not in hosts:
+                raise SnapshotError(f"{where}: field 'hosts': unknown host {h!r}")
+    elif "hosts" in item and item["hosts"]:
+        raise SnapshotError(f"{where}: field 'hosts' only applies to vm_host rules")
+    mandatory = item.get("mandatory", True)
+    if not isinstance(mandatory, bool):
+        raise SnapshotError(f"{where}: field 'mandatory' must be true or false, got {mandatory!r}")
+    return Rule(
+        name=name,
+        type=rtype,
+        vms=tuple(sorted(members)),
+        hosts=tuple(sorted(set(rule_hosts))),
+        mandatory=mandatory,
+    )
+
+
+def _unique(kind: str, names: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise SnapshotError(f"{kind}[{i}] ({n}): field 'name': duplicate of {kind}[{seen[n]}]")
+        seen[n] = i
+
+
+def _check_contradictions(snapshot: ClusterSnapshot) -> None:
+    """Mandatory rules that can never hold together are input errors, not solver work."""
+    parent = {v.name: v.name for v in snapshot.vms}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    owner: dict[str, str] = {}
+    for rule in snapshot.rules:
+        if rule.type is RuleType.AFFINITY and rule.mandatory:
+            for v in rule.vms[1:]:
+                parent[find(v)] = find(rule.vms[0])
+            for v in rule.vms:
+                owner.setdefault(v, rule.name)
+    for rule in snapshot.rules:
+        if rule.type is RuleType.ANTI_AFFINITY and rule.mandatory:
+            seen: dict[str, str] = {}
+            for v in rule.vms:
+                root = find(v)
+                if root in seen:
+                    raise SnapshotError(
+                        f"rules ({rule.name}): field 'vms': {seen[root]} and {v} must run apart "
+                        f"here but together by affinity rule {owner.get(v, '?')}"
+                    )
+                seen[root] = v
+    allowed: dict[str, set[str]] = {}
+    culprit: dict[str, list[str]] = {}
+    for rule in snapshot.rules:
+        if rule.type is RuleType.VM_HOST and rule.mandatory:
+            for v in rule.vms:
+                root = find(v)
+                hosts = set(rule.hosts)
+                allowed[root] = allowed[root] & hosts if root in allowed else hosts
+                culprit.setdefault(root, []).append(rule.name)
+                if not allowed[root]:
+                    raise SnapshotError(
+                        f"rules ({rule.name}): field 'hosts': no host satisfies all of the "
+                        f"mandatory rules {', '.join(culprit[root])} for VM {v}"
+                    )
+
+
+def parse_snapshot(data: Any, *, mem_overcommit: float = 1.0) -> ClusterSnapshot:
+    """Validate a decoded JSON document and build a ``ClusterSnapshot``."""
+    doc = _object("snapshot", data)
+    if "version" not in doc:
+        raise SnapshotError("snapshot: field 'version' is missing (expected 1)")
+    if doc["version"] != FORMAT_VERSION or isinstance(doc["version"], bool):
+        raise SnapshotError(f"snapshot: field 'version' must be 1, got {doc['version']!r}")
+    raw_hosts = _list("snapshot", doc, "hosts")
+    raw_vms = _list("snapshot", doc, "vms")
+    raw_rules = _list("snapshot", doc, "rules", required=False)
+
+    hosts = [_parse_host(i, h) for i, h in enumerate(raw_hosts)]
+    if not hosts:
+        raise SnapshotError("snapshot: field 'hosts' is empty")
+    _unique("hosts", [h.name for h in hosts])
+    host_names = {h.name for h in hosts}
+    vms = [_parse_vm(i, v, host_names) for i, v in enumerate(raw_vms)]
+    _unique("vms", [v.name for v in vms])
+    vm_names = {v.name for v in vms}
+    rules = [_parse_rule(i, r, vm_names, host_names) for i, r in enumerate(raw_rules)]
+    _unique("rules", [r.name for r in rules])
+
+    active_mem = sum(h.mem_capacity for h in hosts if h.active) * mem_overcommit
+    total_mem = sum(v.mem for v in vms)
+    if total_mem > active_mem:
+        raise SnapshotError(
+            f"vms: field 'mem_mb': the VMs' configured memory ({total_mem} MiB) exceeds what all "
+            f"active hosts can hold together ({active_mem:.0f} MiB)"
+        )
+
+    snapshot = ClusterSnapshot(
+        hosts=tuple(sorted(hosts, key=lambda h: h.name)),
+        vms=tuple(sorted(vms, key=lambda v: v.name)),
+        rules=tuple(sorted(rules, key=lambda r: r.name)),
+    )
+    _check_contradictions(snapshot)
+    return snapshot
+
+
+def loads(text: str, *, source: str = "snapshot", mem_overcommit: float = 1.0) -> ClusterSnapshot:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SnapshotError(
+            f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    return parse_snapshot(data, mem_overcommit=mem_overcommit)
+
+
+def load(path: str | Path, *, mem_overcommit: float = 1.0) -> ClusterSnapshot:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SnapshotError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{p}: cannot read: {exc}") from None
+    return loads(text, source=str(p), mem_overcommit=mem_overcommit)
+
+
+def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:
+    """The snapshot as a v1 document (the inverse of ``parse_snapshot``)."""
+    def num(x: float) -> float | int:
+        return int(x) if float(x).is_integer() else x
+
+    return {
+        "version": FORMAT_VERSION,
+        "hosts": [
+            {
+                "name": h.name,
+                "cpu_capacity": num(h.cpu_capacity / 1000),
+                "mem_capacity_mb": h.mem_capacity,
+                "state": h.state.value,
+            }
+            for h in snapshot.hosts
+        ],
+        "vms": [
+            {
+                "name": v.name,
+                "host": v.host,
+                "vcpus": v.vcpus,
+                "mem_mb": v.mem,
+                "cpu_demand": num(v.cpu_demand / 1000),
+                "mem_demand_mb": v.mem_demand,
+                "automation": v.automation.value,
+            }
+            for v in snapshot.vms
+        ],
+        "rules": [
+            {
+                "name": r.name,
+                "type": r.type.value,
+                "vms": list(r.vms),
+                **({"hosts": list(r.hosts)} if r.type is RuleType.VM_HOST else {}),
+                "mandatory": r.mandatory,
+            }
+            for r in snapshot.rules
+        ],
+    }
+
+
+def dumps(snapshot: ClusterSnapshot) -> str:
+    return json.dumps(to_dict(snapshot), indent=1)

@@ -1,0 +1,422 @@
+"""The placement engine: CP-SAT over neighbourhoods of the cluster (large neighbourhood search).
+
+Description
+    1. Start from the better (by objective) of the current placement and the greedy baseline's
+       answer, among those that satisfy every hard constraint. If neither does (evacuation or a
+       broken mandatory rule that greedy could not fix), a *repair* model frees the offending
+       units with all their allowed hosts plus the units on the least-loaded of those hosts,
+       widening until CP-SAT finds a feasible placement or proves that none exists.
+    2. If the whole problem is small (units x candidate hosts under ``full_model_pairs``), solve
+       it whole: CP-SAT proves optimality or returns its bound.
+    3. Otherwise (and with the remaining time) improve by large neighbourhood search: pick a
+       few hosts (one drawn by its share of the imbalance, partners whose CPU/memory deviation
+       best complements it, and random ones), free every movable unit on them (and, when a
+       budget binds, every unit already moved, so the budget can be spent elsewhere), solve that
+       sub-model with the incumbent as hint, and keep the answer if the whole objective drops.
+       The neighbourhood grows when CP-SAT proves sub-models optimal and shrinks when it cannot.
+    The same model (``cpsat.build``) serves all three steps; only the free set differs.
+Requirements
+    A ``Problem`` from ``policies.build_problem``.
+Limitations
+    Beyond the whole-model case the answer is not proven optimal; the bound reported then is
+    the trivial one (mandatory move costs). Deterministic for a given seed when stopped by
+    ``max_iterations`` or ``max_dtime`` rather than wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from balancer.errors import InfeasibleError
+from balancer.model import Placement
+from balancer.model.problem import Problem, vm_placement
+from balancer.solver import cpsat
+from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
+from balancer.solver.objective import Evaluator
+
+
+log = logging.getLogger(__name__)
+
+
+class Status(str, Enum):
+    OPTIMAL = "OPTIMAL"  # proven optimal (whole model)
+    FEASIBLE = "FEASIBLE"  # a valid plan, not proven optimal
+    INFEASIBLE = "INFEASIBLE"  # proven: no placement satisfies the hard constraints
+    NO_SOLUTION_IN_TIME = "NO_SOLUTION_IN_TIME"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    time_limit: float = 10.0  # wall seconds for the whole solve
+    seed: int = 0
+    workers: int = 1  # CP-SAT workers per sub-model
+    max_iterations: int | None = None  # LNS steps (deterministic stop)
+    max_dtime: float | None = None  # CP-SAT deterministic time over all steps (deterministic)
+    full_model_pairs: int = 1500
+    full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
+    max_neighbourhood_hosts: int = 6
+    step_dtime: float = 0.5  # deterministic-time limit of one LNS step
+    budget_explore: float = 0.4  # share of the effort spent exploring without the budgets
+
+
+@dataclass
+class SolveResult:
+    status: Status
+    unit_hosts: np.ndarray
+    placement: Placement
+    objective: int
+    bound: int
+    seconds: float
+    iterations: int = 0
+    improvements: int = 0
+    start_objective: int = 0
+    greedy_objective: int | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def mandatory_violations(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> list[str]:
+    """Hard constraints the unit placement breaks (empty: feasible)."""
+    st = State(problem, ev, unit_hosts)
+    out = []
+    for u in range(len(problem.units)):
+        if st.violates_mandatory(u):
+            out.append(f"unit {u}")
+    for h in range(problem.n_hosts):
+        if st.received[h] > 0 and (st.mem[h] > problem.mem_limit[h]
+                                   or st.cpu[h] > problem.cpu_limit[h]):
+            out.append(f"capacity of host {h}")
+    if problem.max_migrations is not None and st.migrations > problem.max_migrations:
+        out.append("budget max_migrations")
+    if problem.max_moved_mem is not None and st.moved_mem > problem.max_moved_mem:
+        out.append("budget max_moved_mem_gb")
+    return out
+
+
+class _Search:
+    def __init__(self, problem: Problem, opts: EngineOptions) -> None:
+        self.p = problem
+        self.o = opts
+        self.ev = Evaluator(problem)
+        self.rng = np.random.default_rng(opts.seed)
+        self.t0 = time.monotonic()
+        self.dtime = 0.0
+        self.iterations = 0
+        self.movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
+
+    # --- budget of effort -------------------------------------------------------------------
+    def remaining(self) -> float:
+        return self.o.time_limit - (time.monotonic() - self.t0)
+
+    def exhausted(self) -> bool:
+        if self.remaining() <= 0.02:
+            return True
+        if self.o.max_dtime is not None and self.dtime >= self.o.max_dtime:
+            return True
+        return self.o.max_iterations is not None and self.iterations >= self.o.max_iterations
+
+    def _solver(self, dtime: float | None, wall: float | None = None) -> cp_model.CpSolver:
+        s = cp_model.CpSolver()
+        prm = s.parameters
+        prm.num_workers = self.o.workers
+        prm.random_seed = self.o.seed
+        prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
+        if dtime is not None:
+            cap = dtime
+            if self.o.max_dtime is not None:
+                cap = min(cap, max(0.01, self.o.max_dtime - self.dtime))
+            prm.max_deterministic_time = cap
+        return s
+
+    def run_model(self, sub: cpsat.SubModel, dtime: float | None, wall: float | None = None,
+                  ) -> tuple[int, cp_model.CpSolver]:
+        solver = self._solver(dtime, wall)
+        status = solver.Solve(sub.model)
+        self.dtime += solver.ResponseProto().deterministic_time
+        return status, solver
+
+    # --- steps ------------------------------------------------------------------------------
+    def full(self, base: np.ndarray, dtime: float | None
+             ) -> tuple[int, cp_model.CpSolver, cpsat.SubModel]:
+        cands = {u: list(self.p.units[u].candidates) for u in self.movable}
+        sub = cpsat.build(self.p, self.ev, base, self.movable, cands)
+        status, solver = self.run_model(sub, dtime)
+        return status, solver, sub
+
+    def repair_model(self, base: np.ndarray) -> tuple[np.ndarray | None, bool]:
+        """Find a feasible placement from an infeasible ``base``; (placement, proven_infeasible)."""
+        st = State(self.p, self.ev, base)
+        bad = [u for u in self.movable if st.violates_mandatory(u)]
+        over = [h for h in range(self.p.n_hosts) if st.received[h] > 0 and (
+            st.mem[h] > self.p.mem_limit[h] or st.cpu[h] > self.p.cpu_limit[h])]
+        bad_set = set(bad) | {u for u in self.movable if int(base[u]) in over}
+        load = st.load()
+        targets = sorted({h for u in bad_set for h in self.p.units[u].candidates},
+                         key=lambda h: (load[h], h))
+        m = 8
+        while True:
+            chosen = set(targets[:m]) | set(over)
+            free = sorted(bad_set | {u for u in self.movable if int(base[u]) in chosen})
+            cands = {}
+            for u in free:
+                allowed = set(self.p.units[u].candidates)
+                cands[u] = sorted(allowed if u in bad_set else (allowed & chosen) | {int(base[u])})
+            sub = cpsat.build(self.p, self.ev, base, free, cands)
+            status, solver = self.run_model(sub, None)
+            if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                return cpsat.read_solution(sub, solver, base), False
+            everything = len(free) == len(self.movable) and all(
+                set(cands[u]) == set(self.p.units[u].candidates) for u in free)
+            if status == cp_model.INFEASIBLE and everything:
+                return None, True
+            if self.exhausted():
+                return None, False
+            if m >= len(targets) and status == cp_model.INFEASIBLE:
+                # all targets in play: free everything
+                targets = sorted(range(self.p.n_hosts), key=lambda h: (load[h], h))
+                bad_set = set(self.movable)
+            m *= 4
+
+    def choose_hosts(self, inc: np.ndarray, k: int) -> list[int]:
+        ev = self.ev
+        cpu, memd, _ = ev.loads(inc)
+        bal = np.array(self.p.balanced, dtype=np.int64)
+        dc = (cpu[bal] - ev.target_cpu[bal]) / ev.cpu_cap[bal]
+        dm = (memd[bal] - ev.target_mem[bal]) / ev.mem_cap[bal]
+        score = dc * dc + dm * dm
+        k = min(k, len(bal))
+        if score.sum() <= 0 or self.rng.random() < 0.15:
+            first = int(self.rng.integers(len(bal)))
+        else:
+            first = int(self.rng.choice(len(bal), p=score / score.sum()))
+        chosen = {first}
+        # partners: most negative dot product with the first host's deviation, some noise
+        dot = dc * dc[first] + dm * dm[first]
+        noise = self.rng.random(len(bal)) * (np.abs(dot).max() + 1e-12) * 0.5
+        order = np.argsort(dot + noise, kind="stable")
+        n_partner = max(1, (k - 1) * 2 // 3)
+        for i in order:
+            if len(chosen) >= 1 + n_partner:
+                break
+            chosen.add(int(i))
+        rest = [i for i in range(len(bal)) if i not in chosen]
+        if rest and len(chosen) < k:
+            extra = self.rng.choice(len(rest), size=min(k - len(chosen), len(rest)), replace=False)
+            chosen.update(rest[int(i)] for i in extra)
+        return sorted(int(bal[i]) for i in chosen)
+
+    def lns_step(self, inc: np.ndarray, k: int, st: State) -> tuple[np.ndarray | None, bool]:
+        p = self.p
+        hosts = set(self.choose_hosts(inc, k))
+        free = [u for u in self.movable if int(inc[u]) in hosts]
+        budget_binds = (
+            (p.max_migrations is not None and st.migrations >= 0.8 * p.max_migrations)
+            or (p.max_moved_mem is not None and st.moved_mem >= 0.8 * p.max_moved_mem))
+        moved = set()
+        if budget_binds:
+            moved = {u for u in self.movable
+                     if any(self.ev.start[v] != inc[u] for v in p.units[u].members)}
+        free_set = set(free) | moved
+        if not free_set:
+            return None, True
+        free = sorted(free_set)
+        cands = {}
+        for u in free:
+            allowed = set(p.units[u].candidates)
+            c = (allowed & hosts) | {int(inc[u])}
+            if u in moved:
+                c |= allowed & p.unit_start_hosts(u)
+            cands[u] = sorted(c)
+        sub = cpsat.build(p, self.ev, inc, free, cands)
+        status, solver = self.run_model(sub, self.o.step_dtime)
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return cpsat.read_solution(sub, solver, inc), status == cp_model.OPTIMAL
+        return None, False
+
+
+    def effort(self) -> float:
+        """Share of the effort spent so far (wall time, iterations or deterministic time)."""
+        shares = [(time.monotonic() - self.t0) / self.o.time_limit]
+        if self.o.max_iterations:
+            shares.append(self.iterations / self.o.max_iterations)
+        if self.o.max_dtime:
+            shares.append(self.dtime / self.o.max_dtime)
+        return max(shares)
+
+    def lns(self, inc: np.ndarray, inc_obj: int, until: float) -> tuple[np.ndarray, int, int]:
+        """Improve ``inc`` until ``until`` of the effort is spent; (placement, obj, improvements)."""
+        p, ev = self.p, self.ev
+        k, fails = 2, 0
+        k_max = max(2, min(self.o.max_neighbourhood_hosts, len(p.balanced)))
+        patience = max(8, len(p.balanced) // 2)
+        improvements = 0
+        while not self.exhausted() and self.effort() < until:
+            cand, optimal = self.lns_step(inc, k, State(p, ev, inc))
+            self.iterations += 1
+            improved = False
+            if cand is not None:
+                c_obj = ev.objective(cand)
+                if c_obj < inc_obj:
+                    inc, inc_obj = cand, c_obj
+                    improvements += 1
+                    improved = True
+            log.debug("lns step %d k=%d optimal=%s obj=%d t=%.2f", self.iterations, k, optimal,
+                      inc_obj, time.monotonic() - self.t0)
+            fails = 0 if improved else fails + 1
+            if not optimal and k > 2:
+                k -= 1
+            elif fails >= patience and k < k_max:
+                k, fails = k + 1, 0
+        return inc, inc_obj, improvements
+
+    def project(self, free_inc: np.ndarray) -> np.ndarray | None:
+        """The best subset of ``free_inc``'s moves within the budgets.
+
+        A greedy trim gives a feasible start; one CP-SAT model over the moved units (each may
+        stay or go back) improves on it.
+        """
+        p, ev = self.p, self.ev
+        trimmed = trim_to_budget(p, ev, free_inc)
+        if trimmed is None:
+            return None
+        moved = [u for u in self.movable
+                 if any(ev.start[v] != free_inc[u] for v in p.units[u].members)]
+        cands = {}
+        for u in moved:
+            c = {int(free_inc[u])} | (p.unit_start_hosts(u) & ev.cand_sets[u])
+            cands[u] = sorted(c)
+        sub = cpsat.build(p, ev, trimmed, moved, cands)
+        status, solver = self.run_model(sub, 2 * self.o.step_dtime, 0.15 * self.o.time_limit)
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            out = cpsat.read_solution(sub, solver, trimmed)
+            if ev.objective(out) < ev.objective(trimmed):
+                return out
+        return trimmed
+
+
+def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
+    """Names a sufficient set of rules, hosts and budgets that cannot all hold."""
+    ev = Evaluator(problem)
+    movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
+    base = initial_unit_hosts(problem)
+    cands = {u: list(problem.units[u].candidates) for u in movable}
+    sub = cpsat.build(problem, ev, base, movable, cands, explain=True)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_time_in_seconds = max(1.0, opts.time_limit)
+    status = solver.Solve(sub.model)
+    if status != cp_model.INFEASIBLE:
+        return []
+    core = solver.SufficientAssumptionsForInfeasibility()
+    return sorted(sub.assumptions[i] for i in core if i in sub.assumptions)
+
+
+def _unit_describe(problem: Problem, units: list[int]) -> str:
+    names = [problem.snapshot.vms[v].name for u in units for v in problem.units[u].members]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def solve(problem: Problem, opts: EngineOptions | None = None) -> SolveResult:
+    opts = opts or EngineOptions()
+    s = _Search(problem, opts)
+    ev = s.ev
+    start = initial_unit_hosts(problem)
+    start_obj = ev.objective(start)
+
+    # 1. incumbent: current placement or greedy answer, whichever is feasible and better
+    options: list[tuple[int, int, np.ndarray]] = []
+    if not mandatory_violations(problem, ev, start):
+        options.append((start_obj, 0, start))
+    g = greedy(problem, ev)
+    g_obj: int | None = None
+    if not mandatory_violations(problem, ev, g):
+        g_obj = ev.objective(g)
+        options.append((g_obj, 1, g))
+    stats: dict[str, float] = {"greedy_seconds": round(time.monotonic() - s.t0, 3)}
+    if options:
+        inc_obj, _, inc = min(options, key=lambda t: (t[0], t[1]))
+    else:
+        base = g.copy()
+        fixed, infeasible = s.repair_model(base)
+        if fixed is None:
+            seconds = time.monotonic() - s.t0
+            if infeasible:
+                culprits = explain_infeasible(problem, opts)
+                raise InfeasibleError(
+                    "no placement satisfies every hard constraint; in conflict: "
+                    + (", ".join(culprits) if culprits else "(could not isolate)"),
+                    culprits=culprits,
+                )
+            return SolveResult(Status.NO_SOLUTION_IN_TIME, base, vm_placement(problem, list(base)),
+                               ev.objective(base), 0, seconds, start_objective=start_obj,
+                               greedy_objective=None, stats=stats)
+        inc, inc_obj = fixed, ev.objective(fixed)
+
+    trivial_bound = sum(
+        min(sum(int(ev.move_cost[v]) for v in problem.units[u].members if ev.start[v] != h)
+            for h in problem.units[u].candidates)
+        for u in s.movable if u in problem.mandatory_reason)
+    bound = trivial_bound
+    status = Status.FEASIBLE
+    improvements = 0
+
+    # 2. whole model when small
+    pairs = sum(len(problem.units[u].candidates) for u in s.movable)
+    if s.movable and pairs <= opts.full_model_pairs and not s.exhausted():
+        st, solver, sub = s.full(inc, opts.full_dtime if opts.max_dtime is None
+                                 else min(opts.full_dtime, opts.max_dtime / 2))
+        s.iterations += 1
+        if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            cand = cpsat.read_solution(sub, solver, inc)
+            c_obj = ev.objective(cand)
+            if c_obj < inc_obj:
+                inc, inc_obj = cand, c_obj
+                improvements += 1
+            # the model leaves out a constant (hosts and rules no free unit touches)
+            constant = c_obj - round(solver.ObjectiveValue())
+            bound = max(bound, int(solver.BestObjectiveBound()) + constant)
+            if st == cp_model.OPTIMAL:
+                status = Status.OPTIMAL
+                bound = inc_obj
+
+    # 3. large neighbourhood search
+    if status is not Status.OPTIMAL and s.movable:
+        has_budget = problem.max_migrations is not None or problem.max_moved_mem is not None
+        if has_budget:
+            # Spend the budget where it buys most: balance without it first, then keep the
+            # best subset of those moves that fits (one exact CP-SAT model over the moved
+            # units), then search on with the budget in force.
+            relaxed = replace(problem, max_migrations=None, max_moved_mem=None)
+            s.p = relaxed
+            free_inc, _, _ = s.lns(inc, inc_obj, until=opts.budget_explore)
+            s.p = problem
+            proj = s.project(free_inc)
+            if proj is not None:
+                p_obj = ev.objective(proj)
+                if p_obj < inc_obj:
+                    inc, inc_obj = proj, p_obj
+                    improvements += 1
+        inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
+        improvements += n
+
+    seconds = time.monotonic() - s.t0
+    stats["dtime"] = round(s.dtime, 3)
+    return SolveResult(
+        status=status,
+        unit_hosts=inc,
+        placement=vm_placement(problem, [int(h) for h in inc]),
+        objective=inc_obj,
+        bound=min(bound, inc_obj),
+        seconds=seconds,
+        iterations=s.iterations,
+        improvements=improvements,
+        start_objective=start_obj,
+        greedy_objective=g_obj,
+        stats=stats,
+    )
+

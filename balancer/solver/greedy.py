@@ -1,0 +1,247 @@
+"""The greedy DRS-style baseline: the yardstick, and a hint and fallback for CP-SAT.
+
+Description (defined so that anyone can re-implement it)
+    1. Mandatory moves first: each unit that must move (its host is being evacuated, or it
+       breaks a mandatory rule) goes, in unit order, to the allowed host with the lowest load
+       that can take it.
+    2. Host load = mean of CPU and memory demand utilisation. Repeatedly apply the single
+       migration that most lowers the (population) standard deviation of host load over the
+       active hosts, taking VMs from the hottest quarter of hosts (by load, at least one host)
+       to the coolest half (at least one host), under capacity and rules, until the best gain is
+       below 1e-4 or the budget (migration count, memory moved) is spent. Ties break on the
+       lowest VM index, then the lowest host index.
+Requirements
+    A ``Problem`` (policies applied).
+Limitations
+    Myopic: one move at a time, on a single combined load, never undoes a move; it does not see
+    the migration cost beyond the budget. Units of several VMs (mandatory affinity groups) are
+    moved only when mandatory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from balancer.model.problem import Problem
+from balancer.solver.objective import Evaluator
+
+MIN_GAIN = 1e-4
+
+
+class State:
+    """A unit placement with incremental loads and the checks every move must pass."""
+
+    def __init__(self, problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> None:
+        self.p = problem
+        self.ev = ev
+        self.hosts = unit_hosts.copy()
+        self.cpu, self.memd, self.mem = ev.loads(self.hosts)
+        self.vm_unit = ev.vm_unit
+        # received[h]: number of VMs on h that did not start there
+        vm_hosts = self.hosts[self.vm_unit]
+        moved = vm_hosts != ev.start
+        self.received = np.bincount(vm_hosts[moved], minlength=len(ev.cpu_cap))
+        self.migrations = int(moved.sum())
+        self.moved_mem = int(ev.vm_mem[moved].sum())
+        self.apart_of = ev.apart_of
+        self.cand_sets = ev.cand_sets
+
+    def move_delta(self, u: int, dest: int) -> tuple[int, int, int]:
+        """(received VMs added at dest, migrations added, MiB moved added) if u goes to dest."""
+        members = self.p.units[u].members
+        cur = int(self.hosts[u])
+        start = self.ev.start
+        d_recv = d_mig = d_mem = 0
+        for v in members:
+            was = cur != start[v]
+            now = dest != start[v]
+            d_mig += int(now) - int(was)
+            d_mem += (int(now) - int(was)) * int(self.ev.vm_mem[v])
+            d_recv += int(now)
+        return d_recv, d_mig, d_mem
+
+    def can_move(self, u: int, dest: int) -> bool:
+        p = self.p
+        if dest == self.hosts[u] or dest not in self.cand_sets[u]:
+            return False
+        d_recv, d_mig, d_mem = self.move_delta(u, dest)
+        if (p.max_migrations is not None and d_mig > 0
+                and self.migrations + d_mig > p.max_migrations):
+            return False
+        if p.max_moved_mem is not None and d_mem > 0 and self.moved_mem + d_mem > p.max_moved_mem:
+            return False
+        if self.received[dest] + d_recv > 0:
+            if self.mem[dest] + self.ev.u_mem[u] > p.mem_limit[dest]:
+                return False
+            if self.cpu[dest] + self.ev.u_cpu[u] > p.cpu_limit[dest]:
+                return False
+        for gi in self.apart_of.get(u, ()):
+            for other in p.apart[gi].units:
+                if other != u and self.hosts[other] == dest:
+                    return False
+        return True
+
+    def apply(self, u: int, dest: int) -> None:
+        ev = self.ev
+        src = int(self.hosts[u])
+        start = ev.start
+        for v in self.p.units[u].members:
+            if src != start[v]:
+                self.received[src] -= 1
+                self.migrations -= 1
+                self.moved_mem -= int(ev.vm_mem[v])
+            if dest != start[v]:
+                self.received[dest] += 1
+                self.migrations += 1
+                self.moved_mem += int(ev.vm_mem[v])
+        self.cpu[src] -= ev.u_cpu[u]
+        self.memd[src] -= ev.u_memd[u]
+        self.mem[src] -= ev.u_mem[u]
+        self.cpu[dest] += ev.u_cpu[u]
+        self.memd[dest] += ev.u_memd[u]
+        self.mem[dest] += ev.u_mem[u]
+        self.hosts[u] = dest
+
+    def violates_mandatory(self, u: int) -> bool:
+        """The unit sits where it may not stay (evacuation, vm_host, anti-affinity clash)."""
+        h = int(self.hosts[u])
+        if h not in self.cand_sets[u]:
+            return True
+        return any(other != u and self.hosts[other] == h
+                   for gi in self.apart_of.get(u, ()) for other in self.p.apart[gi].units)
+
+    def load(self) -> np.ndarray:
+        ev = self.ev
+        return (self.cpu / ev.cpu_cap + self.memd / ev.mem_cap) / 2.0
+
+
+def initial_unit_hosts(problem: Problem) -> np.ndarray:
+    """Each unit on the start host of its first member."""
+    return np.array([problem.start[u.members[0]] for u in problem.units], dtype=np.int64)
+
+
+def repair(state: State) -> list[int]:
+    """Move every unit that breaks a mandatory constraint to its least-loaded feasible host.
+
+    Returns the units that could not be placed.
+    """
+    stuck = []
+    for u, unit in enumerate(state.p.units):
+        if unit.pinned or not state.violates_mandatory(u):
+            continue
+        load = state.load()
+        for dest in sorted(unit.candidates, key=lambda h: (load[h], h)):
+            if state.can_move(u, dest):
+                state.apply(u, dest)
+                break
+        else:
+            stuck.append(u)
+    return stuck
+
+
+def greedy(problem: Problem, ev: Evaluator | None = None,
+           start: np.ndarray | None = None) -> np.ndarray:
+    """Run the baseline; returns the unit placement (host per unit)."""
+    ev = ev or Evaluator(problem)
+    state = State(problem, ev, initial_unit_hosts(problem) if start is None else start)
+    repair(state)
+    bal = np.array(problem.balanced, dtype=np.int64)
+    n = len(bal)
+    if n < 2 or problem.balance_weight == 0:
+        return state.hosts
+    movable = np.array([u for u, unit in enumerate(problem.units)
+                        if not unit.pinned and len(unit.members) == 1], dtype=np.int64)
+    if movable.size == 0:
+        return state.hosts
+    n_hot = max(1, n // 4)
+    n_cool = max(1, n // 2)
+    while True:
+        if problem.max_migrations is not None and state.migrations >= problem.max_migrations:
+            break
+        load_all = state.load()
+        load = load_all[bal]
+        order = np.lexsort((bal, load))  # ascending load, ties by host index
+        cool = bal[order[:n_cool]]
+        hot = bal[order[::-1][:n_hot]]
+        s1 = load.sum()
+        s2 = (load * load).sum()
+        std0 = np.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
+        cand = movable[np.isin(state.hosts[movable], hot)]
+        if cand.size == 0:
+            break
+        src = state.hosts[cand]
+        a_src = (ev.u_cpu[cand] / ev.cpu_cap[src] + ev.u_memd[cand] / ev.mem_cap[src]) / 2.0
+        a_dst = (ev.u_cpu[cand][:, None] / ev.cpu_cap[cool][None, :]
+                 + ev.u_memd[cand][:, None] / ev.mem_cap[cool][None, :]) / 2.0
+        l_s = load_all[src][:, None]
+        l_d = load_all[cool][None, :]
+        ns1 = s1 - a_src[:, None] + a_dst
+        ns2 = (s2 - l_s ** 2 + (l_s - a_src[:, None]) ** 2 - l_d ** 2 + (l_d + a_dst) ** 2)
+        std1 = np.sqrt(np.maximum(ns2 / n - (ns1 / n) ** 2, 0.0))
+        gain = std0 - std1
+        # capacity pre-filter (the exact checks run in can_move)
+        fits = ((state.mem[cool][None, :] + ev.u_mem[cand][:, None]
+                 <= np.array(problem.mem_limit)[cool][None, :])
+                & (state.cpu[cool][None, :] + ev.u_cpu[cand][:, None]
+                   <= np.array(problem.cpu_limit)[cool][None, :]))
+        gain = np.where(fits, gain, -np.inf)
+        flat = np.argsort(-gain, axis=None, kind="stable")
+        chosen = None
+        for idx in flat:
+            i, j = divmod(int(idx), len(cool))
+            if gain[i, j] < MIN_GAIN:
+                break
+            u, dest = int(cand[i]), int(cool[j])
+            if state.can_move(u, dest):
+                chosen = (u, dest)
+                break
+        if chosen is None:
+            break
+        state.apply(*chosen)
+    return state.hosts
+
+
+def trim_to_budget(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> np.ndarray | None:
+    """Undo moves of ``unit_hosts`` until the budgets hold, cheapest first.
+
+    Each round reverts the move whose undoing raises the objective least per unit of the budget
+    it frees (memory when the memory budget is exceeded, else one migration). Returns ``None``
+    when the budgets cannot be met by undoing optional moves.
+    """
+    st = State(problem, ev, unit_hosts)
+
+    def over() -> tuple[bool, bool]:
+        return (problem.max_migrations is not None and st.migrations > problem.max_migrations,
+                problem.max_moved_mem is not None and st.moved_mem > problem.max_moved_mem)
+
+    while any(over()):
+        _, mem_over = over()
+        cand = []
+        for u in range(len(problem.units)):
+            starts = problem.unit_start_hosts(u)
+            if len(starts) != 1 or problem.units[u].pinned:
+                continue
+            home = next(iter(starts))
+            if st.hosts[u] != home and st.can_move(u, home):
+                cand.append((u, home))
+        if not cand:
+            return None
+        us = np.array([u for u, _ in cand], dtype=np.int64)
+        src = st.hosts[us]
+        dst = np.array([h for _, h in cand], dtype=np.int64)
+
+        def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+            pc = Evaluator._penalty_rows(ev.tan_cpu, hosts, cpu - ev.target_cpu[hosts])
+            pm = Evaluator._penalty_rows(ev.tan_mem, hosts, memd - ev.target_mem[hosts])
+            return np.where(ev.balanced_mask[hosts], pc + pm, 0)
+
+        before = pen(st.cpu[src], st.memd[src], src) + pen(st.cpu[dst], st.memd[dst], dst)
+        after = (pen(st.cpu[src] - ev.u_cpu[us], st.memd[src] - ev.u_memd[us], src)
+                 + pen(st.cpu[dst] + ev.u_cpu[us], st.memd[dst] + ev.u_memd[us], dst))
+        saved_cost = np.array([sum(int(ev.move_cost[v]) for v in problem.units[u].members)
+                               for u in us])
+        delta = (after - before) * problem.balance_weight - saved_cost
+        freed = ev.u_mem[us].astype(float) if mem_over else np.ones(len(us))
+        best = int(np.argmin(delta / np.maximum(freed, 1.0)))
+        st.apply(int(us[best]), int(dst[best]))
+    return st.hosts

@@ -1,0 +1,34 @@
+"""Pluggable balancing policies and rules.
+
+Each policy is one module with a typed ``Args`` and a class registered by name; a config names
+the enabled policies, and an unknown name is rejected at load time (``policies.base.make``).
+``build_problem`` runs them in a fixed order over a snapshot and freezes the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from balancer.model import ClusterSnapshot
+from balancer.model.problem import Problem
+from policies import balance, budget, capacity, evacuation, rules  # noqa: F401  (registration)
+from policies.base import Draft, Policy, lookup, make, register, registered
+
+# The order policies apply in; a later one may narrow what an earlier one allowed.
+DEFAULT_POLICIES = ("capacity", "evacuation", "rules", "balance", "budget")
+
+
+def build_problem(snapshot: ClusterSnapshot, config: dict[str, dict[str, Any]] | None = None,
+                  enabled: tuple[str, ...] = DEFAULT_POLICIES) -> Problem:
+    """Apply the enabled policies (with arguments from ``config``) and freeze the problem."""
+    config = config or {}
+    for name in config:
+        lookup(name)  # unknown names fail loudly
+    draft = Draft.new(snapshot)
+    for name in enabled:
+        make(name, config.get(name)).apply(draft)
+    return draft.freeze()
+
+
+__all__ = ["DEFAULT_POLICIES", "Draft", "Policy", "build_problem", "lookup", "make", "register",
+           "registered"]

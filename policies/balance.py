@@ -1,0 +1,76 @@
+"""Balance: even out CPU and memory demand across active hosts, when the gain pays for the move.
+
+Description
+    The balance term is the sum over active hosts and over CPU and memory of the squared
+    deviation of the host's demand utilisation from the cluster's (capacity-weighted) mean
+    utilisation: ``sum_h (u_cpu,h - mean_cpu)^2 + (u_mem,h - mean_mem)^2``. It is n times the
+    variance of host utilisation, so lowering it lowers the standard deviation DRS reports as
+    "host load standard deviation". Each migration costs ``price * (mem_mb + fixed_cost_mb)``:
+    memory moved dominates a live migration's cost (pre-copy time grows with it) and the fixed
+    part keeps small VMs from being shuffled for nothing. ``price`` follows the DRS-like
+    migration threshold:
+
+    ========== ================================= ===========================================
+    threshold  price (1e-10 util^2 per MiB)       behaviour
+    ========== ================================= ===========================================
+    1          (no balancing)                    only mandatory moves: evacuation, rule fixes
+    2          100,000                           only moves that fix a gross imbalance
+    3          10,000 (default)                  moderate
+    4          1,000                             aggressive
+    5          100                               most aggressive: balance at nearly any cost
+    ========== ================================= ===========================================
+
+    A move is made only if the drop of the balance term it buys exceeds its price: at threshold
+    3, moving a 16 GiB VM needs a drop of about 0.0017 in the sum of squared deviations.
+    Prices fall as the threshold rises, so an optimal plan at a higher threshold never ends
+    with a worse balance (the weighted-sum argument: the lower price can only favour balance).
+Requirements
+    CPU and memory demand per VM; host capacities.
+Limitations
+    Demand is a point estimate; the balance term does not model correlation between VMs.
+    Follows VMware DRS (load standard deviation, migration threshold, cost-benefit filter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from balancer.errors import InputError
+from policies.base import Draft, register
+
+PRICE_PER_MIB = {2: 100_000, 3: 10_000, 4: 1_000, 5: 100}
+
+
+@dataclass(frozen=True)
+class BalanceArgs:
+    threshold: int = 3
+    fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or self.threshold not in (1, 2, 3, 4, 5):
+            raise InputError(f"threshold: must be an integer from 1 to 5, got {self.threshold!r}")
+        if self.fixed_cost_mb < 0:
+            raise InputError(f"fixed_cost_mb: must be >= 0, got {self.fixed_cost_mb}")
+
+
+@register
+class Balance:
+    name: ClassVar[str] = "balance"
+    Args = BalanceArgs
+
+    def __init__(self, args: BalanceArgs | None = None) -> None:
+        self.args = args or BalanceArgs()
+
+    def apply(self, draft: Draft) -> None:
+        a = self.args
+        if a.threshold == 1:
+            # Mandatory moves only; they still go where they help balance most, and each one
+            # costs enough that no more of them are made than the rules require.
+            draft.only_mandatory = True
+            price = PRICE_PER_MIB[2] * 10
+        else:
+            price = PRICE_PER_MIB[a.threshold]
+        for v, vm in enumerate(draft.snapshot.vms):
+            draft.move_cost[v] = price * (vm.mem + a.fixed_cost_mb)
+        draft.balance_weight = 1

@@ -1,0 +1,118 @@
+"""Seeded synthetic clusters (snapshot v1 documents) for the demo, tests and benchmarks.
+
+Hosts come in two types (48 cores / 384 GiB and 64 cores / 512 GiB, two to one). VMs are drawn
+from a catalogue of common sizes; CPU demand is ``vcpus x Beta(1.2, 3)`` and memory demand
+``mem x Beta(4, 2)``. The start placement is deliberately skewed, as clusters drift: each host
+gets a random "pull" for CPU-heavy and for memory-heavy VMs (log-normal), and each VM picks a host
+in proportion to the pull matching its profile, among hosts where it fits. With ``rules=True``
+the cluster also gets anti-affinity triples, affinity pairs, VM-host must and should rules and
+a few manual VMs, all satisfied by the start placement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+HOST_TYPES = ((48, 384 * 1024), (64, 512 * 1024))
+# (vcpus, mem GiB, weight)
+VM_CATALOGUE = (
+    (1, 2, 0.08), (2, 4, 0.16), (2, 8, 0.14), (4, 8, 0.14), (4, 16, 0.16), (8, 16, 0.08),
+    (8, 32, 0.12), (16, 64, 0.05), (4, 32, 0.04), (16, 32, 0.03),
+)
+
+
+def generate(n_hosts: int, n_vms: int, seed: int = 0, *, rules: bool = False,
+             skew: float = 0.9) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    hosts = []
+    for i in range(n_hosts):
+        cores, mem = HOST_TYPES[1] if i % 3 == 2 else HOST_TYPES[0]
+        hosts.append({"name": f"host-{i:03d}", "cpu_capacity": float(cores),
+                      "mem_capacity_mb": mem, "state": "active"})
+    cap_cpu = np.array([h["cpu_capacity"] for h in hosts])
+    cap_mem = np.array([h["mem_capacity_mb"] for h in hosts], dtype=float)
+    weights = np.array([w for _, _, w in VM_CATALOGUE])
+    kinds = rng.choice(len(VM_CATALOGUE), size=n_vms, p=weights / weights.sum())
+    pull_cpu = np.exp(rng.normal(0.0, skew, n_hosts))
+    pull_mem = np.exp(rng.normal(0.0, skew, n_hosts))
+    used_cpu = np.zeros(n_hosts)
+    used_mem = np.zeros(n_hosts)
+    vms = []
+    cpu_util = rng.beta(1.2, 3.0, n_vms)
+    mem_util = rng.beta(4.0, 2.0, n_vms)
+    for j in range(n_vms):
+        vcpus, mem_gb, _ = VM_CATALOGUE[kinds[j]]
+        mem = mem_gb * 1024
+        cpu_d = round(float(vcpus * cpu_util[j]), 3)
+        mem_d = int(mem * mem_util[j])
+        cpu_heavy = cpu_d / vcpus > mem_d / mem * 0.45
+        pull = pull_cpu if cpu_heavy else pull_mem
+        fits = (used_mem + mem <= cap_mem) & (used_cpu + cpu_d <= cap_cpu * 0.95)
+        if not fits.any():
+            fits = used_mem + mem <= cap_mem
+        p = np.where(fits, pull, 0.0)
+        h = int(rng.choice(n_hosts, p=p / p.sum()))
+        used_cpu[h] += cpu_d
+        used_mem[h] += mem
+        vms.append({"name": f"vm-{j:05d}", "host": hosts[h]["name"], "vcpus": vcpus,
+                    "mem_mb": mem, "cpu_demand": cpu_d, "mem_demand_mb": mem_d,
+                    "automation": "fully"})
+    doc: dict[str, Any] = {"version": 1, "hosts": hosts, "vms": vms, "rules": []}
+    if rules:
+        doc["rules"] = _rules(rng, doc, n_hosts)
+    return doc
+
+
+def _rules(rng: np.random.Generator, doc: dict[str, Any], n_hosts: int) -> list[dict[str, Any]]:
+    vms = doc["vms"]
+    by_host: dict[str, list[int]] = {}
+    for j, vm in enumerate(vms):
+        by_host.setdefault(vm["host"], []).append(j)
+    used: set[int] = set()
+    out: list[dict[str, Any]] = []
+    n = len(vms)
+
+    def pick_free() -> int:
+        while True:
+            j = int(rng.integers(n))
+            if j not in used:
+                used.add(j)
+                return j
+
+    for g in range(max(1, n // 33)):  # anti-affinity triples on distinct hosts
+        members: list[int] = []
+        hosts_seen: set[str] = set()
+        while len(members) < 3:
+            j = pick_free()
+            if vms[j]["host"] in hosts_seen:
+                used.discard(j)
+                continue
+            members.append(j)
+            hosts_seen.add(vms[j]["host"])
+        out.append({"name": f"spread-{g:03d}", "type": "anti_affinity",
+                    "vms": [vms[j]["name"] for j in members]})
+    for g in range(max(1, n // 50)):  # affinity pairs already together
+        for _ in range(100):
+            h = list(by_host)[int(rng.integers(len(by_host)))]
+            free = [j for j in by_host[h] if j not in used]
+            if len(free) >= 2:
+                a, b = free[0], free[1]
+                used.update((a, b))
+                out.append({"name": f"pair-{g:03d}", "type": "affinity",
+                            "vms": [vms[a]["name"], vms[b]["name"]]})
+                break
+    host_names = [f"host-{i:03d}" for i in range(n_hosts)]
+    for g in range(max(1, n // 100)):  # VM-host rules: must (even g) and should (odd g)
+        j = pick_free()
+        k = pick_free()
+        pool = set(rng.choice(host_names, size=min(n_hosts, max(2, n_hosts // 8)),
+                              replace=False).tolist())
+        pool.update({vms[j]["host"], vms[k]["host"]})
+        out.append({"name": f"place-{g:03d}", "type": "vm_host",
+                    "vms": [vms[j]["name"], vms[k]["name"]], "hosts": sorted(pool),
+                    "mandatory": g % 2 == 0})
+    for _ in range(max(1, n // 50)):  # a few manual VMs
+        vms[pick_free()]["automation"] = "manual"
+    return out
