@@ -63,10 +63,27 @@ def _threshold(text: str) -> int:
     return int(text)
 
 
+def _plugin_commands() -> dict[str, Any]:
+    """Commands other packages add through the ``balancer.commands`` entry-point group.
+
+    Each entry point names a module with ``HELP: str``, ``add_arguments(parser)`` and
+    ``run(args) -> int``. This keeps ``balancer`` free of imports from ``simulator``.
+    """
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="balancer.commands")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="balancer", description="An open, optimal DRS for KVM/QEMU clusters.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, ep in sorted(_plugin_commands().items()):
+        module = ep.load()
+        sp = sub.add_parser(name, help=module.HELP)
+        module.add_arguments(sp)
+        sp.set_defaults(run=module.run)
     p = sub.add_parser("plan", help="plan the migrations that rebalance a cluster snapshot")
+    p.set_defaults(run=cmd_plan)
     p.add_argument("snapshot", nargs="?", help="snapshot v1 JSON file, or - for stdin")
     p.add_argument("--demo", action="store_true", help="plan the bundled demo cluster")
     p.add_argument("--max-migrations", type=_nonneg_int("--max-migrations"), metavar="K")
@@ -125,7 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"plan": cmd_plan}[args.command](args)
+        return int(args.run(args))
     except InputError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
         return 2
