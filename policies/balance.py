@@ -3,9 +3,10 @@
 Description
     The balance term is the sum over active hosts and over CPU and memory of the squared
     deviation of the host's demand utilisation from the cluster's (capacity-weighted) mean
-    utilisation: ``sum_h (u_cpu,h - mean_cpu)^2 + (u_mem,h - mean_mem)^2``. It is n times the
-    variance of host utilisation, so lowering it lowers the standard deviation DRS reports as
-    "host load standard deviation". Each migration costs ``price * (mem_mb + fixed_cost_mb)``:
+    utilisation: ``sum_h w_cpu (u_cpu,h - mean_cpu)^2 + w_mem (u_mem,h - mean_mem)^2``. Per
+    dimension it is n times the variance of host utilisation, so lowering it lowers the standard
+    deviation DRS reports as "host load standard deviation"; the weights (``weights()``) make a
+    unit of CPU std worth as much as a unit of memory std, as in ``cpu_std + mem_std``. Each migration costs ``price * (mem_mb + fixed_cost_mb)``:
     memory moved dominates a live migration's cost (pre-copy time grows with it) and the fixed
     part keeps small VMs from being shuffled for nothing. ``price`` follows the DRS-like
     migration threshold:
@@ -37,8 +38,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from balancer.errors import InputError
+from balancer.model import util_stats
+from balancer.model.problem import WEIGHT_ONE
 from policies.base import Draft, register
 
+# objective units (1e-10 util^2 at weight 1) per MiB moved
 PRICE_PER_MIB = {2: 100_000, 3: 10_000, 4: 1_000, 5: 100}
 
 
@@ -46,8 +50,11 @@ PRICE_PER_MIB = {2: 100_000, 3: 10_000, 4: 1_000, 5: 100}
 class BalanceArgs:
     threshold: int = 3
     fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
+    weighting: str = "std"  # "std": weigh each dimension by 1 / its starting spread; "equal"
 
     def __post_init__(self) -> None:
+        if self.weighting not in ("std", "equal"):
+            raise InputError(f"weighting: must be 'std' or 'equal', got {self.weighting!r}")
         if isinstance(self.threshold, bool) or self.threshold not in (1, 2, 3, 4, 5):
             raise InputError(f"threshold: must be an integer from 1 to 5, got {self.threshold!r}")
         if self.fixed_cost_mb < 0:
@@ -72,5 +79,27 @@ class Balance:
         else:
             price = PRICE_PER_MIB[a.threshold]
         for v, vm in enumerate(draft.snapshot.vms):
-            draft.move_cost[v] = price * (vm.mem + a.fixed_cost_mb)
-        draft.balance_weight = 1
+            draft.move_cost[v] = WEIGHT_ONE * price * (vm.mem + a.fixed_cost_mb)
+        draft.balance_weights = self.weights(draft)
+
+    def weights(self, draft: Draft) -> tuple[int, int]:
+        """Per-dimension weights so that a unit of std is worth the same in CPU and memory.
+
+        The plan is judged by ``cpu_std + mem_std``. Near the start placement,
+        ``d(std_d) = d(sum of squares_d) / (2 n std_d)``, so weighing each dimension's squared
+        deviations by ``mean_std / std_d`` makes the objective's first-order trade between the
+        two dimensions match that sum. Weights are clamped to [1/4, 4].
+        """
+        if self.args.weighting == "equal":
+            return WEIGHT_ONE, WEIGHT_ONE
+        snap = draft.snapshot
+        st = util_stats(snap, snap.placement())
+        mean = (st.cpu_std + st.mem_std) / 2
+        if mean <= 0:
+            return WEIGHT_ONE, WEIGHT_ONE
+
+        def w(std: float) -> int:
+            ratio = mean / std if std > 0 else 4.0
+            return round(WEIGHT_ONE * min(4.0, max(0.25, ratio)))
+
+        return w(st.cpu_std), w(st.mem_std)

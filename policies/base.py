@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 from balancer.errors import InfeasibleError, InputError
 from balancer.model import ClusterSnapshot
-from balancer.model.problem import Group, Preference, Problem, Unit
+from balancer.model.problem import WEIGHT_ONE, Group, Preference, Problem, Unit
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Draft:
     apart: list[tuple[str, list[int], int | None]] = field(default_factory=list)  # over VMs
     together: list[tuple[str, list[int], int | None]] = field(default_factory=list)
     prefer: list[tuple[str, list[int], set[int], int]] = field(default_factory=list)
-    balance_weight: int = 1
+    balance_weights: tuple[int, int] = (WEIGHT_ONE, WEIGHT_ONE)
     move_cost: list[int] = field(default_factory=list)
     max_migrations: int | None = None
     max_moved_mem: int | None = None
@@ -147,7 +147,7 @@ class Draft:
             apart=apart,
             together=together,
             prefer=prefer,
-            balance_weight=self.balance_weight,
+            balance_weights=self.balance_weights,
             move_cost=list(self.move_cost),
             max_migrations=self.max_migrations,
             max_moved_mem=self.max_moved_mem,

@@ -25,7 +25,7 @@ from policies.base import Draft, register
 
 @dataclass(frozen=True)
 class RulesArgs:
-    soft_weight: int = 10**9  # objective units per should-rule violation (0.1 util^2)
+    soft_weight: int = 10**13  # objective units per should-rule violation (above any move cost)
 
     def __post_init__(self) -> None:
         if self.soft_weight < 0:

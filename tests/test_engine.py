@@ -117,9 +117,18 @@ def test_vm_host_should_is_followed_when_possible() -> None:
     assert "should-rule pref" in next(m.reason for m in r.moves if m.vm == "a")
 
 
-def test_vm_host_should_yields_to_capacity() -> None:
+def test_vm_host_should_is_met_by_a_swap_when_that_is_the_only_way() -> None:
     s = snap([host("h1"), host("h2", mem=8192)],
              [vm("a", "h1", mem=8192), vm("fill", "h2", mem=4096)],
+             [{"name": "pref", "type": "vm_host", "vms": ["a"], "hosts": ["h2"],
+               "mandatory": False}])
+    r = checked_plan(s, det(threshold=5))
+    assert where(r) == {"a": "h2", "fill": "h1"}
+
+
+def test_vm_host_should_yields_to_capacity() -> None:
+    s = snap([host("h1"), host("h2", mem=8192)],
+             [vm("a", "h1", mem=8192), vm("fill", "h2", mem=4096, automation="manual")],
              [{"name": "pref", "type": "vm_host", "vms": ["a"], "hosts": ["h2"],
                "mandatory": False}])
     r = checked_plan(s, det(threshold=5))  # no error: a should-rule is soft

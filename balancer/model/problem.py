@@ -9,7 +9,7 @@ Units
     is not ``h``.
 
 Objective (minimised; see docs/engine.md)
-    ``balance_weight * sum_h sum_d sq(u_{h,d} - mean_d) * SCALE``   over active hosts, d in {cpu, mem}
+    ``sum_d w_d * sum_h sq(u_{h,d} - mean_d) * SCALE``   over active hosts, d in {cpu, mem}
     ``+ sum_moved move_cost[vm]``                                   the migration-cost term
     ``+ sum_soft_rules weight * violations``                        should-rules
 """
@@ -22,6 +22,8 @@ from balancer.model import ClusterSnapshot, Placement
 
 # Squared utilisation deviations are counted in units of 1e-10 (utilisation 1.0 = 1e5).
 SCALE = 10**10
+# Balance weights are integers; WEIGHT_ONE stands for 1.0.
+WEIGHT_ONE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,8 @@ class Problem:
     apart: list[Group] = field(default_factory=list)
     together: list[Group] = field(default_factory=list)
     prefer: list[Preference] = field(default_factory=list)
-    balance_weight: int = 1
+    # (cpu, mem) weights of the balance term, in units of 1/WEIGHT_ONE; (0, 0): no balancing
+    balance_weights: tuple[int, int] = (16, 16)
     move_cost: list[int] = field(default_factory=list)  # per VM, objective units when moved
     max_migrations: int | None = None
     max_moved_mem: int | None = None  # MiB

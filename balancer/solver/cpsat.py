@@ -133,12 +133,15 @@ def build(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, free: list[in
             if enforce:
                 c1.OnlyEnforceIf(enforce)
                 c2.OnlyEnforceIf(enforce)
-        if not ev.balanced_mask[h] or p.balance_weight == 0:
+        if not ev.balanced_mask[h] or p.balance_weights == (0, 0):
             continue
-        for dim, expr, fixed, target, tan, hinted in (
-            ("c", cpu_expr, f_cpu[h], ev.target_cpu[h], ev.tan_cpu, hinted_cpu[h]),
-            ("m", memd_expr, f_memd[h], ev.target_mem[h], ev.tan_mem, hinted_memd[h]),
+        w_cpu, w_mem = p.balance_weights
+        for dim, expr, fixed, target, tan, hinted, weight in (
+            ("c", cpu_expr, f_cpu[h], ev.target_cpu[h], ev.tan_cpu, hinted_cpu[h], w_cpu),
+            ("m", memd_expr, f_memd[h], ev.target_mem[h], ev.tan_mem, hinted_memd[h], w_mem),
         ):
+            if weight == 0:
+                continue
             lo = int(fixed - target)
             hi = lo + sum(int(c) for c in (ev.u_cpu if dim == "c" else ev.u_memd)[units_h])
             e = m.NewIntVar(lo, hi, f"e{dim}[{h}]")
@@ -152,7 +155,7 @@ def build(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, free: list[in
             m.AddHint(e, e_val)
             m.AddHint(y, max(0, int((slopes * e_val - tan.icpt).max())))
             objective.append(y)
-            obj_coefs.append(p.balance_weight)
+            obj_coefs.append(weight)
 
     # migration cost
     for (u, h), (cnt, _mem, cost) in moves_of.items():

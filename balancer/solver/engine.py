@@ -62,6 +62,7 @@ class EngineOptions:
     full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
     max_neighbourhood_hosts: int = 6
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
+    greedy_share: float = 0.25  # the greedy hint may use at most this share of the time
     budget_explore: float = 0.4  # share of the effort spent exploring without the budgets
 
 
@@ -332,7 +333,7 @@ def solve(problem: Problem, opts: EngineOptions | None = None) -> SolveResult:
     options: list[tuple[int, int, np.ndarray]] = []
     if not mandatory_violations(problem, ev, start):
         options.append((start_obj, 0, start))
-    g = greedy(problem, ev)
+    g = greedy(problem, ev, deadline=s.t0 + opts.greedy_share * opts.time_limit)
     g_obj: int | None = None
     if not mandatory_violations(problem, ev, g):
         g_obj = ev.objective(g)

@@ -20,6 +20,8 @@ Limitations
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from balancer.model.problem import Problem
@@ -139,15 +141,39 @@ def repair(state: State) -> list[int]:
     return stuck
 
 
+def _best_valid(state: State, gain: np.ndarray, cand: np.ndarray, cool: np.ndarray,
+                ) -> tuple[int, int] | None:
+    """The highest-gain (unit, host) pair that passes every check, if its gain is enough."""
+    flat = gain.ravel()
+    top = min(flat.size, 64)
+    while True:
+        idx = np.argpartition(-flat, top - 1)[:top] if top < flat.size else np.arange(flat.size)
+        idx = idx[np.lexsort((idx, -flat[idx]))]  # by gain, ties by lowest index
+        for i in idx:
+            if flat[i] < MIN_GAIN:
+                return None
+            r, c = divmod(int(i), len(cool))
+            u, dest = int(cand[r]), int(cool[c])
+            if state.can_move(u, dest):
+                return u, dest
+        if top >= flat.size:
+            return None
+        top = min(flat.size, top * 8)
+
+
 def greedy(problem: Problem, ev: Evaluator | None = None,
-           start: np.ndarray | None = None) -> np.ndarray:
-    """Run the baseline; returns the unit placement (host per unit)."""
+           start: np.ndarray | None = None, deadline: float | None = None) -> np.ndarray:
+    """Run the baseline; returns the unit placement (host per unit).
+
+    ``deadline`` (a ``time.monotonic()`` value) stops it early with the moves made so far, each
+    of which kept the placement valid; the engine uses this to bound its hint's cost.
+    """
     ev = ev or Evaluator(problem)
     state = State(problem, ev, initial_unit_hosts(problem) if start is None else start)
     repair(state)
     bal = np.array(problem.balanced, dtype=np.int64)
     n = len(bal)
-    if n < 2 or problem.balance_weight == 0:
+    if n < 2 or problem.balance_weights == (0, 0):
         return state.hosts
     movable = np.array([u for u, unit in enumerate(problem.units)
                         if not unit.pinned and len(unit.members) == 1], dtype=np.int64)
@@ -157,6 +183,8 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
     n_cool = max(1, n // 2)
     while True:
         if problem.max_migrations is not None and state.migrations >= problem.max_migrations:
+            break
+        if deadline is not None and time.monotonic() > deadline:
             break
         load_all = state.load()
         load = load_all[bal]
@@ -185,16 +213,7 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
                 & (state.cpu[cool][None, :] + ev.u_cpu[cand][:, None]
                    <= np.array(problem.cpu_limit)[cool][None, :]))
         gain = np.where(fits, gain, -np.inf)
-        flat = np.argsort(-gain, axis=None, kind="stable")
-        chosen = None
-        for idx in flat:
-            i, j = divmod(int(idx), len(cool))
-            if gain[i, j] < MIN_GAIN:
-                break
-            u, dest = int(cand[i]), int(cool[j])
-            if state.can_move(u, dest):
-                chosen = (u, dest)
-                break
+        chosen = _best_valid(state, gain, cand, cool)
         if chosen is None:
             break
         state.apply(*chosen)
@@ -230,17 +249,19 @@ def trim_to_budget(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> n
         src = st.hosts[us]
         dst = np.array([h for _, h in cand], dtype=np.int64)
 
+        w_cpu, w_mem = problem.balance_weights
+
         def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray) -> np.ndarray:
             pc = Evaluator._penalty_rows(ev.tan_cpu, hosts, cpu - ev.target_cpu[hosts])
             pm = Evaluator._penalty_rows(ev.tan_mem, hosts, memd - ev.target_mem[hosts])
-            return np.where(ev.balanced_mask[hosts], pc + pm, 0)
+            return np.where(ev.balanced_mask[hosts], w_cpu * pc + w_mem * pm, 0)
 
         before = pen(st.cpu[src], st.memd[src], src) + pen(st.cpu[dst], st.memd[dst], dst)
         after = (pen(st.cpu[src] - ev.u_cpu[us], st.memd[src] - ev.u_memd[us], src)
                  + pen(st.cpu[dst] + ev.u_cpu[us], st.memd[dst] + ev.u_memd[us], dst))
         saved_cost = np.array([sum(int(ev.move_cost[v]) for v in problem.units[u].members)
                                for u in us])
-        delta = (after - before) * problem.balance_weight - saved_cost
+        delta = (after - before) - saved_cost
         freed = ev.u_mem[us].astype(float) if mem_over else np.ones(len(us))
         best = int(np.argmin(delta / np.maximum(freed, 1.0)))
         st.apply(int(us[best]), int(dst[best]))

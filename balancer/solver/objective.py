@@ -106,9 +106,10 @@ class Evaluator:
         return np.maximum(vals.max(axis=1), 0)
 
     def host_balance(self, cpu: np.ndarray, memd: np.ndarray) -> np.ndarray:
-        pen = self._penalty(self.tan_cpu, cpu - self.target_cpu) + self._penalty(
-            self.tan_mem, memd - self.target_mem)
-        return np.where(self.balanced_mask, pen, 0) * self.problem.balance_weight
+        w_cpu, w_mem = self.problem.balance_weights
+        pen = (w_cpu * self._penalty(self.tan_cpu, cpu - self.target_cpu)
+               + w_mem * self._penalty(self.tan_mem, memd - self.target_mem))
+        return np.where(self.balanced_mask, pen, 0)
 
     # --- whole objective --------------------------------------------------------------------
     def move_cost_of(self, unit_hosts: np.ndarray) -> int:
