@@ -1,0 +1,505 @@
+"""Live migration of plain QEMU guests over QMP (no libvirt).
+
+Description
+    Each host is a place where this backend can start ``qemu-system-x86_64`` (a command prefix
+    such as ``ip netns exec NS`` or ``ssh HOST``) and a run directory that holds, per VM, its
+    spec (``VM.json``), QMP socket (``VM.qmp``), pid file and serial log. State lives in those
+    files and in the daemonized QEMU processes, not in this object, so a new backend instance
+    (an executor restarted after a crash) finds every VM again.
+
+    A migration follows QEMU's documented flow: the destination is started with the same
+    arguments plus ``-incoming defer``; ``migrate-incoming`` to ``tcp:ADDR:0`` picks a free port
+    (read back with ``query-migrate``); the source gets ``migrate-set-parameters``
+    (``max-bandwidth``, ``downtime-limit``) and ``migrate``; ``poll`` reads ``query-migrate``
+    (status, RAM transferred, rate, downtime). After ``completed`` the source is left paused
+    (``postmigrate``) and is quit here once the destination runs. ``cancel`` is
+    ``migrate_cancel``: the source keeps running and the destination QEMU exits by itself (it
+    is also quit here). A destination that dies mid-migration shows as ``failed`` on the source,
+    which keeps running; the destination's leftovers are removed.
+Requirements
+    QEMU >= 7 on every host, reachable QMP unix sockets (the run directories are on this
+    machine or a shared file system), migration TCP between hosts, guest storage shared or none.
+Limitations
+    Pre-copy only (no post-copy, no auto-converge); one migration per VM at a time; the
+    guest's command line must be the same on every host (no per-host device rewriting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from balancer.executor.base import (
+    BackendError,
+    Handle,
+    HostUnreachable,
+    IncompatibleHost,
+    MigrationFailed,
+    MigrationRequest,
+    MigrationStatus,
+    Progress,
+    VMInfo,
+    VMNotFound,
+)
+
+MIB = 1024 * 1024
+# QEMU run states in which the VM is "on" a host (the others: inmigrate = a destination still
+# waiting for its state, postmigrate = a source whose VM has moved away).
+_ON_HOST = {"running", "paused", "finish-migrate", "prelaunch", "suspended", "save-vm",
+            "restore-vm", "debug", "io-error", "watchdog", "guest-panicked", "colo"}
+_ACTIVE = {"setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug",
+           "postcopy-active", "postcopy-paused", "postcopy-recover"}
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped by its parent, counts as gone).
+
+    Daemonized QEMUs are re-parented to PID 1, which on some machines never reaps them."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@dataclass(frozen=True)
+class QemuHost:
+    """Where QEMU runs: ``address`` for incoming migrations, ``run_dir`` for its state."""
+
+    name: str
+    address: str
+    run_dir: Path
+    exec_prefix: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What is needed to start the same guest on any host."""
+
+    name: str
+    mem_mb: int
+    vcpus: int = 1
+    kernel: str | None = None
+    append: str = ""
+    args: tuple[str, ...] = ()  # further QEMU arguments (disks on shared storage, NICs...)
+    accel: str = "tcg"
+    machine: str = "pc"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["args"] = list(self.args)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GuestSpec:
+        d = json.loads(text)
+        d["args"] = tuple(d.get("args", ()))
+        return cls(**d)
+
+
+@contextlib.contextmanager
+def map_qemu_errors(*, vm: str | None = None, host: str | None = None) -> Iterator[None]:
+    """Map QMP, socket and process errors into the BackendError tree (the backend boundary)."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except (ConnectError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
+        raise HostUnreachable(f"QEMU of {vm or '?'} on {host or '?'} unreachable: {exc}",
+                              vm=vm, host=host) from exc
+    except ExecuteError as exc:
+        raise MigrationFailed(f"QMP refused on {host or '?'} for {vm or '?'}: {exc}",
+                              vm=vm, host=host) from exc
+    except (QMPError, ExecInterruptedError, OSError, subprocess.SubprocessError) as exc:
+        raise BackendError(f"QEMU error for {vm or '?'} on {host or '?'}: {exc}",
+                           vm=vm, host=host) from exc
+
+
+async def _qmp_session(path: Path, commands: list[tuple[str, Mapping[str, object] | None]],
+                       timeout: float) -> list[Any]:
+    client = QMPClient()
+    await asyncio.wait_for(client.connect(str(path)), timeout)
+    out: list[Any] = []
+    try:
+        for cmd, args in commands:
+            if cmd == "quit":
+                with contextlib.suppress(QMPError, ExecInterruptedError, ConnectionError,
+                                         EOFError):
+                    await asyncio.wait_for(client.execute(cmd, args), timeout)
+                out.append(None)
+            else:
+                out.append(await asyncio.wait_for(client.execute(cmd, args), timeout))
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+    return out
+
+
+def qmp(path: Path, *commands: str | tuple[str, Mapping[str, object]],
+        timeout: float = 5.0) -> list[Any]:
+    """Run QMP commands on one monitor socket (connect, execute in order, disconnect)."""
+    cmds = [(c, None) if isinstance(c, str) else c for c in commands]
+    return asyncio.run(_qmp_session(path, cmds, timeout))
+
+
+@dataclass
+class _Flight:
+    handle: Handle
+    src: QemuHost
+    dst: QemuHost
+    started: float
+    last: Progress = field(default_factory=lambda: Progress(MigrationStatus.ACTIVE))
+
+
+class QemuBackend:
+    """Backend over plain QEMU + QMP. See the module docstring."""
+
+    name = "qemu"
+
+    def __init__(self, hosts: list[QemuHost], *, qemu_binary: str = "qemu-system-x86_64",
+                 default_bandwidth_mbps: float | None = None,
+                 default_downtime_ms: int | None = None, switchover_timeout: float = 10.0,
+                 qmp_timeout: float = 5.0) -> None:
+        if not hosts:
+            raise ValueError("QemuBackend needs at least one host")
+        names = [h.name for h in hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate host names: {names}")
+        self.hosts = {h.name: h for h in hosts}
+        self.qemu_binary = qemu_binary
+        self.default_bandwidth_mbps = default_bandwidth_mbps
+        self.default_downtime_ms = default_downtime_ms
+        self.switchover_timeout = switchover_timeout
+        self.qmp_timeout = qmp_timeout
+        self._flights: dict[str, _Flight] = {}
+        for h in hosts:
+            Path(h.run_dir).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ files and processes
+    def _host(self, name: str, vm: str | None = None) -> QemuHost:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise IncompatibleHost(f"unknown host {name!r} (known: {sorted(self.hosts)})",
+                                   vm=vm, host=name) from None
+
+    @staticmethod
+    def _file(h: QemuHost, vm: str, ext: str) -> Path:
+        return Path(h.run_dir) / f"{vm}.{ext}"
+
+    def serial_log(self, vm: str, host: str) -> Path:
+        """The guest's serial console log on ``host`` (appended across migrations)."""
+        return self._file(self._host(host), vm, "serial")
+
+    def _qmp(self, h: QemuHost, vm: str, *commands: str | tuple[str, Mapping[str, object]]
+             ) -> list[Any]:
+        with map_qemu_errors(vm=vm, host=h.name):
+            return qmp(self._file(h, vm, "qmp"), *commands, timeout=self.qmp_timeout)
+
+    def _status(self, h: QemuHost, vm: str) -> str | None:
+        """The QEMU run state of ``vm`` on ``h``; None if no live QEMU has it there."""
+        if not self._file(h, vm, "json").exists():
+            return None
+        if self._pid(h, vm) is None and self._file(h, vm, "pid").exists():
+            self._forget(h, vm)  # QEMU exited (e.g. a cancelled destination)
+            return None
+        try:
+            return str(self._qmp(h, vm, "query-status")[0]["status"])
+        except HostUnreachable:
+            if self._pid(h, vm) is None:  # QEMU gone: forget its files
+                self._forget(h, vm)
+                return None
+            raise
+
+    def _pid(self, h: QemuHost, vm: str) -> int | None:
+        try:
+            pid = int(self._file(h, vm, "pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if process_alive(pid) else None
+
+    def _forget(self, h: QemuHost, vm: str) -> None:
+        for ext in ("json", "qmp", "pid"):
+            with contextlib.suppress(FileNotFoundError):
+                self._file(h, vm, ext).unlink()
+
+    def _spec(self, vm: str) -> GuestSpec | None:
+        for h in self.hosts.values():
+            with contextlib.suppress(FileNotFoundError):
+                return GuestSpec.from_json(self._file(h, vm, "json").read_text())
+        return None
+
+    def _vm_names(self, h: QemuHost) -> list[str]:
+        return sorted(p.stem for p in Path(h.run_dir).glob("*.json"))
+
+    def _argv(self, h: QemuHost, spec: GuestSpec, incoming: bool) -> list[str]:
+        serial = self._file(h, spec.name, "serial")
+        argv = [*h.exec_prefix, self.qemu_binary, "-name", spec.name, "-accel", spec.accel,
+                "-machine", spec.machine, "-m", str(spec.mem_mb), "-smp", str(spec.vcpus),
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-chardev", f"file,id=serial0,path={serial},append=on", "-serial",
+                "chardev:serial0",
+                "-qmp", f"unix:{self._file(h, spec.name, 'qmp')},server=on,wait=off",
+                "-pidfile", str(self._file(h, spec.name, "pid")), "-daemonize"]
+        if spec.kernel:
+            argv += ["-kernel", spec.kernel, "-append", spec.append]
+        argv += list(spec.args)
+        if incoming:
+            argv += ["-incoming", "defer"]
+        return argv
+
+    def _spawn(self, h: QemuHost, spec: GuestSpec, incoming: bool) -> None:
+        self._file(h, spec.name, "json").write_text(spec.to_json())
+        try:
+            proc = subprocess.run(self._argv(h, spec, incoming), capture_output=True, text=True,
+                                  timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._forget(h, spec.name)
+            raise IncompatibleHost(f"cannot start QEMU for {spec.name} on {h.name}: {exc}",
+                                   vm=spec.name, host=h.name) from exc
+        if proc.returncode != 0:
+            self._forget(h, spec.name)
+            msg = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise IncompatibleHost(f"QEMU for {spec.name} did not start on {h.name}: {msg}",
+                                   vm=spec.name, host=h.name)
+
+    def _quit(self, h: QemuHost, vm: str) -> None:
+        """Stop ``vm``'s QEMU on ``h`` (QMP quit, then SIGKILL) and remove its files."""
+        pid = self._pid(h, vm)
+        with contextlib.suppress(BackendError):
+            self._qmp(h, vm, "quit")
+        deadline = time.monotonic() + 3
+        while pid is not None and time.monotonic() < deadline:
+            if not process_alive(pid):
+                break
+            time.sleep(0.02)
+        else:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._forget(h, vm)
+
+    # ------------------------------------------------------------------ VM lifecycle (extra)
+    def launch(self, spec: GuestSpec, host: str) -> VMInfo:
+        """Start ``spec`` on ``host`` (not part of the Backend protocol: provisioning)."""
+        h = self._host(host, spec.name)
+        where = self.locate(spec.name)
+        if where is not None:
+            raise BackendError(f"VM {spec.name} already runs on {where}", vm=spec.name,
+                               host=where)
+        self._spawn(h, spec, incoming=False)
+        return VMInfo(spec.name, host, spec.vcpus, spec.mem_mb, True)
+
+    def destroy(self, vm: str) -> None:
+        """Stop every QEMU process of ``vm`` on every host."""
+        for h in self.hosts.values():
+            if self._file(h, vm, "json").exists():
+                self._quit(h, vm)
+
+    # ------------------------------------------------------------------ Backend protocol
+    def inventory(self) -> list[VMInfo]:
+        self._reconcile()
+        out: list[VMInfo] = []
+        for h in self.hosts.values():
+            for vm in self._vm_names(h):
+                status = self._status(h, vm)
+                spec = self._spec_on(h, vm)
+                if status in _ON_HOST and spec is not None:
+                    out.append(VMInfo(vm, h.name, spec.vcpus, spec.mem_mb, status == "running"))
+        return out
+
+    def _spec_on(self, h: QemuHost, vm: str) -> GuestSpec | None:
+        try:
+            return GuestSpec.from_json(self._file(h, vm, "json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def locate(self, vm: str) -> str | None:
+        deadline = time.monotonic() + self.switchover_timeout
+        while True:
+            states = {h.name: self._status(h, vm) for h in self.hosts.values()}
+            on = [name for name, s in states.items() if s in _ON_HOST]
+            if len(on) > 1:
+                raise BackendError(f"VM {vm} runs on several hosts: {sorted(on)}", vm=vm)
+            if on:
+                self._reconcile_vm(vm)
+                return on[0]
+            # Switch-over instant: the source finished (postmigrate), the destination has not
+            # started yet (inmigrate). Wait for it rather than answer "nowhere".
+            if "postmigrate" in states.values() and "inmigrate" in states.values() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            return None
+
+    def check(self, request: MigrationRequest) -> None:
+        vm = request.vm
+        src = self._host(request.source, vm)
+        dst = self._host(request.target, vm)
+        if src.name == dst.name:
+            raise IncompatibleHost(f"{vm}: source and target are both {src.name}", vm=vm,
+                                   host=dst.name)
+        where = self.locate(vm)
+        if where is None:
+            raise VMNotFound(f"VM {vm} runs on no host", vm=vm, host=src.name)
+        if where != src.name:
+            raise VMNotFound(f"VM {vm} runs on {where}, not on {src.name}", vm=vm, host=where)
+        if any(f.handle.request.vm == vm and f.last.status is MigrationStatus.ACTIVE
+               for f in self._flights.values()):
+            raise BackendError(f"VM {vm} is already migrating", vm=vm, host=src.name)
+        if not os.access(dst.run_dir, os.W_OK):
+            raise IncompatibleHost(f"run directory {dst.run_dir} of {dst.name} not writable",
+                                   vm=vm, host=dst.name)
+
+    def start(self, request: MigrationRequest) -> Handle:
+        self.check(request)
+        vm = request.vm
+        src, dst = self.hosts[request.source], self.hosts[request.target]
+        spec = self._spec_on(src, vm)
+        if spec is None:
+            raise VMNotFound(f"no spec of VM {vm} on {src.name}", vm=vm, host=src.name)
+        if self._file(dst, vm, "json").exists():  # leftover of an earlier attempt
+            self._quit(dst, vm)
+        self._spawn(dst, spec, incoming=True)
+        try:
+            self._qmp(dst, vm, ("migrate-incoming", {"uri": f"tcp:{dst.address}:0"}))
+            info = self._qmp(dst, vm, "query-migrate")[0]
+            port = int(info["socket-address"][0]["port"])
+            params: dict[str, object] = {}
+            bw = request.bandwidth_mbps or self.default_bandwidth_mbps
+            if bw:
+                params["max-bandwidth"] = int(bw * 1e6 / 8)
+            downtime = request.downtime_ms or self.default_downtime_ms
+            if downtime:
+                params["downtime-limit"] = int(downtime)
+            cmds: list[tuple[str, Mapping[str, object]]] = []
+            if params:
+                cmds.append(("migrate-set-parameters", params))
+            cmds.append(("migrate", {"uri": f"tcp:{dst.address}:{port}"}))
+            self._qmp(src, vm, *cmds)
+        except BaseException:
+            self._quit(dst, vm)
+            raise
+        handle = Handle(request, uuid.uuid4().hex, {"port": str(port)})
+        self._flights[handle.token] = _Flight(handle, src, dst, time.monotonic())
+        return handle
+
+    def _flight(self, handle: Handle) -> _Flight:
+        try:
+            return self._flights[handle.token]
+        except KeyError:
+            raise BackendError(f"unknown migration handle for {handle.request.vm}",
+                               vm=handle.request.vm) from None
+
+    def poll(self, handle: Handle) -> Progress:
+        f = self._flight(handle)
+        vm = handle.request.vm
+        if f.last.status is not MigrationStatus.ACTIVE:
+            return f.last
+        try:
+            info = self._qmp(f.src, vm, "query-migrate")[0]
+        except HostUnreachable:
+            # The source QEMU is gone. If the destination runs the VM, the move happened.
+            dst_state = self._status(f.dst, vm)
+            if dst_state == "running":
+                return self._finish(f, Progress(MigrationStatus.COMPLETED))
+            raise
+        status = info.get("status", "none")
+        ram = info.get("ram", {})
+        prog = Progress(
+            MigrationStatus.ACTIVE,
+            transferred_mb=ram.get("transferred", 0) / MIB,
+            total_mb=(ram.get("total", 0) / MIB) or float(handle.request.mem_mb),
+            rate_mbps=float(ram.get("mbps", 0.0)),
+            downtime_ms=info.get("downtime", info.get("expected-downtime")),
+        )
+        if status in _ACTIVE:
+            f.last = prog
+            return prog
+        if status == "completed":
+            prog.status = MigrationStatus.COMPLETED
+            return self._finish(f, prog)
+        if status == "cancelled":
+            prog.status = MigrationStatus.CANCELLED
+        else:  # failed (or none: the source lost track of it)
+            prog.status = MigrationStatus.FAILED
+            prog.error = info.get("error-desc", f"migration status {status}")
+        self._quit(f.dst, vm)
+        f.last = prog  # repeated polls return the final answer
+        return prog
+
+    def _finish(self, f: _Flight, prog: Progress) -> Progress:
+        """After ``completed``: wait until the destination runs, then stop the paused source."""
+        vm = f.handle.request.vm
+        deadline = time.monotonic() + self.switchover_timeout
+        while True:
+            state = self._status(f.dst, vm)
+            if state == "running":
+                break
+            if state is None or time.monotonic() > deadline:
+                prog.status = MigrationStatus.FAILED
+                prog.error = f"destination of {vm} on {f.dst.name} is {state or 'gone'} " \
+                             "after the source completed"
+                f.last = prog
+                return prog
+            time.sleep(0.02)
+        self._quit(f.src, vm)
+        f.last = prog
+        return prog
+
+    def cancel(self, handle: Handle) -> None:
+        f = self._flight(handle)
+        if f.last.status is MigrationStatus.ACTIVE:
+            self._qmp(f.src, handle.request.vm, "migrate_cancel")
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    def close(self) -> None:
+        """Forget in-flight handles (QEMU migrations go on; ``inventory`` reconciles later)."""
+        self._flights.clear()
+
+    # ------------------------------------------------------------------ crash recovery
+    def _reconcile(self) -> None:
+        names = {vm for h in self.hosts.values() for vm in self._vm_names(h)}
+        for vm in sorted(names):
+            self._reconcile_vm(vm)
+
+    def _reconcile_vm(self, vm: str) -> None:
+        """Remove leftovers of migrations that ended while no executor watched.
+
+        A ``postmigrate`` source whose VM runs elsewhere is quit (the move completed); an
+        ``inmigrate`` destination whose VM runs on a host that is not migrating is quit (the
+        migration failed or was never started). Copies this instance is migrating are left
+        to ``poll``.
+        """
+        busy = {(f.handle.request.vm) for f in self._flights.values()
+                if f.last.status is MigrationStatus.ACTIVE}
+        if vm in busy:
+            return
+        states = {h.name: self._status(h, vm) for h in self.hosts.values()}
+        running = [n for n, s in states.items() if s in _ON_HOST]
+        if len(running) != 1:
+            return
+        home = self.hosts[running[0]]
+        migrating = False
+        with contextlib.suppress(BackendError):
+            migrating = self._qmp(home, vm, "query-migrate")[0].get("status") in _ACTIVE
+        for name, s in states.items():
+            if s == "postmigrate" or (s == "inmigrate" and not migrating):
+                self._quit(self.hosts[name], vm)
