@@ -7,7 +7,7 @@ one; with no token configured they are refused (403) rather than left open. Bad 
 4xx JSON body ``{"detail": [{"loc": [...], "msg": ...}]}`` naming the field.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI must see the local Annotated aliases.
 
 import re
 import secrets
