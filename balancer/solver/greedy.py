@@ -14,7 +14,8 @@ Requirements
     A ``Problem`` (policies applied).
 Limitations
     Myopic: one move at a time, on a single combined load, never undoes a move; it does not see
-    the migration cost beyond the budget. Units of several VMs (mandatory affinity groups) are
+    the migration cost beyond the budget. It never makes a move that breaks a should-rule
+    that holds (as DRS's balancing respects "should" rules), and does not fix broken ones. Units of several VMs (mandatory affinity groups) are
     moved only when mandatory.
 """
 
@@ -81,7 +82,26 @@ class State:
             for other in p.apart[gi].units:
                 if other != u and self.hosts[other] == dest:
                     return False
-        return True
+        return not self.breaks_soft(u, dest)
+
+    def breaks_soft(self, u: int, dest: int) -> bool:
+        """Moving ``u`` to ``dest`` would break a should-rule that holds now."""
+        p = self.p
+        cur = int(self.hosts[u])
+        for kind, i in self.ev.soft_of.get(u, ()):
+            if kind == "prefer":
+                hosts = p.prefer[i].hosts
+                if cur in hosts and dest not in hosts:
+                    return True
+            else:
+                others = {int(self.hosts[o]) for o in p.apart[i].units if o != u} \
+                    if kind == "apart" else \
+                    {int(self.hosts[o]) for o in p.together[i].units if o != u}
+                if kind == "apart" and dest in others:
+                    return True
+                if kind == "together" and cur in others and dest not in others:
+                    return True
+        return False
 
     def apply(self, u: int, dest: int) -> None:
         ev = self.ev

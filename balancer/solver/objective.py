@@ -82,6 +82,16 @@ class Evaluator:
             if g.weight is None:
                 for u in g.units:
                     self.apart_of.setdefault(u, []).append(gi)
+        # soft rules per unit (indices into p.apart / p.together / p.prefer)
+        self.soft_of: dict[int, list[tuple[str, int]]] = {}
+        for kind, groups in (("apart", p.apart), ("together", p.together)):
+            for gi, g in enumerate(groups):
+                if g.weight is not None:
+                    for u in g.units:
+                        self.soft_of.setdefault(u, []).append((kind, gi))
+        for pi, pref in enumerate(p.prefer):
+            for u in pref.units:
+                self.soft_of.setdefault(u, []).append(("prefer", pi))
         self.tan_cpu = tangents_for(self.cpu_cap)
         self.tan_mem = tangents_for(self.mem_cap)
 
