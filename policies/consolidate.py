@@ -1,0 +1,208 @@
+"""Consolidate: power management like VMware DPM, on top of the engine's balancing.
+
+Description
+    Each cycle, with each VM's demand estimated as the peak of its last ``window`` observed
+    steps (D = total estimate, C = CPU capacity of the hosts that are on or booting):
+
+    1. Power on, before hosts are needed: if ``D > high_util x C``, or a host's estimated load
+       is above ``1 - cpu_headroom`` of its capacity and the others cannot absorb it, switch on
+       the most power-efficient hosts that are off (capacity per peak watt; ties by index)
+       until ``D <= target_util x C``. Hosts in standby that still hold VMs are woken first
+       (no boot needed).
+    2. Power off, with hysteresis: if ``D < low_util x C``, put in standby the hosts whose
+       removal keeps ``D <= target_util x C``, least efficient first and, among equals, those
+       holding the least memory to move; at most ``max_power_off`` per cycle, never a host
+       switched on less than ``min_on_cycles`` cycles ago. DPM does the same with its target
+       utilisation range (63 % +- 18 % by default).
+    3. Call the engine only when something needs doing: a standby host to empty, a host above
+       its headroom, or (``rebalance_std``) a spread of host utilisation worth fixing. The
+       engine (``balancer.service.plan`` via the context, CP-SAT LNS stopped after
+       ``max_iterations`` steps) evacuates standby hosts and balances the rest at the given
+       migration ``threshold``; its capacity limit keeps every receiving host under
+       ``1 - cpu_headroom``. If the evacuation cannot fit, the standby is cancelled and the
+       engine is called again without it.
+    4. A standby host is switched off by the simulator once empty.
+Requirements
+    A context exposing host power states and capacities, the observed demand and the engine.
+Limitations
+    Reactive plus headroom, not predictive: a burst larger than the headroom within one
+    interval overloads a host until the next cycle. Host efficiency is read from peak power;
+    boot time is the host type's.
+    Follows VMware DPM (Distributed Power Management) and Beloglazov & Buyya (2012) on the
+    trade-off between energy and SLA violations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from balancer.errors import InfeasibleError
+from policies.replay_policies import ON, Context, Decision, _need, estimate, register
+
+OFF = 0
+
+
+@dataclass(frozen=True)
+class ConsolidateArgs:
+    target_util: float = 0.7  # keep estimated demand / capacity of the hosts on at most this
+    high_util: float = 0.8  # power on above this
+    low_util: float = 0.55  # power off below this
+    cpu_headroom: float = 0.15  # receiving hosts stay under 1 - cpu_headroom (estimated demand)
+    window: int = 3  # demand estimate: peak of the last `window` observed steps
+    max_power_off: int = 2  # hosts put in standby per cycle
+    min_on_cycles: int = 6  # a host switched on stays on at least this many cycles
+    threshold: int = 2  # engine migration threshold while balancing
+    rebalance_std: float = 0.0  # also plan when host CPU util std exceeds this (0: never)
+    max_iterations: int = 5
+    time_limit: float = 60.0
+    solver: str = "cpsat"
+
+    def __post_init__(self) -> None:
+        for name in ("target_util", "high_util", "low_util"):
+            v = getattr(self, name)
+            _need(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1,
+                  f"field '{name}' must be in (0, 1], got {v!r}")
+        _need(self.low_util < self.target_util <= self.high_util,
+              f"fields 'low_util' < 'target_util' <= 'high_util' must hold, got "
+              f"{self.low_util} / {self.target_util} / {self.high_util}")
+        _need(isinstance(self.cpu_headroom, (int, float)) and 0 <= self.cpu_headroom < 1,
+              f"field 'cpu_headroom' must be in [0, 1), got {self.cpu_headroom!r}")
+        for name in ("window", "max_iterations"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  f"field '{name}' must be a whole number >= 1, got {v!r}")
+        for name in ("max_power_off", "min_on_cycles"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                  f"field '{name}' must be a whole number >= 0, got {v!r}")
+        _need(self.threshold in (1, 2, 3, 4, 5) and not isinstance(self.threshold, bool),
+              f"field 'threshold' must be 1..5, got {self.threshold!r}")
+        _need(isinstance(self.rebalance_std, (int, float)) and self.rebalance_std >= 0,
+              f"field 'rebalance_std' must be >= 0, got {self.rebalance_std!r}")
+        _need(isinstance(self.time_limit, (int, float)) and self.time_limit > 0,
+              f"field 'time_limit' must be > 0, got {self.time_limit!r}")
+        _need(self.solver in ("cpsat", "greedy"),
+              f"field 'solver' must be 'cpsat' or 'greedy', got {self.solver!r}")
+
+
+@register
+class Consolidate:
+    name: ClassVar[str] = "consolidate"
+    Args = ConsolidateArgs
+
+    def __init__(self, args: ConsolidateArgs | None = None) -> None:
+        self.args = args or ConsolidateArgs()
+        self._on_since: dict[int, int] = {}
+        self._cycle = 0
+
+    def _options(self) -> dict[str, Any]:
+        a = self.args
+        return {"threshold": a.threshold, "cpu_headroom": a.cpu_headroom,
+                "max_iterations": a.max_iterations, "time_limit": a.time_limit,
+                "solver": a.solver}
+
+    def decide(self, ctx: Context) -> Decision:
+        a = self.args
+        self._cycle += 1
+        cyc = self._cycle
+        est = estimate(ctx, a.window)
+        cap = ctx.host_cpu
+        load = ctx.host_load(est)
+        count = np.bincount(ctx.vm_host, minlength=ctx.n_hosts)
+        mem = np.bincount(ctx.vm_host, weights=np.asarray(getattr(ctx, "vm_mem", np.zeros(
+            ctx.n_vms)), dtype=float), minlength=ctx.n_hosts)
+        eff = cap / np.maximum(np.asarray(getattr(ctx, "host_peak_w", np.ones(ctx.n_hosts)),
+                                          dtype=float), 1e-9)
+        power = ctx.power
+        standby = ctx.standby.copy()
+        limit = 1.0 - a.cpu_headroom
+        # hosts that are on and hold nothing are switched off at once (no migration needed)
+        empty_on = [h for h in range(ctx.n_hosts)
+                    if power[h] == ON and count[h] == 0 and not standby[h]]
+        live = [h for h in range(ctx.n_hosts) if power[h] != OFF and not standby[h]
+                and h not in set(empty_on)]
+        total = float(est.sum())
+        cap_live = float(cap[live].sum())
+        power_on: list[int] = []
+        wake: list[int] = []
+        new_standby: list[int] = []
+        # keep empty hosts that are needed for capacity; switch the rest off
+        empty_on.sort(key=lambda h: (-eff[h], h))
+        keep_empty = []
+        for h in empty_on:
+            if total > a.target_util * cap_live:
+                keep_empty.append(h)
+                cap_live += float(cap[h])
+            else:
+                new_standby.append(h)
+        live += keep_empty
+        hot = [h for h in live if power[h] == ON and load[h] > limit * cap[h]]
+        if total > a.high_util * cap_live or (hot and total > a.target_util * cap_live):
+            # wake standby hosts still holding VMs, then boot the most efficient off hosts
+            for h in sorted(np.flatnonzero(standby & (count > 0)).tolist(),
+                            key=lambda h: (-eff[h], h)):
+                if total <= a.target_util * cap_live:
+                    break
+                wake.append(h)
+                standby[h] = False
+                cap_live += float(cap[h])
+                live.append(h)
+            offs = sorted([h for h in range(ctx.n_hosts) if power[h] == OFF or
+                           (h in new_standby)], key=lambda h: (-eff[h], h))
+            for h in offs:
+                if total <= a.target_util * cap_live:
+                    break
+                if h in new_standby:
+                    new_standby.remove(h)
+                else:
+                    power_on.append(h)
+                    self._on_since[h] = cyc
+                cap_live += float(cap[h])
+                live.append(h)
+        elif total < a.low_util * cap_live:
+            cands = [h for h in live if power[h] == ON and count[h] > 0
+                     and cyc - self._on_since.get(h, -10**9) >= a.min_on_cycles]
+            cands.sort(key=lambda h: (eff[h], mem[h], load[h], h))
+            for h in cands:
+                if len([x for x in new_standby if count[x] > 0]) >= a.max_power_off:
+                    break
+                if total <= a.target_util * (cap_live - float(cap[h])):
+                    new_standby.append(h)
+                    standby[h] = True
+                    cap_live -= float(cap[h])
+                    live.remove(h)
+        # what the engine sees: hosts on (booting ones cannot receive yet)
+        evacuate = {h for h in range(ctx.n_hosts) if standby[h] and count[h] > 0}
+        evacuate |= {h for h in new_standby if count[h] > 0}
+        on_hosts = sorted({h for h in live if power[h] == ON} | evacuate)
+        need = bool(evacuate) or any(load[h] > limit * cap[h] for h in on_hosts)
+        if not need and a.rebalance_std > 0 and on_hosts:
+            u = load[on_hosts] / cap[on_hosts]
+            need = float(np.std(u)) > a.rebalance_std
+        moves: list[tuple[int, int]] = []
+        if need and on_hosts:
+            moves = self._plan(ctx, on_hosts, est, evacuate, new_standby, wake)
+        return Decision(power_on=tuple(power_on), standby=tuple(new_standby), wake=tuple(wake),
+                        moves=tuple(moves))
+
+    def _plan(self, ctx: Context, hosts: list[int], est: np.ndarray, evacuate: set[int],
+              new_standby: list[int], wake: list[int]) -> list[tuple[int, int]]:
+        try:
+            return ctx.plan(ctx.snapshot(hosts, est, evacuate), **self._options())
+        except InfeasibleError:
+            pass
+        # the evacuation does not fit: cancel this cycle's standby hosts and try again
+        fresh = set(new_standby)
+        for h in list(new_standby):
+            new_standby.remove(h)
+        keep = evacuate - fresh
+        wake.extend(sorted(keep))
+        try:
+            return ctx.plan(ctx.snapshot(hosts, est, set()), **self._options())
+        except InfeasibleError:
+            return []
+
