@@ -176,7 +176,7 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
         if not require_fresh or raw["host"] not in active:
             continue  # evacuation is never held back by missing data
         if not ok:
-            pinned[name] = "no fresh samples" if age is None or name not in est.vm_cpu \
+            pinned[name] = "no fresh samples" if age is None \
                 else f"newest sample {age:.0f} s old"
         elif not host_fresh[raw["host"]]:
             pinned[name] = f"host {raw['host']} has no fresh samples"
