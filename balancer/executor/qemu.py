@@ -39,8 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
+from balancer.errors import InputError
 from balancer.executor.base import (
     BackendError,
     Handle,
@@ -53,6 +55,8 @@ from balancer.executor.base import (
     VMInfo,
     VMNotFound,
 )
+from balancer.executor.config import ExecutorConfig
+from balancer.model import ClusterSnapshot
 
 MIB = 1024 * 1024
 # QEMU run states in which the VM is "on" a host (the others: inmigrate = a destination still
@@ -397,11 +401,39 @@ class QemuBackend:
         return handle
 
     def _flight(self, handle: Handle) -> _Flight:
-        try:
-            return self._flights[handle.token]
-        except KeyError:
-            raise BackendError(f"unknown migration handle for {handle.request.vm}",
-                               vm=handle.request.vm) from None
+        """The flight of ``handle``; a handle from an earlier instance (an executor restarted
+        after a crash) is adopted: its request names the source and target to ask."""
+        f = self._flights.get(handle.token)
+        if f is None:
+            req = handle.request
+            f = _Flight(handle, self._host(req.source, req.vm), self._host(req.target, req.vm),
+                        time.monotonic())
+            self._flights[handle.token] = f
+        return f
+
+    def find_migration(self, vm: str) -> Handle | None:
+        """The migration of ``vm`` in flight (from any executor), or None.
+
+        Used by the runner after a restart when the token of a migration it started was never
+        recorded: the source QEMU is still migrating and a destination waits for it."""
+        states = {h.name: self._status(h, vm) for h in self.hosts.values()}
+        for name, state in states.items():
+            if state not in _ON_HOST:
+                continue
+            src = self.hosts[name]
+            info = self._qmp(src, vm, "query-migrate")[0]
+            if info.get("status") not in _ACTIVE:
+                return None
+            targets = [n for n, s in states.items() if s == "inmigrate"]
+            if len(targets) != 1:
+                return None
+            spec = self._spec_on(src, vm)
+            req = MigrationRequest(vm, name, targets[0], spec.mem_mb if spec else 0)
+            handle = Handle(req, uuid.uuid4().hex, {"adopted": "1"})
+            self._flights[handle.token] = _Flight(handle, src, self.hosts[targets[0]],
+                                                  time.monotonic())
+            return handle
+        return None
 
     def poll(self, handle: Handle) -> Progress:
         f = self._flight(handle)
@@ -503,3 +535,55 @@ class QemuBackend:
         for name, s in states.items():
             if s == "postmigrate" or (s == "inmigrate" and not migrating):
                 self._quit(self.hosts[name], vm)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+class _HostConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    address: str = Field(min_length=1)  # where this host accepts incoming migrations
+    run_dir: str = Field(min_length=1)
+    exec_prefix: list[str] = Field(default_factory=list)
+
+
+class QemuConfig(BaseModel):
+    """``[backend.qemu]`` of the executor config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hosts: list[_HostConfig] = Field(min_length=1)
+    qemu_binary: str = "qemu-system-x86_64"
+    default_bandwidth_mbps: float | None = Field(None, gt=0)
+    default_downtime_ms: int | None = Field(None, ge=1)
+    switchover_timeout_s: float = Field(10.0, gt=0)
+    qmp_timeout_s: float = Field(5.0, gt=0)
+
+
+def create_backend(config: ExecutorConfig, snapshot: ClusterSnapshot) -> QemuBackend:
+    """The backend ``balancer execute --backend qemu`` uses, from ``[backend.qemu]``.
+
+    Every host of the snapshot must be configured; errors name the field (``InputError``)."""
+    raw = config.backend.get("qemu")
+    if raw is None:
+        raise InputError("config: field 'backend.qemu' is missing: the qemu backend needs "
+                         "its hosts (name, address, run_dir)")
+    try:
+        qc = QemuConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in ("backend", "qemu", *err["loc"]))
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InputError(f"config: field '{where}': {msg}") from None
+    names = [h.name for h in qc.hosts]
+    if len(set(names)) != len(names):
+        raise InputError(f"config: field 'backend.qemu.hosts': duplicate host names {names}")
+    missing = sorted({h.name for h in snapshot.hosts} - set(names))
+    if missing:
+        raise InputError(f"config: field 'backend.qemu.hosts': no entry for snapshot hosts "
+                         f"{missing}")
+    return QemuBackend(
+        [QemuHost(h.name, h.address, Path(h.run_dir), tuple(h.exec_prefix)) for h in qc.hosts],
+        qemu_binary=qc.qemu_binary, default_bandwidth_mbps=qc.default_bandwidth_mbps,
+        default_downtime_ms=qc.default_downtime_ms, switchover_timeout=qc.switchover_timeout_s,
+        qmp_timeout=qc.qmp_timeout_s)
