@@ -300,35 +300,36 @@ class Runner:
                 entries.insert(0, e)  # first: the loop walks entries in order
             self._recover(e)
         self._refresh_usage()
-        pending = [e for e in entries if not e.state.terminal and
-                   not any(f.entry is e for f in self.flights)]
-        self._loop(pending)
+        self._loop([e for e in entries if not e.state.terminal])
         final = self.journal.entries(plan_id)
         return RunSummary(plan_id, final, self.backend.now() - t_clock,
                           time.monotonic() - t_wall, self.journal.commits, dry_run)
 
     def _loop(self, pending: list[Entry]) -> None:
+        """``pending``: every entry not yet in a final state (including those in flight)."""
         poll = self.config.migration.poll_interval_s
         gate = -1
         while True:
+            flying = {id(f.entry) for f in self.flights}
             if self._cancel_all:
                 for e in pending:
-                    self._terminal(e, State.CANCELLED, "run cancelled")
-                pending = []
+                    if id(e) not in flying:
+                        self._terminal(e, State.CANCELLED, "run cancelled")
             for f in self.flights:
                 if not f.cancel and ((f.entry.plan_id, f.entry.id) in self._cancel_ids
                                      or self._cancel_all):
                     self._send_cancel(f, "user")
-            for e in [e for e in pending if (e.plan_id, e.id) in self._cancel_ids]:
-                pending.remove(e)
-                self._terminal(e, State.CANCELLED, "cancelled")
+            for e in pending:
+                if (e.plan_id, e.id) in self._cancel_ids and id(e) not in flying \
+                        and not e.state.terminal:
+                    self._terminal(e, State.CANCELLED, "cancelled")
+            pending = [e for e in pending if not e.state.terminal]
             planned = [e for e in pending if e.state is State.PLANNED]
             if planned and planned[0].wave != gate:
                 gate = planned[0].wave
                 self._refresh_usage()
             started = self._start_ready(pending, gate)
-            pending = [e for e in pending if not e.state.terminal
-                       and not any(f.entry is e for f in self.flights)]
+            pending = [e for e in pending if not e.state.terminal]
             if not pending and not self.flights:
                 return
             if not self.flights:
@@ -357,7 +358,10 @@ class Runner:
         for o in pending:
             first_open.setdefault(o.vm, (o.plan_id, o.id))
         flying = {f.entry.vm for f in self.flights}
+        in_flight = {id(f.entry) for f in self.flights}
         for e in list(pending):
+            if id(e) in in_flight:
+                continue
             if e.state is State.PLANNED and e.wave != gate:
                 if e.wave > gate:
                     break
