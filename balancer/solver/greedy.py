@@ -22,6 +22,7 @@ Limitations
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -188,24 +189,32 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
     ``deadline`` (a ``time.monotonic()`` value) stops it early with the moves made so far, each
     of which kept the placement valid; the engine uses this to bound its hint's cost.
     """
-    ev = ev or Evaluator(problem)
-    state = State(problem, ev, initial_unit_hosts(problem) if start is None else start)
+    hosts = initial_unit_hosts(problem) if start is None else start
+    for hosts in greedy_steps(problem, ev or Evaluator(problem), hosts):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    return hosts
+
+
+def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator[np.ndarray]:
+    """The greedy baseline one step at a time: yields the placement after the mandatory moves,
+    then after every balancing move (the same array, updated in place)."""
+    state = State(problem, ev, start)
     repair(state)
+    yield state.hosts
     bal = np.array(problem.balanced, dtype=np.int64)
     n = len(bal)
     if n < 2 or problem.balance_weights == (0, 0):
-        return state.hosts
+        return
     movable = np.array([u for u, unit in enumerate(problem.units)
                         if not unit.pinned and len(unit.members) == 1], dtype=np.int64)
     if movable.size == 0:
-        return state.hosts
+        return
     n_hot = max(1, n // 4)
     n_cool = max(1, n // 2)
-    while True:
-        if problem.max_migrations is not None and state.migrations >= problem.max_migrations:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            break
+    mem_limit = np.array(problem.mem_limit)
+    cpu_limit = np.array(problem.cpu_limit)
+    while problem.max_migrations is None or state.migrations < problem.max_migrations:
         load_all = state.load()
         load = load_all[bal]
         order = np.lexsort((bal, load))  # ascending load, ties by host index
@@ -216,7 +225,7 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
         std0 = np.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))
         cand = movable[np.isin(state.hosts[movable], hot)]
         if cand.size == 0:
-            break
+            return
         src = state.hosts[cand]
         a_src = (ev.u_cpu[cand] / ev.cpu_cap[src] + ev.u_memd[cand] / ev.mem_cap[src]) / 2.0
         a_dst = (ev.u_cpu[cand][:, None] / ev.cpu_cap[cool][None, :]
@@ -226,18 +235,14 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
         ns1 = s1 - a_src[:, None] + a_dst
         ns2 = (s2 - l_s ** 2 + (l_s - a_src[:, None]) ** 2 - l_d ** 2 + (l_d + a_dst) ** 2)
         std1 = np.sqrt(np.maximum(ns2 / n - (ns1 / n) ** 2, 0.0))
-        gain = std0 - std1
         # capacity pre-filter (the exact checks run in can_move)
-        fits = ((state.mem[cool][None, :] + ev.u_mem[cand][:, None]
-                 <= np.array(problem.mem_limit)[cool][None, :])
-                & (state.cpu[cool][None, :] + ev.u_cpu[cand][:, None]
-                   <= np.array(problem.cpu_limit)[cool][None, :]))
-        gain = np.where(fits, gain, -np.inf)
-        chosen = _best_valid(state, gain, cand, cool)
+        fits = ((state.mem[cool][None, :] + ev.u_mem[cand][:, None] <= mem_limit[cool][None, :])
+                & (state.cpu[cool][None, :] + ev.u_cpu[cand][:, None] <= cpu_limit[cool][None, :]))
+        chosen = _best_valid(state, np.where(fits, std0 - std1, -np.inf), cand, cool)
         if chosen is None:
-            break
+            return
         state.apply(*chosen)
-    return state.hosts
+        yield state.hosts
 
 
 def trim_to_budget(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> np.ndarray | None:
