@@ -96,8 +96,9 @@ class PrometheusConfig:
 class ExecutorConfig:
     backend: str = "simulated"
     uri_template: str = "qemu+ssh://{host}/system"  # libvirt: connection URI per host
-    max_concurrent: int = 2
-    migration_timeout_s: float = 600.0
+    # The executor's own config file (limits, timeouts, retries, journal; see
+    # configs/executor-simulated.toml); None: the executor's defaults, journal beside the store.
+    config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,13 +276,17 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
     s.done()
 
     s = _Section(where, "executor", data.get("executor", {}))
+    exec_file = s.string("config", None)
+    if exec_file is not None and not Path(exec_file).is_absolute() and where != "config":
+        exec_file = str(Path(where).parent / exec_file)
     executor = ExecutorConfig(
         backend=s.string("backend", "simulated", choices=BACKENDS),
         uri_template=s.string("uri_template", "qemu+ssh://{host}/system"),
-        max_concurrent=s.integer("max_concurrent", 2, minimum=1),
-        migration_timeout_s=s.number("migration_timeout_s", 600.0),
+        config=exec_file,
     )
     s.done()
+    if exec_file is not None and not Path(exec_file).is_file():
+        raise ConfigError(f"{where}: [executor] config: no such file {exec_file!r}")
 
     s = _Section(where, "store", data.get("store", {}))
     path = s.string("path", "balancer.db")

@@ -23,12 +23,14 @@ never delayed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +39,16 @@ import pandas as pd
 
 from balancer.config import ServiceConfig
 from balancer.errors import BalancerError, InfeasibleError, InputError
-from balancer.executor.base import (
-    Backend,
-    BackendError,
-    Handle,
-    MigrationRequest,
-    MigrationStatus,
-    Progress,
-    VMInfo,
-)
+from balancer.executor.base import Backend, BackendError
+from balancer.executor.config import ExecutorConfig as ExecConfig
+from balancer.executor.config import load_config as load_exec_config
+from balancer.executor.journal import Journal, State
+from balancer.executor.runner import Runner
+from balancer.executor.simulated import SimulatedBackend
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
-from balancer.model import ClusterSnapshot, HostState, RuleType, util_stats
+from balancer.model import ClusterSnapshot, HostState, Move, RuleType, util_stats
+from balancer.planner import PlannerLimits, Waves, make_waves
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.snapshot import parse_snapshot, to_dict
 from balancer.store import NewRecommendation, Store
@@ -73,178 +73,136 @@ class Unavailable(BalancerError):
     """The service cannot answer yet (no inventory, backend down)."""
 
 
-# -- a simulated backend (used until the executor's own simulated backend is wired in) --------
-class DemoBackend:
-    """In-memory backend on the ``Backend`` protocol with a simulated clock.
-
-    A migration of M MiB takes ``M * 8 / bandwidth_mbps`` simulated seconds; ``wait`` advances
-    the clock. ``fail`` names VMs whose next migration fails (tests inject faults with it).
-    """
-
-    name = "demo-sim"
-
-    def __init__(self, vms: Sequence[VMInfo], bandwidth_mbps: float = 10000.0) -> None:
-        self._vms = {v.name: v for v in vms}
-        self._clock = 0.0
-        self._bw = bandwidth_mbps
-        self._flight: dict[str, tuple[MigrationRequest, float, float]] = {}
-        self._n = 0
-        self.fail: set[str] = set()
-        self._lock = threading.Lock()
-
-    def inventory(self) -> list[VMInfo]:
-        with self._lock:
-            return sorted(self._vms.values(), key=lambda v: v.name)
-
-    def locate(self, vm: str) -> str | None:
-        with self._lock:
-            info = self._vms.get(vm)
-            return None if info is None else info.host
-
-    def set_vm(self, info: VMInfo) -> None:
-        with self._lock:
-            self._vms[info.name] = info
-
-    def check(self, request: MigrationRequest) -> None:
-        from balancer.executor.base import VMNotFound
-        if self.locate(request.vm) != request.source:
-            raise VMNotFound(f"VM {request.vm} is not on {request.source}", vm=request.vm)
-
-    def start(self, request: MigrationRequest) -> Handle:
-        self.check(request)
-        with self._lock:
-            self._n += 1
-            token = f"sim-{self._n}"
-            seconds = request.mem_mb * 8 / (request.bandwidth_mbps or self._bw)
-            self._flight[token] = (request, self._clock, self._clock + seconds)
-        return Handle(request=request, token=token)
-
-    def poll(self, handle: Handle) -> Progress:
-        with self._lock:
-            req, t0, t1 = self._flight[handle.token]
-            total = float(req.mem_mb)
-            if self._clock < t1:
-                done = total * (self._clock - t0) / max(t1 - t0, 1e-9)
-                return Progress(MigrationStatus.ACTIVE, done, total, self._bw)
-            if req.vm in self.fail:
-                self.fail.discard(req.vm)
-                return Progress(MigrationStatus.FAILED, total, total, error="injected failure")
-            info = self._vms[req.vm]
-            self._vms[req.vm] = dataclasses.replace(info, host=req.target)
-            return Progress(MigrationStatus.COMPLETED, total, total, self._bw, downtime_ms=50.0)
-
-    def cancel(self, handle: Handle) -> None:
-        with self._lock:
-            req, t0, _ = self._flight[handle.token]
-            self._flight[handle.token] = (req, t0, float("inf"))
-
-    def now(self) -> float:
-        return self._clock
-
-    def wait(self, seconds: float) -> None:
-        with self._lock:
-            self._clock += seconds
-
-    def close(self) -> None:
-        pass
+# -- executing moves through the executor's runner ------------------------------------------
+def simulated_backend(snapshot: ClusterSnapshot, exec_cfg: ExecConfig) -> Backend:
+    """The executor's simulated backend holding ``snapshot``'s VMs (state kept in memory)."""
+    return SimulatedBackend.from_snapshot(snapshot, exec_cfg, persist=False)
 
 
-def backend_for_snapshot(snapshot: ClusterSnapshot) -> DemoBackend:
-    return DemoBackend([VMInfo(v.name, v.host, v.vcpus, v.mem) for v in snapshot.vms])
+_OUTCOME = {State.SUCCEEDED: "completed", State.FAILED: "failed",
+            State.CANCELLED: "cancelled", State.SKIPPED: "skipped"}
 
 
-# -- executing one move through a backend -------------------------------------------------
-class MoveExecutor:
-    """Runs single migrations through a ``Backend`` with a journal row written before start.
+class PlanExecutor:
+    """Hands moves to the executor (planner waves + runner) and keeps the service's history.
 
     Description
-        Thin adapter used by the service for "apply" and fully automated execution: check,
-        start, poll until the backend reports an end state or the timeout passes (then cancel
-        and follow the cancel to its end). Every migration has a journal row in the store
-        (``started`` before the backend is called, final state after); ``recover`` resolves rows
-        left ``started`` by a crash against the backend's view of where the VM runs.
+        ``execute`` orders the moves into waves with ``balancer.planner.make_waves`` (every
+        intermediate state fits; concurrency limits respected) and runs them with the
+        executor's ``Runner``, the single chokepoint for limits, timeouts, retries and its
+        SQLite journal. The service's own history rows (``Store.migrations``) are written
+        ``started`` before the run and given the runner's outcome after it, so the API's
+        history never loses a migration. ``recover`` lets the runner reconcile its journal after
+        a crash, then resolves the service rows still ``started`` by where the VM runs.
+        ``cancel`` (SIGTERM) asks the runner to cancel the run: in-flight migrations are
+        cancelled and journalled, the rest marked cancelled.
     Requirements
-        A backend on the ``balancer.executor.base.Backend`` protocol.
+        A backend on the ``balancer.executor.base.Backend`` protocol; host memory capacities.
     Limitations
-        One migration at a time (the executor's runner, with its per-host limits and waves,
-        takes over when wired in).
+        One run at a time (runs are serialised by a lock).
     """
 
-    def __init__(self, backend: Backend, store: Store, telemetry: Telemetry, *,
-                 timeout_s: float = 600.0, poll_s: float = 0.5) -> None:
+    def __init__(self, backend: Backend, store: Store, telemetry: Telemetry,
+                 exec_cfg: ExecConfig, journal_path: str) -> None:
         self.backend = backend
         self.store = store
         self.telemetry = telemetry
-        self.timeout_s = timeout_s
-        self.poll_s = poll_s
+        self.exec_cfg = exec_cfg
+        # The journal's SQLite connection belongs to the thread that opened it, so one worker
+        # thread owns it and runs every executor call; callers wait for their result.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
+        self.journal: Journal = self._worker.submit(
+            Journal, journal_path, synchronous=exec_cfg.journal.synchronous).result()
         self._lock = threading.Lock()
-        self.in_flight: str | None = None
+        self._runner: Runner | None = None
+        self._cancelled = False
 
-    def migrate(self, *, vm: str, source: str, target: str, mem_mb: int, trigger: str,
-                rec_id: int | None) -> dict[str, Any]:
+    def close(self) -> None:
+        self._worker.submit(self.journal.close).result()
+        self._worker.shutdown(wait=True)
+
+    def _limits(self) -> PlannerLimits:
+        c = self.exec_cfg
+        return PlannerLimits(max_incoming_per_host=c.limits.max_incoming_per_host,
+                             max_outgoing_per_host=c.limits.max_outgoing_per_host,
+                             max_concurrent=c.limits.max_concurrent,
+                             mem_overcommit=c.limits.mem_overcommit,
+                             bandwidth_mbps=c.migration.bandwidth_mbps,
+                             dirty_rate_mbps=c.migration.dirty_rate_mbps,
+                             downtime_ms=c.migration.downtime_ms)
+
+    def execute(self, snapshot: ClusterSnapshot, moves: list[Move], *, trigger: str,
+                rec_ids: dict[str, int]) -> list[dict[str, Any]]:
+        """Run ``moves`` (from ``snapshot``'s placement); one history row per migration leg."""
+        return self._worker.submit(self._execute, snapshot, moves, trigger, rec_ids).result()
+
+    def _execute(self, snapshot: ClusterSnapshot, moves: list[Move], trigger: str,
+                 rec_ids: dict[str, int]) -> list[dict[str, Any]]:
         with self._lock:
-            req = MigrationRequest(vm=vm, source=source, target=target, mem_mb=mem_mb)
+            if self._cancelled:
+                raise Unavailable("shutting down: no new migrations")
+            waves = make_waves(snapshot, moves, self._limits())
+            rows = {}
+            for m in waves.migrations:
+                rows[m.id] = self.store.migration_started(
+                    vm=m.vm, source=m.source, target=m.target, mem_mb=m.mem_mb,
+                    trigger=trigger, rec_id=rec_ids.get(m.vm))
+            caps = {h.name: float(h.mem_capacity) for h in snapshot.hosts}
+            self._runner = Runner(self.backend, self.journal, self.exec_cfg, caps)
             try:
-                self.backend.check(req)
+                summary = self._runner.run(waves, json.dumps(waves.to_dict()))
             except BackendError as exc:
-                self.telemetry.migrations.labels(outcome="refused").inc()
-                raise Conflict(f"migration of {vm} to {target} refused: {exc}") from None
-            mig = self.store.migration_started(vm=vm, source=source, target=target,
-                                               mem_mb=mem_mb, trigger=trigger, rec_id=rec_id)
-            self.in_flight = vm
-            try:
-                state, error = self._follow(req)
-            except BackendError as exc:
-                state, error = self._settle(req, str(exc))
-            except BaseException as exc:  # journal an end state even on a bug
-                state, error = self._settle(req, f"internal error: {exc}")
-                self.store.migration_finished(mig, state, error)
-                self.in_flight = None
-                raise
-            self.store.migration_finished(mig, state, error)
-            self.in_flight = None
-            self.telemetry.migrations.labels(outcome=state).inc()
-            return self.store.migrations(limit=1, vm=vm)[0]
+                for mid, row in rows.items():
+                    m = waves.migrations[mid] if mid < len(waves.migrations) else None
+                    self._settle_row(row, m.vm if m else "", m.target if m else "", str(exc))
+                raise Unavailable(f"executor stopped: {exc}") from None
+            finally:
+                self._runner = None
+            out = []
+            for e in summary.entries:
+                outcome = _OUTCOME.get(e.state)
+                if outcome is None:  # cannot happen after run(); keep the row honest anyway
+                    self._settle_row(rows[e.id], e.vm, e.target, f"left {e.state.value}")
+                else:
+                    self.store.migration_finished(rows[e.id], outcome, e.reason or None)
+                    self.telemetry.migrations.labels(outcome=outcome).inc()
+                row = self.store.migration(rows[e.id])
+                if row is not None:
+                    out.append(row)
+            return out
 
-    def _follow(self, req: MigrationRequest) -> tuple[str, str | None]:
-        handle = self.backend.start(req)
-        t0 = self.backend.now()
-        cancelled = False
-        while True:
-            p = self.backend.poll(handle)
-            if p.status is MigrationStatus.COMPLETED:
-                return "completed", None
-            if p.status is MigrationStatus.FAILED:
-                return "failed", p.error or "migration failed"
-            if p.status is MigrationStatus.CANCELLED:
-                return "cancelled", "timed out" if cancelled else p.error
-            if not cancelled and self.backend.now() - t0 > self.timeout_s:
-                self.backend.cancel(handle)
-                cancelled = True
-            if cancelled and self.backend.now() - t0 > 2 * self.timeout_s:
-                return self._settle(req, "migration neither finished nor cancelled in time")
-            self.backend.wait(self.poll_s)
-
-    def _settle(self, req: MigrationRequest, error: str) -> tuple[str, str | None]:
-        """Decide the end state of a migration whose backend talk broke off."""
+    def _settle_row(self, row_id: int, vm: str, target: str, error: str) -> None:
         try:
-            where = self.backend.locate(req.vm)
+            where = self.backend.locate(vm) if vm else None
         except BackendError as exc:
-            return "failed", f"{error}; location unknown: {exc}"
-        if where == req.target:
-            return "completed", None
-        return "failed", f"{error}; VM on {where}"
+            self.store.migration_finished(row_id, "failed", f"{error}; location unknown: {exc}")
+            return
+        if where == target:
+            self.store.migration_finished(row_id, "completed", None)
+        else:
+            self.store.migration_finished(row_id, "failed", f"{error}; VM on {where}")
+
+    def cancel(self) -> None:
+        """Stop: cancel the run in progress (safe from a signal handler) and refuse new ones."""
+        self._cancelled = True
+        runner = self._runner
+        if runner is not None:
+            runner.cancel()
 
     def recover(self) -> list[dict[str, Any]]:
-        """Resolve journal rows a crash left ``started``; returns the rows resolved."""
-        out = []
-        for row in self.store.unfinished_migrations():
-            req = MigrationRequest(vm=row["vm"], source=row["source"], target=row["target"],
-                                   mem_mb=row["mem_mb"])
-            state, error = self._settle(req, "interrupted by a restart")
-            self.store.migration_finished(row["id"], state, error)
-            out.append({**row, "state": state, "error": error})
-        return out
+        """After a crash: the runner reconciles its journal, then our rows are resolved."""
+        return self._worker.submit(self._recover).result()
+
+    def _recover(self) -> list[dict[str, Any]]:
+        with self._lock:
+            if self.journal.unfinished():
+                Runner(self.backend, self.journal, self.exec_cfg, {}).run(
+                    Waves(migrations=[], makespan_s=0.0))
+            out = []
+            for row in self.store.unfinished_migrations():
+                self._settle_row(row["id"], row["vm"], row["target"], "interrupted by a restart")
+                out.append(self.store.migration(row["id"]))
+            return out
 
 
 # -- the controller ------------------------------------------------------------------------
@@ -305,11 +263,21 @@ class Controller:
         self.inventory: ClusterSnapshot | None = inventory
         if inventory is not None:
             store.put("inventory", to_dict(inventory))
+        self.exec_cfg = load_exec_config(cfg.executor.config)
+        if cfg.executor.config is None:
+            # The journal lives beside the store unless the executor config says otherwise.
+            jp = ":memory:" if store.path == ":memory:" else store.path + ".journal"
+            self.exec_cfg = self.exec_cfg.model_copy(update={
+                "journal": self.exec_cfg.journal.model_copy(
+                    update={"path": jp, "synchronous": "normal"}),
+                "limits": self.exec_cfg.limits.model_copy(
+                    update={"mem_overcommit": cfg.cluster.mem_overcommit})})
+        self.backend: Backend | None = None
+        self.executor: PlanExecutor | None = None
         if backend is None and inventory is not None and cfg.executor.backend == "simulated":
-            backend = backend_for_snapshot(inventory)
-        self.backend = backend
-        self.executor = None if backend is None else MoveExecutor(
-            backend, store, telemetry, timeout_s=cfg.executor.migration_timeout_s)
+            backend = simulated_backend(inventory, self.exec_cfg)
+        if backend is not None:
+            self.set_backend(backend)
         self.view: ClusterView | None = None
         self.cycle_no = int(store.get("cycle_no", 0))
         self.streak = 0
@@ -318,19 +286,31 @@ class Controller:
         self.ready = threading.Event()
         self.telemetry.pending.set(len(store.recommendations("pending")))
 
-    # -- inventory and samples -------------------------------------------------------------
+    # -- inventory and samples --------------------------------------------------
+    def set_backend(self, backend: Backend) -> None:
+        """Use ``backend`` for migrations (the simulated one is rebuilt with the inventory)."""
+        with self._lock:
+            if self.executor is not None:
+                self.executor.close()
+            self.backend = backend
+            self.executor = PlanExecutor(backend, self.store, self.telemetry, self.exec_cfg,
+                                         self.exec_cfg.journal.path)
+
     def set_inventory(self, doc: Any) -> ClusterSnapshot:
         snap = parse_snapshot(doc, mem_overcommit=self.cfg.cluster.mem_overcommit)
         with self._lock:
             self.inventory = snap
             self.store.put("inventory", to_dict(snap))
             if self.cfg.executor.backend == "simulated":
-                if isinstance(self.backend, DemoBackend) or self.backend is None:
-                    self.backend = backend_for_snapshot(snap)
-                    self.executor = MoveExecutor(self.backend, self.store, self.telemetry,
-                                                 timeout_s=self.cfg.executor.migration_timeout_s)
+                # The simulated cluster is the inventory: it starts where the inventory says.
+                self.set_backend(simulated_backend(snap, self.exec_cfg))
             self.view = None
         return snap
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        self.store.close()
 
     def ingest(self, ts: Sequence[float], kind: Sequence[str], name: Sequence[str],
                cpu: Sequence[float], mem: Sequence[float]) -> int:
@@ -377,7 +357,7 @@ class Controller:
             self.store.put("inventory", to_dict(self.inventory))
             self.view = None
 
-    # -- estimation ----------------------------------------------------------------------------
+    # -- estimation --------------------------------------------------
     def _frame(self, now: float) -> pd.DataFrame:
         frames = []
         for src in self.sources:
@@ -467,7 +447,7 @@ class Controller:
             return view
         return self.estimate(now)
 
-    # -- planning --------------------------------------------------------------------------------
+    # -- planning --------------------------------------------------
     def options(self, threshold: int | None = None) -> PlanOptions:
         c = self.cfg.cluster
         return PlanOptions(threshold=c.threshold if threshold is None else threshold,
@@ -562,44 +542,44 @@ class Controller:
 
     def _execute_auto(self, recs: list[dict[str, Any]], trigger: str) -> list[dict[str, Any]]:
         todo = [r for r in recs if _level_executes(self.cfg.cluster.vm_level(r["vm"]))]
-        if not todo or self.executor is None:
+        if not todo or self.executor is None or self.stopping.is_set():
             return []
-        done = []
-        for rec in self._order(todo):
-            if self.stopping.is_set():
-                break
-            try:
-                done.append(self.apply(rec["id"], trigger=trigger))
-            except (Conflict, NotFound) as exc:
-                done.append({"recommendation": rec["id"], "state": "skipped", "error": str(exc)})
-        return [d.get("migration", d) for d in done]
+        return self._execute(todo, trigger)
 
-    def _order(self, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """An order in which each move finds room on its target (memory), greedily."""
+    def _execute(self, recs: list[dict[str, Any]], trigger: str) -> list[dict[str, Any]]:
+        """Run recommendations through the executor; mark each applied or failed."""
+        assert self.executor is not None
         inv = self.inventory
-        if inv is None:
-            return recs
-        over = self.cfg.cluster.mem_overcommit
-        used = {h.name: 0 for h in inv.hosts}
-        for v in inv.vms:
-            used[v.host] += v.mem
-        cap = {h.name: h.mem_capacity * over for h in inv.hosts}
-        left = list(recs)
-        out = []
-        while left:
-            for i, r in enumerate(left):
-                if used[r["target"]] + r["mem_mb"] <= cap[r["target"]]:
-                    break
+        assert inv is not None
+        for r in recs:
+            if not self.store.set_recommendation_state(r["id"], "applying", expect="pending"):
+                raise Conflict(f"recommendation {r['id']} is no longer pending")
+        moves = [Move(vm=r["vm"], source=r["source"], target=r["target"], reason=r["reason"],
+                      mem=r["mem_mb"]) for r in recs]
+        try:
+            rows = self.executor.execute(inv, moves, trigger=trigger,
+                                         rec_ids={r["vm"]: r["id"] for r in recs})
+        except (InfeasibleError, Unavailable) as exc:
+            for r in recs:
+                self.store.set_recommendation_state(r["id"], "pending", expect="applying")
+            raise Conflict(f"cannot execute now: {exc}") from None
+        finally:
+            self.telemetry.pending.set(len(self.store.recommendations("pending")))
+        for r in recs:
+            where = self.backend.locate(r["vm"]) if self.backend is not None else None
+            if where is not None and where != r["source"]:
+                self._move_vm(r["vm"], where)
+            if where == r["target"]:
+                self.store.set_recommendation_state(r["id"], "applied")
             else:
-                out.extend(left)  # apply() refuses what does not fit; it stays recommended
-                break
-            r = left.pop(i)
-            used[r["target"]] += r["mem_mb"]
-            used[r["source"]] -= r["mem_mb"]
-            out.append(r)
-        return out
+                legs = [x for x in rows if x["vm"] == r["vm"]]
+                why = next((x["error"] for x in reversed(legs) if x["error"]), None)
+                self.store.set_recommendation_state(
+                    r["id"], "failed", detail=f"VM on {where}: {why or 'not moved'}")
+        self.telemetry.pending.set(len(self.store.recommendations("pending")))
+        return rows
 
-    # -- recommendations ---------------------------------------------------------------------------
+    # -- recommendations --------------------------------------------------
     def apply(self, rec_id: int, trigger: str = "api") -> dict[str, Any]:
         rec = self.store.recommendation(rec_id)
         if rec is None:
@@ -618,29 +598,9 @@ class Controller:
                                                 detail="VM no longer on the source host")
             raise Conflict(f"recommendation {rec_id}: VM {rec['vm']} is no longer on "
                            f"{rec['source']}")
-        over = self.cfg.cluster.mem_overcommit
-        target = inv.hosts[inv.host_index[rec["target"]]]
-        used = sum(v.mem for v in inv.vms if v.host == target.name)
-        if used + rec["mem_mb"] > target.mem_capacity * over:
-            raise Conflict(f"recommendation {rec_id}: host {target.name} has no room for "
-                           f"{rec['vm']} now ({used} + {rec['mem_mb']} MiB > "
-                           f"{target.mem_capacity * over:.0f} MiB); apply the others first")
-        if not self.store.set_recommendation_state(rec_id, "applying", expect="pending"):
-            raise Conflict(f"recommendation {rec_id} is no longer pending")
-        try:
-            mig = self.executor.migrate(vm=rec["vm"], source=rec["source"],
-                                        target=rec["target"], mem_mb=rec["mem_mb"],
-                                        trigger=trigger, rec_id=rec_id)
-        except Conflict as exc:
-            self.store.set_recommendation_state(rec_id, "failed", detail=str(exc))
-            raise
-        if mig["state"] == "completed":
-            self._move_vm(rec["vm"], rec["target"])
-            self.store.set_recommendation_state(rec_id, "applied")
-        else:
-            self.store.set_recommendation_state(rec_id, "failed", detail=mig["error"])
-        self.telemetry.pending.set(len(self.store.recommendations("pending")))
-        return {"recommendation": self.store.recommendation(rec_id), "migration": mig}
+        rows = self._execute([rec], trigger)
+        return {"recommendation": self.store.recommendation(rec_id),
+                "migration": rows[-1] if rows else None}
 
     def dismiss(self, rec_id: int) -> dict[str, Any]:
         rec = self.store.recommendation(rec_id)
@@ -651,7 +611,7 @@ class Controller:
         self.telemetry.pending.set(len(self.store.recommendations("pending")))
         return self.store.recommendation(rec_id)  # type: ignore[return-value]
 
-    # -- maintenance ------------------------------------------------------------------------------
+    # -- maintenance --------------------------------------------------
     def maintenance(self, host: str, enter: bool) -> dict[str, Any]:
         with self._cycle_lock:
             with self._lock:
@@ -691,7 +651,7 @@ class Controller:
             self.telemetry.pending.set(len(self.store.recommendations("pending")))
             return out
 
-    # -- initial placement ----------------------------------------------------------------------------
+    # -- initial placement --------------------------------------------------
     def place(self, *, name: str, vcpus: int, mem_mb: int, cpu_demand: float | None,
               mem_demand_mb: float | None) -> dict[str, Any]:
         """Best host for a new VM: the one that leaves the cluster most balanced.
@@ -772,8 +732,8 @@ class Controller:
                 self.inventory = parse_snapshot(doc, mem_overcommit=c.mem_overcommit)
                 self.store.put("inventory", to_dict(self.inventory))
                 self.view = None
-            if isinstance(self.backend, DemoBackend):
-                self.backend.set_vm(VMInfo(name, host, vcpus, mem_mb))
+            if self.cfg.executor.backend == "simulated" and self.inventory is not None:
+                self.set_backend(simulated_backend(self.inventory, self.exec_cfg))
             applied = True
         return {"vm": name, "host": host, "reason": reason,
                 "imbalance_before": round(before, 6), "imbalance_after": round(best, 6),
@@ -781,7 +741,7 @@ class Controller:
                                for s, hn, _ in scores[:5]],
                 "applied": applied}
 
-    # -- state for the API ---------------------------------------------------------------------------
+    # -- state for the API --------------------------------------------------
     def cluster_state(self) -> dict[str, Any]:
         view = self.current_view()
         snap, fr = view.snapshot, view.freshness
@@ -877,6 +837,8 @@ class Daemon:
 
     def request_stop(self) -> None:
         self.controller.stopping.set()
+        if self.controller.executor is not None:
+            self.controller.executor.cancel()
         self._wake.set()
         self.server.should_exit = True
 
@@ -893,7 +855,7 @@ class Daemon:
         finally:
             self.request_stop()
             # Let the cycle in progress finish its in-flight migration and journal it.
-            self._thread.join(timeout=max(60.0, self.controller.cfg.executor.migration_timeout_s))
+            self._thread.join(timeout=600.0)
             for s, h in old.items():
                 signal.signal(s, h)
         return 0 if not self._thread.is_alive() else 1

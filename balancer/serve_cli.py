@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
                       on_listening=listening).run()
     finally:
-        controller.store.close()
+        controller.close()
         if tmp is not None:
             tmp.cleanup()
         print("balancer: stopped", file=sys.stderr, flush=True)

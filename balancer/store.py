@@ -65,7 +65,7 @@ REC_FIELDS = ("id", "created", "cycle", "kind", "vm", "source", "target", "reaso
               "gain", "state", "updated", "detail")
 MIG_FIELDS = ("id", "rec_id", "vm", "source", "target", "mem_mb", "trigger", "state",
               "started", "finished", "error")
-FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled")
+FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled", "skipped")
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,11 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE migrations SET state=?, finished=?, error=? WHERE id=?",
                              (state, time.time(), error, mig_id))
+
+    def migration(self, mig_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM migrations WHERE id=?", (mig_id,)).fetchone()
+        return None if row is None else dict(row)
 
     def unfinished_migrations(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -3,7 +3,7 @@
 Nothing is created at import time: ``Telemetry(registry)`` registers the metrics below on the
 registry it is given (one per service instance; tests use a fresh registry each). Names are
 fixed and documented in docs/service.md. Labels are bounded: ``resource`` (cpu, mem),
-``outcome`` (completed, failed, cancelled, refused) and ``host`` (the cluster's hosts, a set
+``outcome`` (completed, failed, cancelled, skipped) and ``host`` (the cluster's hosts, a set
 fixed by the inventory); no per-VM labels.
 """
 
@@ -24,7 +24,7 @@ NAMES = (
     "balancer_cycles_total",
 )
 
-OUTCOMES = ("completed", "failed", "cancelled", "refused")
+OUTCOMES = ("completed", "failed", "cancelled", "skipped")
 
 
 class Telemetry:

@@ -46,7 +46,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[httpx
     with serve_in_thread(app) as url, httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
         yield client, controller
-    controller.store.close()
+    controller.close()
 
 
 def load(client: httpx.Client, name: str = "hot-cold", **kw: Any) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def test_no_token_configured_refuses_writes(tmp_path: Path,
         r = httpx.post(f"{url}/v1/inventory", json=scenario_doc("hot-cold"),
                        headers={"Authorization": "Bearer from-env"})
         assert r.status_code == 200 and r.json() == {"hosts": 4, "vms": 11, "rules": 0}
-    controller.store.close()
+    controller.close()
 
 
 def test_bad_inventory_names_the_field(api: tuple[httpx.Client, Any]) -> None:
@@ -222,7 +222,7 @@ def test_placement_is_applied_when_partially_automated(tmp_path: Path,
         vms = {v["name"]: v for v in client.get("/v1/cluster").json()["vms"]}
         assert vms["new-1"]["host"] == out["host"]
         assert vms["new-1"]["held"] == "no fresh samples"  # not moved until it reports
-    controller.store.close()
+    controller.close()
 
 
 def test_dismiss_and_apply_states(api: tuple[httpx.Client, Any]) -> None:

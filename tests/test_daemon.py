@@ -19,6 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from balancer.api.testing import samples_for, serve_in_thread
 from balancer.config import parse_config
+from balancer.executor.base import MigrationRequest, MigrationStatus
+from balancer.executor.config import ExecutorConfig, FaultsConfig, SimulatedConfig
+from balancer.executor.simulated import SimulatedBackend
 from balancer.serve_cli import build
 
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -99,7 +102,7 @@ def test_metrics_in_recommendation_out_apply_and_state_reflects_it(tmp_path: Pat
             abs=1e-6)
         assert metric(m1, "balancer_samples_ingested_total") > 0
         assert metric(m1, "balancer_cycles_total", result="ok") == 1
-    controller.store.close()
+    controller.close()
 
 
 def test_fully_automated_cycle_executes_the_plan(tmp_path: Path) -> None:
@@ -123,7 +126,7 @@ def test_fully_automated_cycle_executes_the_plan(tmp_path: Path) -> None:
     pending = controller.store.recommendations("pending")
     assert all(r["vm"] == "a0" for r in pending)
     assert controller.store.cycles()[0]["executed"] == len(report.executed)
-    controller.store.close()
+    controller.close()
 
 
 def test_imbalance_must_persist_before_balancing(tmp_path: Path) -> None:
@@ -140,7 +143,7 @@ def test_imbalance_must_persist_before_balancing(tmp_path: Path) -> None:
         assert any(f"imbalance seen {k} of 3 cycles" in n for n in report.notes)
     report = controller.run_cycle()
     assert report.streak == 3 and report.recommendations
-    controller.store.close()
+    controller.close()
 
 
 def test_evacuation_is_not_delayed_by_anti_flapping(tmp_path: Path) -> None:
@@ -155,7 +158,7 @@ def test_evacuation_is_not_delayed_by_anti_flapping(tmp_path: Path) -> None:
     on_h2 = {v["name"] for v in doc["vms"] if v["host"] == "h2"}
     assert kinds == {"evacuation"}
     assert {r["vm"] for r in report.recommendations} == on_h2
-    controller.store.close()
+    controller.close()
 
 
 def test_crash_leaves_no_migration_unknown(tmp_path: Path) -> None:
@@ -176,7 +179,7 @@ def test_crash_leaves_no_migration_unknown(tmp_path: Path) -> None:
     assert all("interrupted by a restart" in r["error"] for r in rows)
     assert controller2.store.unfinished_migrations() == []
     assert {m["state"] for m in controller2.store.migrations()} == {"failed"}
-    controller2.store.close()
+    controller2.close()
 
 
 def test_recovery_marks_a_finished_migration_completed(tmp_path: Path) -> None:
@@ -184,14 +187,16 @@ def test_recovery_marks_a_finished_migration_completed(tmp_path: Path) -> None:
     controller.set_inventory(scenario_doc("hot-cold"))
     mig = controller.store.migration_started(vm="a0", source="h1", target="h3", mem_mb=4096,
                                              trigger="auto", rec_id=None)
-    # The backend (same process here) did move it before the "crash".
-    from balancer.executor.base import VMInfo
-    controller.backend.set_vm(VMInfo("a0", "h3", 4, 4096))
+    # The backend did move it before the "crash" (our row was never finished).
+    backend = controller.backend
+    handle = backend.start(MigrationRequest(vm="a0", source="h1", target="h3", mem_mb=4096))
+    backend.wait(120)
+    assert backend.poll(handle).status is MigrationStatus.COMPLETED
     rows = controller.recover()
     assert [(r["id"], r["state"]) for r in rows] == [(mig, "completed")]
     inv = controller.inventory
     assert inv.vms[inv.vm_index["a0"]].host == "h3"
-    controller.store.close()
+    controller.close()
 
 
 def test_failed_migration_is_recorded_and_counted(tmp_path: Path) -> None:
@@ -203,7 +208,9 @@ def test_failed_migration_is_recorded_and_counted(tmp_path: Path) -> None:
                       [x.get("vm") or x["host"] for x in s], [x["cpu_cores"] for x in s],
                       [x["mem_mb"] for x in s])
     rec = controller.run_cycle().recommendations[0]
-    controller.backend.fail.add(rec["vm"])
+    faulty = ExecutorConfig(simulated=SimulatedConfig(faults=FaultsConfig(failure_rate=1.0)))
+    controller.set_backend(SimulatedBackend.from_snapshot(controller.inventory, faulty,
+                                                          persist=False))
     out = controller.apply(rec["id"])
     assert out["migration"]["state"] == "failed"
     assert out["recommendation"]["state"] == "failed"
@@ -211,7 +218,7 @@ def test_failed_migration_is_recorded_and_counted(tmp_path: Path) -> None:
     assert inv.vms[inv.vm_index[rec["vm"]]].host == rec["source"]
     assert metric(telemetry.render().decode(), "balancer_migrations_total",
                   outcome="failed") == 1
-    controller.store.close()
+    controller.close()
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -10,8 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from balancer.config import DEFAULT_QUERIES, ConfigError, PrometheusConfig, load_config, \
-    parse_config
+from balancer.config import (
+    DEFAULT_QUERIES,
+    ConfigError,
+    PrometheusConfig,
+    load_config,
+    parse_config,
+)
 from balancer.ingest import SampleBuffer, apply_estimates, estimate
 from balancer.ingest.demand import FRESH_RULE
 from balancer.ingest.prometheus import PrometheusError, PrometheusSource

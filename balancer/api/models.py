@@ -47,8 +47,10 @@ class PlacementRequest(_In):
     name: str = Field(min_length=1, max_length=253)
     vcpus: int = Field(ge=1, le=4096)
     mem_mb: int = Field(ge=1, le=64 * 1024 * 1024)
-    cpu_demand: float | None = Field(None, ge=0, description="expected cores used (default: vcpus)")
-    mem_demand_mb: float | None = Field(None, ge=0, description="expected MiB used (default: mem_mb)")
+    cpu_demand: float | None = Field(None, ge=0,
+                                     description="expected cores used (default: vcpus)")
+    mem_demand_mb: float | None = Field(None, ge=0,
+                                        description="expected MiB used (default: mem_mb)")
 
 
 class Candidate(BaseModel):
@@ -90,7 +92,7 @@ class Migration(BaseModel):
     target: str
     mem_mb: int
     trigger: str
-    state: Literal["started", "completed", "failed", "cancelled"]
+    state: Literal["started", "completed", "failed", "cancelled", "skipped"]
     started: float
     finished: float | None
     error: str | None
@@ -98,7 +100,7 @@ class Migration(BaseModel):
 
 class ApplyResponse(BaseModel):
     recommendation: Recommendation
-    migration: Migration
+    migration: Migration | None = Field(description="the last migration leg run for it")
 
 
 class InventoryAccepted(BaseModel):
