@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from importlib import resources
 from typing import Any, NoReturn
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("BALANCER_DEBUG"):
+            raise
+        print(f"balancer: internal error: {type(exc).__name__}: {exc} "
+              "(set BALANCER_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -301,20 +301,39 @@ class _Search:
 
 
 def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
-    """Names a sufficient set of rules, hosts and budgets that cannot all hold."""
+    """Names a minimal set of rules, host capacities and budgets that cannot all hold.
+
+    CP-SAT's sufficient assumptions give a conflicting set; deletion then drops each member whose
+    removal leaves the rest still infeasible, so what remains is minimal (each name matters).
+    """
     ev = Evaluator(problem)
     movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
     base = initial_unit_hosts(problem)
     cands = {u: list(problem.units[u].candidates) for u in movable}
     sub = cpsat.build(problem, ev, base, movable, cands, explain=True)
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers = 1
-    solver.parameters.max_time_in_seconds = max(1.0, opts.time_limit)
-    status = solver.Solve(sub.model)
-    if status != cp_model.INFEASIBLE:
+    model = sub.model
+
+    def infeasible(assumed: list[int]) -> tuple[bool, list[int]]:
+        model.ClearAssumptions()
+        model.AddAssumptions([model.GetBoolVarFromProtoIndex(i) for i in assumed])
+        solver = cp_model.CpSolver()
+        solver.parameters.num_workers = 1
+        solver.parameters.max_time_in_seconds = max(1.0, opts.time_limit / 4)
+        status = solver.Solve(model)
+        if status != cp_model.INFEASIBLE:
+            return False, []
+        return True, list(solver.SufficientAssumptionsForInfeasibility())
+
+    ok, core = infeasible(list(sub.assumptions))
+    if not ok:
         return []
-    core = solver.SufficientAssumptionsForInfeasibility()
-    return sorted(sub.assumptions[i] for i in core if i in sub.assumptions)
+    core = sorted(set(core) & set(sub.assumptions))
+    for lit in list(core):
+        trial = [c for c in core if c != lit]
+        still, smaller = infeasible(trial)
+        if still:
+            core = sorted(set(smaller) & set(trial)) or trial
+    return sorted(sub.assumptions[i] for i in core)
 
 
 def _unit_describe(problem: Problem, units: list[int]) -> str:
