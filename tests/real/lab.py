@@ -203,7 +203,7 @@ def start_libvirtd(lab: Lab, h: Host, port_base: int = 49152) -> str:
         'cgroup_controllers = [ ]\nstdio_handler = "file"\n'
         f'migration_host = "{h.address}"\nmigration_address = "{h.address}"\n'
         f'migration_port_min = {port_base}\nmigration_port_max = {port_base + 63}\n')
-    mounts = " && ".join(f"mount --bind {base}{d} {d}" for d in LIBVIRT_DIRS)
+    mounts = " && ".join(f"mkdir -p {d} && mount --bind {base}{d} {d}" for d in LIBVIRT_DIRS)
     pidfile = base / "libvirtd.pid"
     log = open(h.root / "libvirtd.out", "wb")  # noqa: SIM115 - owned by the daemon's lifetime
     proc = subprocess.Popen(
