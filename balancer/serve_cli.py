@@ -67,7 +67,10 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
     sources: list[Any] = []
     controller_box: list[Any] = []
     if cfg.ingest.source == "prometheus":
-        hosts = [h.name for h in inventory.hosts] if inventory else []
+        def hosts() -> list[str]:
+            inv = controller_box[0].inventory if controller_box else inventory
+            return [h.name for h in inv.hosts] if inv is not None else []
+
         sources.append(PrometheusSource(cfg.prometheus, window_s=cfg.ingest.window_s,
                                         host_names=hosts))
     elif cfg.ingest.source == "simulated":

@@ -13,7 +13,7 @@ HTTP and Prometheus errors are mapped at this boundary into ``PrometheusError``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httpx
 import pandas as pd
@@ -31,11 +31,11 @@ class PrometheusSource:
     name = "prometheus"
 
     def __init__(self, cfg: PrometheusConfig, *, window_s: float,
-                 host_names: Iterable[str] | None = None,
+                 host_names: Iterable[str] | Callable[[], Iterable[str]] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.cfg = cfg
         self.window_s = window_s
-        self.host_names = set(host_names or ())
+        self._host_names = host_names
         self._client = httpx.Client(base_url=cfg.url, timeout=cfg.timeout_s,
                                     transport=transport)
         self.last_error: str | None = None
@@ -64,15 +64,22 @@ class PrometheusSource:
                                   f"got {data.get('resultType')!r}")
         return list(data.get("result", []))
 
-    def _host_name(self, value: str) -> str:
-        if value in self.host_names:
+    def host_names(self) -> set[str]:
+        names = self._host_names() if callable(self._host_names) else self._host_names
+        return set(names or ())
+
+    @staticmethod
+    def _host_name(value: str, known: set[str]) -> str:
+        """An ``instance`` such as ``node1:9100`` names inventory host ``node1``."""
+        if value in known:
             return value
         base = value.rsplit(":", 1)[0] if ":" in value else value
-        return base if base in self.host_names or not self.host_names else value
+        return base if base in known or not known else value
 
     def frame(self, now: float) -> pd.DataFrame:
         """Samples for all four quantities over the window ending at ``now``."""
         start = now - self.window_s
+        known = self.host_names()
         rows: dict[tuple[str, str, float], list[float]] = {}
         for key, kind, col, label in (("host_cpu", "host", 0, self.cfg.host_label),
                                       ("host_mem", "host", 1, self.cfg.host_label),
@@ -82,7 +89,7 @@ class PrometheusSource:
                 value = series.get("metric", {}).get(label)
                 if not value:
                     continue
-                name = self._host_name(value) if kind == "host" else value
+                name = self._host_name(value, known) if kind == "host" else value
                 for ts, v in series.get("values", []):
                     x = float(v)
                     if not math.isfinite(x):
