@@ -51,7 +51,8 @@ def _nonneg_int(name: str):  # noqa: ANN202
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a whole number, got {text!r}") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
         return value

@@ -105,7 +105,8 @@ def plot_tradeoff(out_png: Path, seed: int, tmp: Path) -> None:
     pts_t, pts_b, pts_g = [], [], []
     for t in (2, 3, 4, 5):
         o = run_plan(path, "--threshold", str(t))
-        pts_t.append((o["efficacy"]["moved_mem_mb"] / 2**20, o["efficacy"]["after"]["imbalance"], t))
+        eff = o["efficacy"]
+        pts_t.append((eff["moved_mem_mb"] / 2**20, eff["after"]["imbalance"], t))
     for gb in (250, 500, 1000, 1500, 2000, 3000, 4000):
         o = run_plan(path, "--threshold", "5", "--max-moved-mem-gb", str(gb))
         pts_b.append((o["efficacy"]["moved_mem_mb"] / 2**20, o["efficacy"]["after"]["imbalance"]))

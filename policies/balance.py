@@ -6,7 +6,8 @@ Description
     utilisation: ``sum_h w_cpu (u_cpu,h - mean_cpu)^2 + w_mem (u_mem,h - mean_mem)^2``. Per
     dimension it is n times the variance of host utilisation, so lowering it lowers the standard
     deviation DRS reports as "host load standard deviation"; the weights (``weights()``) make a
-    unit of CPU std worth as much as a unit of memory std, as in ``cpu_std + mem_std``. Each migration costs ``price * (mem_mb + fixed_cost_mb)``:
+    unit of CPU std worth as much as a unit of memory std, as in ``cpu_std + mem_std``.
+    Each migration costs ``price * (mem_mb + fixed_cost_mb)``:
     memory moved dominates a live migration's cost (pre-copy time grows with it) and the fixed
     part keeps small VMs from being shuffled for nothing. ``price`` follows the DRS-like
     migration threshold:

@@ -42,7 +42,7 @@ class Draft:
 
     @classmethod
     def new(cls, snapshot: ClusterSnapshot) -> Draft:
-        n_h, n_v = len(snapshot.hosts), len(snapshot.vms)
+        n_v = len(snapshot.vms)
         active = {i for i, h in enumerate(snapshot.hosts) if h.active}
         return cls(
             snapshot=snapshot,
@@ -72,7 +72,7 @@ class Draft:
             return x
 
         unit_rule: dict[int, str] = {}
-        for rule, vms, weight in self.together:
+        for _rule, vms, weight in self.together:
             if weight is None:
                 for v in vms[1:]:
                     parent[find(v)] = find(vms[0])

@@ -29,7 +29,8 @@ class CapacityArgs:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.mem_overcommit) or not 0.1 <= self.mem_overcommit <= 10:
-            raise InputError(f"mem_overcommit: must be between 0.1 and 10, got {self.mem_overcommit}")
+            raise InputError(
+                f"mem_overcommit: must be between 0.1 and 10, got {self.mem_overcommit}")
         if not math.isfinite(self.cpu_headroom) or not 0 <= self.cpu_headroom < 1:
             raise InputError(f"cpu_headroom: must be in [0, 1), got {self.cpu_headroom}")
 

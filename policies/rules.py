@@ -68,6 +68,7 @@ class Rules:
                     for v in vms:
                         draft.restrict(v, hosts)
                         if start[v] not in hosts:
-                            draft.mandatory_reason.setdefault(v, f"fixes rule {rule.name} (vm_host)")
+                            draft.mandatory_reason.setdefault(
+                                v, f"fixes rule {rule.name} (vm_host)")
                 else:
                     draft.prefer.append((rule.name, vms, hosts, self.args.soft_weight))

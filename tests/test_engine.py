@@ -6,6 +6,7 @@ import pytest
 
 from balancer.errors import InfeasibleError
 from balancer.service import plan
+
 from conftest import checked_plan, det, host, scenario, snap, vm, where
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from balancer.errors import SnapshotError
 from balancer.snapshot import dumps, loads, parse_snapshot
+
 from conftest import doc, host, vm
 
 BASE = doc([host("h1"), host("h2")], [vm("v1", "h1"), vm("v2", "h2")],
@@ -62,10 +63,12 @@ BAD = [
     ("string number", _mut(["vms", 0, "vcpus"], "4"), "field 'vcpus' must be a number"),
     ("bool number", _mut(["vms", 0, "vcpus"], True), "field 'vcpus' must be a number"),
     ("cpu above size", _mut(["vms", 0, "cpu_demand"], 5), "above the VM's size (vcpus=4)"),
-    ("mem above size", _mut(["vms", 0, "mem_demand_mb"], 5000), "above the VM's size (mem_mb=4096)"),
+    ("mem above size", _mut(["vms", 0, "mem_demand_mb"], 5000),
+     "above the VM's size (mem_mb=4096)"),
     ("bad state", _mut(["hosts", 0, "state"], "off"), "field 'state' must be one of"),
     ("bad automation", _mut(["vms", 0, "automation"], "auto"), "field 'automation'"),
-    ("rule unknown vm", _mut(["rules", 0, "vms"], ["v1", "v9"]), "rules[0] (r1): field 'vms': unknown VM"),
+    ("rule unknown vm", _mut(["rules", 0, "vms"], ["v1", "v9"]),
+     "rules[0] (r1): field 'vms': unknown VM"),
     ("rule type", _mut(["rules", 0, "type"], "spread"), "rules[0] (r1): field 'type'"),
 ]
 
@@ -81,7 +84,8 @@ def test_bad_input_names_item_and_field(label: str, document: dict, message: str
 def test_vm_host_rule_with_unknown_host() -> None:
     d = doc([host("h1")], [vm("v1", "h1")],
             [{"name": "lic", "type": "vm_host", "vms": ["v1"], "hosts": ["h7"]}])
-    with pytest.raises(SnapshotError, match=r"rules\[0\] \(lic\): field 'hosts': unknown host 'h7'"):
+    msg = r"rules\[0\] \(lic\): field 'hosts': unknown host 'h7'"
+    with pytest.raises(SnapshotError, match=msg):
         parse_snapshot(d)
 
 

@@ -1,8 +1,9 @@
-"""The verifier itself must catch every kind of broken promise (or the engine tests prove nothing)."""
+"""The verifier must catch every kind of broken promise (or the engine tests prove nothing)."""
 
 from __future__ import annotations
 
 from balancer.verify import Limits, verify
+
 from conftest import host, snap, vm
 
 

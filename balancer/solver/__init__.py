@@ -1,4 +1,4 @@
-"""Solvers: the CP-SAT engine (large neighbourhood search over one model) and the greedy baseline."""
+"""Solvers: the CP-SAT engine (large neighbourhood search over one model), the greedy baseline."""
 
 from balancer.solver.engine import EngineOptions, SolveResult, Status, solve
 from balancer.solver.greedy import greedy

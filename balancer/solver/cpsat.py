@@ -158,7 +158,7 @@ def build(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, free: list[in
             obj_coefs.append(weight)
 
     # migration cost
-    for (u, h), (cnt, _mem, cost) in moves_of.items():
+    for (u, h), (_cnt, _mem, cost) in moves_of.items():
         if cost:
             objective.append(x[u, h])
             obj_coefs.append(cost)

@@ -40,7 +40,6 @@ from balancer.solver import cpsat
 from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
 from balancer.solver.objective import Evaluator
 
-
 log = logging.getLogger(__name__)
 
 
@@ -109,6 +108,7 @@ class _Search:
         self.dtime = 0.0
         self.iterations = 0
         self.movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
+        self.movable_arr = np.array(self.movable, dtype=np.int64)
 
     # --- budget of effort -------------------------------------------------------------------
     def remaining(self) -> float:
@@ -211,13 +211,14 @@ class _Search:
             chosen.update(rest[int(i)] for i in extra)
         return sorted(int(bal[i]) for i in chosen)
 
-    def lns_step(self, inc: np.ndarray, k: int, st: State) -> tuple[np.ndarray | None, bool]:
+    def lns_step(self, inc: np.ndarray, k: int) -> tuple[np.ndarray | None, bool]:
         p = self.p
         hosts = set(self.choose_hosts(inc, k))
-        free = [u for u in self.movable if int(inc[u]) in hosts]
+        free = self.movable_arr[np.isin(inc[self.movable_arr], list(hosts))].tolist()
+        migrations, moved_mem = self.ev.moved(inc)
         budget_binds = (
-            (p.max_migrations is not None and st.migrations >= 0.8 * p.max_migrations)
-            or (p.max_moved_mem is not None and st.moved_mem >= 0.8 * p.max_moved_mem))
+            (p.max_migrations is not None and migrations >= 0.8 * p.max_migrations)
+            or (p.max_moved_mem is not None and moved_mem >= 0.8 * p.max_moved_mem))
         moved = set()
         if budget_binds:
             moved = {u for u in self.movable
@@ -250,14 +251,16 @@ class _Search:
         return max(shares)
 
     def lns(self, inc: np.ndarray, inc_obj: int, until: float) -> tuple[np.ndarray, int, int]:
-        """Improve ``inc`` until ``until`` of the effort is spent; (placement, obj, improvements)."""
+        """Improve ``inc`` until ``until`` of the effort is spent.
+
+        Returns (placement, objective, improvements)."""
         p, ev = self.p, self.ev
         k, fails = 2, 0
         k_max = max(2, min(self.o.max_neighbourhood_hosts, len(p.balanced)))
         patience = max(8, len(p.balanced) // 2)
         improvements = 0
         while not self.exhausted() and self.effort() < until:
-            cand, optimal = self.lns_step(inc, k, State(p, ev, inc))
+            cand, optimal = self.lns_step(inc, k)
             self.iterations += 1
             improved = False
             if cand is not None:

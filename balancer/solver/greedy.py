@@ -15,8 +15,8 @@ Requirements
 Limitations
     Myopic: one move at a time, on a single combined load, never undoes a move; it does not see
     the migration cost beyond the budget. It never makes a move that breaks a should-rule
-    that holds (as DRS's balancing respects "should" rules), and does not fix broken ones. Units of several VMs (mandatory affinity groups) are
-    moved only when mandatory.
+    that holds (as DRS's balancing respects "should" rules), and does not fix broken ones.
+    Units of several VMs (mandatory affinity groups) are moved only when mandatory.
 """
 
 from __future__ import annotations
@@ -189,11 +189,12 @@ def greedy(problem: Problem, ev: Evaluator | None = None,
     ``deadline`` (a ``time.monotonic()`` value) stops it early with the moves made so far, each
     of which kept the placement valid; the engine uses this to bound its hint's cost.
     """
-    hosts = initial_unit_hosts(problem) if start is None else start
-    for hosts in greedy_steps(problem, ev or Evaluator(problem), hosts):
+    placed = initial_unit_hosts(problem) if start is None else start
+    for step in greedy_steps(problem, ev or Evaluator(problem), placed):
+        placed = step
         if deadline is not None and time.monotonic() > deadline:
             break
-    return hosts
+    return placed
 
 
 def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator[np.ndarray]:
@@ -276,10 +277,11 @@ def trim_to_budget(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> n
 
         w_cpu, w_mem = problem.balance_weights
 
-        def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+        def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray,
+                wc: int = w_cpu, wm: int = w_mem) -> np.ndarray:
             pc = Evaluator._penalty_rows(ev.tan_cpu, hosts, cpu - ev.target_cpu[hosts])
             pm = Evaluator._penalty_rows(ev.tan_mem, hosts, memd - ev.target_mem[hosts])
-            return np.where(ev.balanced_mask[hosts], w_cpu * pc + w_mem * pm, 0)
+            return np.where(ev.balanced_mask[hosts], wc * pc + wm * pm, 0)
 
         before = pen(st.cpu[src], st.memd[src], src) + pen(st.cpu[dst], st.memd[dst], dst)
         after = (pen(st.cpu[src] - ev.u_cpu[us], st.memd[src] - ev.u_memd[us], src)

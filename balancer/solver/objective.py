@@ -57,9 +57,11 @@ class Evaluator:
         self.start = np.array(p.start, dtype=np.int64)
         self.move_cost = np.array(p.move_cost, dtype=np.int64)
         # unit aggregates
-        self.u_cpu = np.array([self.vm_cpu[list(u.members)].sum() for u in p.units], np.int64)
-        self.u_memd = np.array([self.vm_memd[list(u.members)].sum() for u in p.units], np.int64)
-        self.u_mem = np.array([self.vm_mem[list(u.members)].sum() for u in p.units], np.int64)
+        unit_of = np.array(p.unit_of, dtype=np.int64)
+        n_u = len(p.units)
+        self.u_cpu = np.bincount(unit_of, weights=self.vm_cpu, minlength=n_u).astype(np.int64)
+        self.u_memd = np.bincount(unit_of, weights=self.vm_memd, minlength=n_u).astype(np.int64)
+        self.u_mem = np.bincount(unit_of, weights=self.vm_mem, minlength=n_u).astype(np.int64)
         self.balanced_mask = np.zeros(n_h, dtype=bool)
         self.balanced_mask[list(p.balanced)] = True
         # Demand that ends on balanced hosts: everything but pinned units on other hosts.
@@ -74,7 +76,7 @@ class Evaluator:
         cap_mem = int(self.mem_cap[bal].sum()) or 1
         self.target_cpu = np.rint(total_cpu * self.cpu_cap / cap_cpu).astype(np.int64)
         self.target_mem = np.rint(total_mem * self.mem_cap / cap_mem).astype(np.int64)
-        self.vm_unit = np.array(p.unit_of, dtype=np.int64)
+        self.vm_unit = unit_of
         self.cand_sets = [frozenset(u.candidates) for u in p.units]
         # unit -> indices of the mandatory anti-affinity groups it belongs to
         self.apart_of: dict[int, list[int]] = {}
