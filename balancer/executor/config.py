@@ -40,6 +40,9 @@ class MigrationConfig(_Strict):
     timeout_factor: float = Field(3.0, ge=1)  # timeout = max(timeout_min_s, factor x estimate)
     timeout_min_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
+    # how often (backend clock) the runner re-reads where every VM is from the backend's
+    # inventory to re-check room; also re-read before a move is skipped for lack of room
+    inventory_refresh_s: float = Field(30.0, ge=0)
 
 
 class RetryConfig(_Strict):

@@ -41,7 +41,10 @@ class State(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self not in (State.PLANNED, State.RUNNING)
+        return self in _FINAL
+
+
+_FINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED, State.SKIPPED})
 
 
 class Phase(StrEnum):

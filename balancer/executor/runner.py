@@ -39,6 +39,7 @@ Limitations
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +159,8 @@ class Runner:
         self.n_in: dict[str, int] = {}
         self.n_out: dict[str, int] = {}
         self.blocked: dict[tuple[str, int], str] = {}
+        self._dirty = False  # an entry reached a final state since the last look
+        self._multi_leg: set[str] = set()  # VMs with more than one entry (parking legs)
 
     # -- control -------------------------------------------------------------------------
     def cancel(self, plan_id: str | None = None, ids: list[int] | None = None) -> None:
@@ -202,6 +205,7 @@ class Runner:
             self.used[e.target] = self.used.get(e.target, 0.0) - e.mem_mb
 
     def _terminal(self, e: Entry, state: State, reason: str = "") -> None:
+        self._dirty = True
         e.state, e.phase, e.reason = state, Phase.NONE, reason
         e.finished_at = self.backend.now()
         e.next_at = None
@@ -300,6 +304,8 @@ class Runner:
                 entries.insert(0, e)  # first: the loop walks entries in order
             self._recover(e)
         self._refresh_usage()
+        legs = Counter(e.vm for e in entries)
+        self._multi_leg = {vm for vm, n in legs.items() if n > 1}
         self._loop([e for e in entries if not e.state.terminal])
         final = self.journal.entries(plan_id)
         return RunSummary(plan_id, final, self.backend.now() - t_clock,
@@ -308,41 +314,56 @@ class Runner:
     def _loop(self, pending: list[Entry]) -> None:
         """``pending``: every entry not yet in a final state (including those in flight)."""
         poll = self.config.migration.poll_interval_s
+        refresh = self.config.migration.inventory_refresh_s
         gate = -1
+        last_refresh = self.backend.now()
         while True:
-            flying = {id(f.entry) for f in self.flights}
-            if self._cancel_all:
-                for e in pending:
-                    if id(e) not in flying:
-                        self._terminal(e, State.CANCELLED, "run cancelled")
-            for f in self.flights:
-                if not f.cancel and ((f.entry.plan_id, f.entry.id) in self._cancel_ids
-                                     or self._cancel_all):
-                    self._send_cancel(f, "user")
-            for e in pending:
-                if (e.plan_id, e.id) in self._cancel_ids and id(e) not in flying \
-                        and not e.state.terminal:
-                    self._terminal(e, State.CANCELLED, "cancelled")
-            pending = [e for e in pending if not e.state.terminal]
-            planned = [e for e in pending if e.state is State.PLANNED]
-            if planned and planned[0].wave != gate:
-                gate = planned[0].wave
-                self._refresh_usage()
+            if self._cancel_all or self._cancel_ids:
+                self._apply_cancels(pending)
+            if self._dirty:
+                pending = [e for e in pending if not e.state.terminal]
+                self._dirty = False
+            planned = next((e for e in pending if e.state is State.PLANNED), None)
+            if planned is not None and planned.wave != gate:
+                gate = planned.wave
+                if self.backend.now() - last_refresh >= refresh:
+                    self._refresh_usage()
+                    last_refresh = self.backend.now()
             started = self._start_ready(pending, gate)
-            pending = [e for e in pending if not e.state.terminal]
+            if self._dirty:
+                pending = [e for e in pending if not e.state.terminal]
+                self._dirty = False
             if not pending and not self.flights:
                 return
             if not self.flights:
                 backoff = [e.next_at for e in pending if e.phase is Phase.BACKOFF
                            and e.next_at is not None]
                 if not started and not backoff:
-                    self._skip_blocked(pending, gate)
+                    # re-read the backend before giving up on a move for lack of room
+                    self._refresh_usage()
+                    last_refresh = self.backend.now()
+                    if not self._start_ready(pending, gate):
+                        self._skip_blocked(pending, gate)
                     continue
                 if backoff and not started:
                     self.backend.wait(max(0.0, min(backoff) - self.backend.now()))
                     continue
             self.backend.wait(poll)
             self._poll_all()
+
+    def _apply_cancels(self, pending: list[Entry]) -> None:
+        flying = {id(f.entry) for f in self.flights}
+        for f in self.flights:
+            if not f.cancel and ((f.entry.plan_id, f.entry.id) in self._cancel_ids
+                                 or self._cancel_all):
+                self._send_cancel(f, "user")
+        for e in pending:
+            if id(e) in flying or e.state.terminal:
+                continue
+            if self._cancel_all:
+                self._terminal(e, State.CANCELLED, "run cancelled")
+            elif (e.plan_id, e.id) in self._cancel_ids:
+                self._terminal(e, State.CANCELLED, "cancelled")
 
     def _skip_blocked(self, pending: list[Entry], gate: int) -> None:
         """Nothing runs and nothing can start: the gate's moves wait for room that never comes."""
@@ -355,11 +376,13 @@ class Runner:
         started = False
         now = self.backend.now()
         first_open: dict[str, tuple[str, int]] = {}
-        for o in pending:
-            first_open.setdefault(o.vm, (o.plan_id, o.id))
+        if self._multi_leg:
+            for o in pending:
+                if o.vm in self._multi_leg:
+                    first_open.setdefault(o.vm, (o.plan_id, o.id))
         flying = {f.entry.vm for f in self.flights}
         in_flight = {id(f.entry) for f in self.flights}
-        for e in list(pending):
+        for e in pending:
             if id(e) in in_flight:
                 continue
             if e.state is State.PLANNED and e.wave != gate:
@@ -368,7 +391,7 @@ class Runner:
                 continue
             if e.phase is Phase.BACKOFF and (e.next_at or 0.0) > now:
                 continue
-            if e.vm in flying or first_open[e.vm] != (e.plan_id, e.id):
+            if e.vm in flying or first_open.get(e.vm, (e.plan_id, e.id)) != (e.plan_id, e.id):
                 continue  # an earlier leg of this VM has not ended
             try:
                 self._admit(e)

@@ -27,6 +27,7 @@ Limitations
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import random
@@ -109,6 +110,7 @@ class SimulatedBackend:
         self.db: sqlite3.Connection | None = None
         self._used: dict[str, float] | None = None  # _committed per host, kept up to date
         self.start_counts: dict[str, int] = {}
+        self._ends: list[tuple[float, str]] = []  # (end, token) of migrations in flight
         if state_path:
             self._open(state_path)
 
@@ -156,6 +158,7 @@ class SimulatedBackend:
             self.migrations[m.token] = m
             if m.status is MigrationStatus.ACTIVE:
                 self.active_by_vm[m.vm] = m.token
+                heapq.heappush(self._ends, (m.end, m.token))
         self.starts = [tuple(r) for r in db.execute(  # type: ignore[misc]
             "SELECT token, vm, source, target, clock FROM starts ORDER BY seq")]
         self.start_counts = {}
@@ -278,6 +281,7 @@ class SimulatedBackend:
                        total, rate, est.downtime_ms if est.converges else 0.0)
         self.migrations[token] = m
         self.active_by_vm[r.vm] = token
+        heapq.heappush(self._ends, (m.end, token))
         self.starts.append((token, r.vm, r.source, r.target, self.clock))
         self.start_counts[r.vm] = nth + 1
         self._committed(r.target)
@@ -320,7 +324,8 @@ class SimulatedBackend:
         if m.status is MigrationStatus.ACTIVE:
             m.status = MigrationStatus.CANCELLED
             m.ended = self.clock
-            self._used = None
+            if self._used is not None:
+                self._used[m.target] -= m.mem_mb
             self.active_by_vm.pop(m.vm, None)
             if self.db is not None:
                 with self._tx() as db:
@@ -346,18 +351,23 @@ class SimulatedBackend:
         if self.time_scale > 0 and seconds > 0:
             time.sleep(seconds * self.time_scale)
         self.clock += max(0.0, seconds)
-        due = sorted((m for m in self.migrations.values()
-                      if m.status is MigrationStatus.ACTIVE and m.end <= self.clock),
-                     key=lambda m: (m.end, m.token))
-        if due:
-            self._used = None
+        due = []
+        while self._ends and self._ends[0][0] <= self.clock:
+            _, token = heapq.heappop(self._ends)
+            m = self.migrations[token]
+            if m.status is MigrationStatus.ACTIVE:
+                due.append(m)
         for m in due:
             m.ended = m.end
             if m.outcome == "completed":
                 m.status = MigrationStatus.COMPLETED
                 self.vms[m.vm][0] = m.target
+                if self._used is not None:
+                    self._used[m.source] -= m.mem_mb
             else:
                 m.status = MigrationStatus.FAILED
+                if self._used is not None:
+                    self._used[m.target] -= m.mem_mb
             self.active_by_vm.pop(m.vm, None)
         if self.db is not None:
             with self._tx() as db:
