@@ -132,6 +132,8 @@ def explain_moves(problem: Problem, placement: Placement) -> list[Move]:
             reasons.append(problem.mandatory_reason[u])
         for rule in soft_broken_at_start.get(v, []):
             reasons.append(f"follows should-rule {rule} (vm_host)")
+        if not reasons and problem.only_mandatory:
+            reasons.append("makes room for the mandatory moves (threshold 1)")
         if not reasons:
             c, m = cpu.copy(), mem.copy()
             c[t] -= vm.cpu_demand

@@ -45,6 +45,8 @@ from policies.base import Draft, register
 
 # objective units (1e-10 util^2 at weight 1) per MiB moved
 PRICE_PER_MIB = {2: 100_000, 3: 10_000, 4: 1_000, 5: 100}
+# threshold 1: the price of moving a VM that nothing forces to move (only to make room)
+ROOM_PRICE_PER_MIB = 10**9
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,29 @@ class Balance:
     def apply(self, draft: Draft) -> None:
         a = self.args
         if a.threshold == 1:
-            # Mandatory moves only; they still go where they help balance most, and each one
-            # costs enough that no more of them are made than the rules require.
+            # Mandatory moves only (they still go where they help balance most, and cost
+            # enough that no more are made than the rules require). Any other VM may move only
+            # to make room for them: its move costs more than any balance gain.
             draft.only_mandatory = True
-            price = PRICE_PER_MIB[2] * 10
+            must = self.must_move(draft)
+            for v, vm in enumerate(draft.snapshot.vms):
+                price = PRICE_PER_MIB[2] * 10 if v in must else ROOM_PRICE_PER_MIB
+                draft.move_cost[v] = WEIGHT_ONE * price * (vm.mem + a.fixed_cost_mb)
         else:
             price = PRICE_PER_MIB[a.threshold]
-        for v, vm in enumerate(draft.snapshot.vms):
-            draft.move_cost[v] = WEIGHT_ONE * price * (vm.mem + a.fixed_cost_mb)
+            for v, vm in enumerate(draft.snapshot.vms):
+                draft.move_cost[v] = WEIGHT_ONE * price * (vm.mem + a.fixed_cost_mb)
         draft.balance_weights = self.weights(draft)
+
+    @staticmethod
+    def must_move(draft: Draft) -> set[int]:
+        """VMs a mandatory move may concern: evacuation, broken rules, split affinity groups."""
+        must = set(draft.mandatory_reason)
+        start = draft.snapshot.placement()
+        for _rule, vms, weight in draft.together:
+            if weight is None and len({start[v] for v in vms}) > 1:
+                must.update(vms)
+        return must
 
     def weights(self, draft: Draft) -> tuple[int, int]:
         """Per-dimension weights so that a unit of std is worth the same in CPU and memory.

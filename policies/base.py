@@ -113,12 +113,7 @@ class Draft:
                     f"no host may hold VM(s) {names}: the hosts their rules allow are not active",
                     culprits=sorted({r for r, vms, w in self.together if set(vms) & set(members)}),
                 )
-            if pinned_members:
-                pinned = True
-            elif self.only_mandatory and not reasons and len(starts) == 1 and starts <= cands:
-                pinned, cands = True, starts
-            else:
-                pinned = False
+            pinned = bool(pinned_members)
             u = len(units)
             units.append(Unit(members=members, candidates=tuple(sorted(cands)), pinned=pinned,
                               rule=unit_rule.get(root)))
@@ -153,6 +148,7 @@ class Draft:
             max_moved_mem=self.max_moved_mem,
             mandatory_reason=mandatory_reason,
             notes=list(self.notes),
+            only_mandatory=self.only_mandatory,
         )
 
 

@@ -221,3 +221,15 @@ def test_medium_cluster_with_rules_beats_greedy() -> None:
 def test_every_move_has_a_reason() -> None:
     r = checked_plan(scenario("medium-rules"), det(threshold=3))
     assert r.moves and all(m.reason for m in r.moves)
+
+
+def test_threshold_1_moves_another_vm_to_make_room_for_an_evacuation() -> None:
+    # c (12 GiB) fits on no host as they are; moving a next to b empties h1 for it.
+    s = snap([host("h1", mem=16384), host("h2", mem=16384), host("h3", state="maintenance")],
+             [vm("a", "h1", mem=8192), vm("b", "h2", mem=8192), vm("c", "h3", mem=12288)])
+    r = checked_plan(s, det(threshold=1))
+    placed = where(r)
+    assert placed["c"] != "h3"
+    assert len(r.moves) == 2
+    room = next(m for m in r.moves if m.vm != "c")
+    assert "makes room" in room.reason

@@ -76,6 +76,8 @@ class Problem:
     # Why a unit may have to move even at the lowest threshold (evacuation, rule fix).
     mandatory_reason: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # things the user should know (blocked work)
+    # threshold 1: only mandatory moves, plus whatever moves they need to make room
+    only_mandatory: bool = False
 
     @property
     def n_hosts(self) -> int:
