@@ -2,6 +2,7 @@
 
     python3 bench/executor.py                  # both tables
     python3 bench/executor.py --quick          # executor table only (no engine runs)
+    python3 bench/executor.py --planner-seeds 1 2 3   # table 2 on three seeds
     python3 bench/executor.py --plot bench/out/executor-waves.png   # Gantt of one plan
 
 Table 1 runs a 1,000-migration plan (random moves on a seeded 200-host / 3,000-VM cluster that
@@ -167,6 +168,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="executor table only")
     ap.add_argument("--migrations", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--planner-seeds", type=int, nargs="+", default=[1],
+                    help="seeds of the engine benchmark clusters (table 2)")
     ap.add_argument("--plot", type=Path, help="write a Gantt chart of a plan's waves (PNG)")
     args = ap.parse_args()
     if args.plot:
@@ -186,8 +189,9 @@ def main() -> None:
           "mid-way | starts over capacity | engine wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for r in planner_rows(args.seed, Path(tmp)):
-            print(r, flush=True)
+        for seed in args.planner_seeds:
+            for r in planner_rows(seed, Path(tmp)):
+                print(r, flush=True)
 
 
 if __name__ == "__main__":
