@@ -93,6 +93,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         self._pending_cache: list[dict[str, Any]] | None = None
+        self._pending_json: bytes | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -138,7 +139,16 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._pending_cache = None
+            self._pending_json = None
             return [self.recommendation(i) for i in ids]  # type: ignore[misc]
+
+    def pending_json(self) -> bytes:
+        """The pending recommendations as a JSON array, cached until they change."""
+        with self._lock:
+            if self._pending_json is None:
+                self._pending_json = json.dumps(self.recommendations("pending"),
+                                                separators=(",", ":")).encode()
+            return self._pending_json
 
     def recommendation(self, rec_id: int) -> dict[str, Any] | None:
         with self._lock:
@@ -178,6 +188,7 @@ class Store:
                     "UPDATE recommendations SET state=?, updated=?, detail=COALESCE(?, detail) "
                     "WHERE id=? AND state=?", (state, time.time(), detail, rec_id, expect))
             self._pending_cache = None
+            self._pending_json = None
             return cur.rowcount == 1
 
     def dismissed_since(self, since: float) -> set[str]:

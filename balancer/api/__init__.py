@@ -187,6 +187,9 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> Any:
         """Recommendations, each with its reason and expected gain (pending by default)."""
+        if state == "pending" and len(controller.store.recommendations("pending")) <= limit:
+            # The hot path: the cached JSON of the pending set (same shape as the model).
+            return Response(controller.store.pending_json(), media_type="application/json")
         return controller.store.recommendations(None if state == "all" else state, limit)
 
     RecId = Annotated[int, Path(ge=1, le=2**62)]
