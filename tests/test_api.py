@@ -277,3 +277,25 @@ def test_history_and_server_defaults(api: tuple[httpx.Client, Any]) -> None:
     assert client.get("/v1/history").json() == []
     assert client.get("/v1/history", params={"limit": 0}).status_code == 422
     assert parse_config({}).server.host == "127.0.0.1"
+
+
+def test_maintenance_runs_the_evacuation_when_fully_automated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BALANCER_API_TOKEN", raising=False)
+    controller, app, _ = make(tmp_path, automation="fully")
+    with serve_in_thread(app) as url, httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+        load(client)
+        out = client.post("/v1/hosts/h2/maintenance/enter").json()
+        on_h2 = {v["name"] for v in scenario_doc("hot-cold")["vms"] if v["host"] == "h2"}
+        assert {m["vm"] for m in out["executed"]} == on_h2
+        assert all(m["state"] == "completed" and m["trigger"] == "evacuation"
+                   for m in out["executed"])
+        hosts = {h["name"]: h for h in client.get("/v1/cluster").json()["hosts"]}
+        assert hosts["h2"]["vms"] == 0 and hosts["h2"]["state"] == "maintenance"
+        assert all(controller.backend.locate(vm) != "h2" for vm in on_h2)
+        history = client.get("/v1/history").json()
+        assert {m["vm"] for m in history} == on_h2
+        applied = client.get("/v1/recommendations", params={"state": "applied"}).json()
+        assert {r["vm"] for r in applied} == on_h2
+    controller.close()
