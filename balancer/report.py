@@ -44,4 +44,14 @@ def plan_table(result: PlanResult) -> str:
                          f"{m.mem / 1024:>7.1f}  {m.reason}")
     for note in result.notes:
         lines.append(f"note: {note}")
+    if result.eligibility:
+        # why VMs had fewer candidate hosts, grouped by requirement
+        count: dict[str, int] = {}
+        for why in result.eligibility.values():
+            for w in why:
+                count[w] = count.get(w, 0) + 1
+        lines.append("")
+        lines.append("fewer candidate hosts (compatibility):")
+        for w, n in sorted(count.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {n} VM(s) {w}")
     return "\n".join(lines) + "\n"

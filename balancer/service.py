@@ -62,6 +62,7 @@ class PlanResult:
     after: UtilStats
     solver: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    eligibility: dict[str, list[str]] = field(default_factory=dict)  # VM -> why fewer hosts
 
     @property
     def moved_mem(self) -> int:
@@ -82,6 +83,7 @@ class PlanResult:
             },
             "solver": self.solver,
             "notes": self.notes,
+            "eligibility": self.eligibility,
         }
 
 
@@ -204,4 +206,5 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None) -> PlanR
         after=util_stats(snapshot, placement),
         solver=solver_info,
         notes=problem.notes,
+        eligibility={snapshot.vms[v].name: why for v, why in sorted(problem.eligibility.items())},
     )

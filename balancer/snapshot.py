@@ -73,6 +73,31 @@ def _list(where: str, item: Mapping[str, Any], key: str, *, required: bool = Tru
     return value
 
 
+def _names(where: str, item: Mapping[str, Any], key: str) -> frozenset[str]:
+    """An optional list of non-empty strings (features, networks, datastores)."""
+    values = _list(where, item, key, required=False)
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise SnapshotError(f"{where}: field '{key}' must hold non-empty strings, got {v!r}")
+    return frozenset(values)
+
+
+def _optional_string(where: str, item: Mapping[str, Any], key: str) -> str | None:
+    return _string(where, item, key) if key in item and item[key] is not None else None
+
+
+def _labels(where: str, item: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
+    if key not in item:
+        return ()
+    value = item[key]
+    if not isinstance(value, Mapping):
+        raise SnapshotError(f"{where}: field '{key}' must be an object of strings")
+    for k, v in value.items():
+        if not isinstance(v, str) or not k:
+            raise SnapshotError(f"{where}: field '{key}': label {k!r} must have a string value")
+    return tuple(sorted(value.items()))
+
+
 def _object(where: str, item: Any) -> Mapping[str, Any]:
     if not isinstance(item, Mapping):
         raise SnapshotError(f"{where}: must be an object, got {type(item).__name__}")
@@ -86,7 +111,12 @@ def _parse_host(i: int, raw: Any) -> Host:
     cpu = _number(where, item, "cpu_capacity", positive=True)
     mem = _number(where, item, "mem_capacity_mb", positive=True)
     state = _enum(where, item, "state", HostState, HostState.ACTIVE)
-    return Host(name=name, cpu_capacity=round(cpu * 1000), mem_capacity=round(mem), state=state)
+    return Host(name=name, cpu_capacity=round(cpu * 1000), mem_capacity=round(mem), state=state,
+                cpu_model=_optional_string(where, item, "cpu_model"),
+                cpu_features=_names(where, item, "cpu_features"),
+                networks=_names(where, item, "networks"),
+                datastores=_names(where, item, "datastores"),
+                labels=_labels(where, item, "labels"))
 
 
 def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
@@ -112,7 +142,15 @@ def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
             f"(mem_mb={mem:g})"
         )
     automation = _enum(where, item, "automation", Automation, Automation.FULLY)
+    local = item.get("local_storage", False)
+    if not isinstance(local, bool):
+        raise SnapshotError(f"{where}: field 'local_storage' must be true or false, got {local!r}")
     return VM(
+        cpu_model=_optional_string(where, item, "cpu_model"),
+        cpu_features=_names(where, item, "cpu_features"),
+        networks=_names(where, item, "networks"),
+        datastores=_names(where, item, "datastores"),
+        local_storage=local,
         name=name,
         host=host,
         vcpus=int(vcpus),
@@ -123,7 +161,8 @@ def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
     )
 
 
-def _parse_rule(i: int, raw: Any, vms: set[str], hosts: set[str]) -> Rule:
+def _parse_rule(i: int, raw: Any, vms: set[str], host_list: list[Host]) -> Rule:
+    hosts = {h.name for h in host_list}
     where = _where("rules", i, raw)
     item = _object(where, raw)
     name = _string(where, item, "name")
@@ -142,17 +181,28 @@ def _parse_rule(i: int, raw: Any, vms: set[str], hosts: set[str]) -> Rule:
     if len(members) < minimum:
         raise SnapshotError(f"{where}: field 'vms' needs at least {minimum} VM(s)")
     rule_hosts: list[Any] = []
+    selector: tuple[tuple[str, str], ...] = ()
     if rtype is RuleType.VM_HOST:
-        rule_hosts = _list(where, item, "hosts")
-        if not rule_hosts:
-            raise SnapshotError(f"{where}: field 'hosts' needs at least one host")
+        rule_hosts = list(_list(where, item, "hosts", required="host_labels" not in item))
+        selector = _labels(where, item, "host_labels")
+        if not rule_hosts and not selector:
+            raise SnapshotError(f"{where}: field 'hosts' needs at least one host "
+                                "(or give 'host_labels')")
         for h in rule_hosts:
             if not isinstance(h, str):
                 raise SnapshotError(f"{where}: field 'hosts' must hold host names, got {h!r}")
             if h not in hosts:
                 raise SnapshotError(f"{where}: field 'hosts': unknown host {h!r}")
-    elif "hosts" in item and item["hosts"]:
-        raise SnapshotError(f"{where}: field 'hosts' only applies to vm_host rules")
+        if selector:
+            wanted = set(selector)
+            matched = [h.name for h in host_list if wanted <= set(h.labels)]
+            if not matched:
+                text = ", ".join(f"{k}={v}" for k, v in selector)
+                raise SnapshotError(f"{where}: field 'host_labels': no host has labels {text}")
+            rule_hosts.extend(matched)
+    elif ("hosts" in item and item["hosts"]) or "host_labels" in item:
+        raise SnapshotError(f"{where}: fields 'hosts' and 'host_labels' only apply to "
+                            "vm_host rules")
     mandatory = item.get("mandatory", True)
     if not isinstance(mandatory, bool):
         raise SnapshotError(f"{where}: field 'mandatory' must be true or false, got {mandatory!r}")
@@ -162,6 +212,7 @@ def _parse_rule(i: int, raw: Any, vms: set[str], hosts: set[str]) -> Rule:
         vms=tuple(sorted(members)),
         hosts=tuple(sorted(set(rule_hosts))),
         mandatory=mandatory,
+        host_labels=selector,
     )
 
 
@@ -236,7 +287,7 @@ def parse_snapshot(data: Any, *, mem_overcommit: float = 1.0) -> ClusterSnapshot
     vms = [_parse_vm(i, v, host_names) for i, v in enumerate(raw_vms)]
     _unique("vms", [v.name for v in vms])
     vm_names = {v.name for v in vms}
-    rules = [_parse_rule(i, r, vm_names, host_names) for i, r in enumerate(raw_rules)]
+    rules = [_parse_rule(i, r, vm_names, hosts) for i, r in enumerate(raw_rules)]
     _unique("rules", [r.name for r in rules])
 
     active_mem = sum(h.mem_capacity for h in hosts if h.active) * mem_overcommit
@@ -247,13 +298,39 @@ def parse_snapshot(data: Any, *, mem_overcommit: float = 1.0) -> ClusterSnapshot
             f"active hosts can hold together ({active_mem:.0f} MiB)"
         )
 
+    baseline = _names("snapshot", doc, "cpu_baseline") if "cpu_baseline" in doc else None
     snapshot = ClusterSnapshot(
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         vms=tuple(sorted(vms, key=lambda v: v.name)),
         rules=tuple(sorted(rules, key=lambda r: r.name)),
+        cpu_baseline=baseline,
     )
+    _check_cpu(snapshot, hosts, vms)
     _check_contradictions(snapshot)
     return snapshot
+
+
+def _check_cpu(snapshot: ClusterSnapshot, hosts: list[Host], vms: list[VM]) -> None:
+    """CPU models must be known; with a cluster baseline, hosts must offer it and VMs fit it."""
+    base = snapshot.cpu_baseline
+    for i, vm in enumerate(vms):
+        where = f"vms[{i}] ({vm.name})"
+        if vm.cpu_model is not None and vm.cpu_model not in snapshot.model_features:
+            raise SnapshotError(f"{where}: field 'cpu_model': no host has CPU model "
+                                f"{vm.cpu_model!r}")
+        if base is not None:
+            need = vm.cpu_features | (snapshot.model_features.get(vm.cpu_model, frozenset())
+                                      if vm.cpu_model else frozenset())
+            outside = sorted(need - base)
+            if outside:
+                raise SnapshotError(f"{where}: field 'cpu_features': {outside[0]!r} is outside "
+                                    "the cluster's cpu_baseline")
+    if base is not None:
+        for i, h in enumerate(hosts):
+            missing = sorted(base - h.cpu_features)
+            if h.active and missing:
+                raise SnapshotError(f"hosts[{i}] ({h.name}): field 'cpu_features': lacks "
+                                    f"{missing[0]!r} of the cluster's cpu_baseline")
 
 
 def loads(text: str, *, source: str = "snapshot", mem_overcommit: float = 1.0) -> ClusterSnapshot:
@@ -282,7 +359,16 @@ def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:
     def num(x: float) -> float | int:
         return int(x) if float(x).is_integer() else x
 
-    return {
+    def compat(x: Host | VM) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if x.cpu_model is not None:
+            out["cpu_model"] = x.cpu_model
+        for key in ("cpu_features", "networks", "datastores"):
+            if getattr(x, key):
+                out[key] = sorted(getattr(x, key))
+        return out
+
+    doc: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "hosts": [
             {
@@ -290,6 +376,8 @@ def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:
                 "cpu_capacity": num(h.cpu_capacity / 1000),
                 "mem_capacity_mb": h.mem_capacity,
                 "state": h.state.value,
+                **compat(h),
+                **({"labels": dict(h.labels)} if h.labels else {}),
             }
             for h in snapshot.hosts
         ],
@@ -302,6 +390,8 @@ def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:
                 "cpu_demand": num(v.cpu_demand / 1000),
                 "mem_demand_mb": v.mem_demand,
                 "automation": v.automation.value,
+                **compat(v),
+                **({"local_storage": True} if v.local_storage else {}),
             }
             for v in snapshot.vms
         ],
@@ -316,6 +406,9 @@ def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:
             for r in snapshot.rules
         ],
     }
+    if snapshot.cpu_baseline is not None:
+        doc["cpu_baseline"] = sorted(snapshot.cpu_baseline)
+    return doc
 
 
 def dumps(snapshot: ClusterSnapshot) -> str:

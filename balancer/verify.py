@@ -5,7 +5,8 @@ model cannot hide from it. Checks: every VM on exactly one known host; manual VM
 nothing placed on a host that is not active; capacity on every host that receives a VM
 (configured memory within ``mem_overcommit`` x capacity, CPU demand within ``1 - cpu_headroom``);
 mandatory affinity, anti-affinity and VM-host rules; evacuation of maintenance and standby
-hosts (manual VMs excepted); the migration budgets.
+hosts (manual and local-storage VMs excepted); compatibility of every destination (CPU model
+or features, networks, datastores); the migration budgets.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def verify(snapshot: ClusterSnapshot, placement: Placement, limits: Limits | Non
         received.add(placement[v])
         if vm.automation is Automation.MANUAL:
             errors.append(f"VM {vm.name}: manual VM moved to {dest.name}")
+        if vm.local_storage:
+            errors.append(f"VM {vm.name}: has local storage but was moved to {dest.name}")
+        unmet = snapshot.unmet_requirements(vm, dest)
+        if unmet:
+            errors.append(f"VM {vm.name}: moved to {dest.name}, which lacks {', '.join(unmet)}")
         if not dest.active:
             errors.append(f"VM {vm.name}: placed on {dest.name}, which is {dest.state.value}")
     for v, vm in enumerate(vms):
         h = hosts[placement[v]]
-        if not h.active and vm.automation is not Automation.MANUAL:
+        if not h.active and vm.automation is not Automation.MANUAL and not vm.local_storage:
             errors.append(f"VM {vm.name}: left on {h.name}, which is {h.state.value}")
     cpu = [0] * len(hosts)
     mem = [0] * len(hosts)

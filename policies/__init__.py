@@ -11,11 +11,18 @@ from typing import Any
 
 from balancer.model import ClusterSnapshot
 from balancer.model.problem import Problem
-from policies import balance, budget, capacity, evacuation, rules  # noqa: F401  (registration)
+from policies import (  # noqa: F401  (registration)
+    balance,
+    budget,
+    capacity,
+    compatibility,
+    evacuation,
+    rules,
+)
 from policies.base import Draft, Policy, lookup, make, register, registered
 
 # The order policies apply in; a later one may narrow what an earlier one allowed.
-DEFAULT_POLICIES = ("capacity", "evacuation", "rules", "balance", "budget")
+DEFAULT_POLICIES = ("capacity", "evacuation", "compatibility", "rules", "balance", "budget")
 
 
 def build_problem(snapshot: ClusterSnapshot, config: dict[str, dict[str, Any]] | None = None,

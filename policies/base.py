@@ -37,6 +37,7 @@ class Draft:
     max_migrations: int | None = None
     max_moved_mem: int | None = None
     mandatory_reason: dict[int, str] = field(default_factory=dict)  # VM -> why it must move
+    eligibility: dict[int, list[str]] = field(default_factory=dict)  # VM -> why fewer hosts
     only_mandatory: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -109,9 +110,14 @@ class Draft:
                 reasons.append(f"fixes rule {unit_rule.get(root)} (affinity)")
             if not cands:
                 names = ", ".join(snap.vms[v].name for v in members)
+                why = sorted({w for v in members for w in self.eligibility.get(v, [])})
+                rules = sorted({r.name for r in snap.rules if r.mandatory
+                                and set(r.vms) & {snap.vms[v].name for v in members}})
+                detail = "; ".join(why) if why else "the hosts their rules allow are not active"
                 raise InfeasibleError(
-                    f"no host may hold VM(s) {names}: the hosts their rules allow are not active",
-                    culprits=sorted({r for r, vms, w in self.together if set(vms) & set(members)}),
+                    f"no host may hold VM(s) {names}: {detail}"
+                    + (f" (rules: {', '.join(rules)})" if rules else ""),
+                    culprits=[f"VM {snap.vms[v].name}" for v in members] + rules,
                 )
             pinned = bool(pinned_members)
             u = len(units)
@@ -149,6 +155,7 @@ class Draft:
             mandatory_reason=mandatory_reason,
             notes=list(self.notes),
             only_mandatory=self.only_mandatory,
+            eligibility={v: list(w) for v, w in self.eligibility.items()},
         )
 
 

@@ -44,5 +44,10 @@ class Evacuation:
                     f"host {host.name} ({host.state.value}) cannot be emptied: VM {vm.name} is "
                     "manual and is never moved"
                 )
+            elif vm.local_storage:
+                draft.notes.append(
+                    f"host {host.name} ({host.state.value}) cannot be emptied: VM {vm.name} has "
+                    "local storage and cannot be live-migrated"
+                )
             else:
                 draft.mandatory_reason[v] = f"evacuates {host.name} ({host.state.value})"

@@ -23,8 +23,16 @@ VM_CATALOGUE = (
 )
 
 
+# CPU generations for heterogeneous clusters: (model, features); each adds to the one before.
+CPU_GENERATIONS = (
+    ("Haswell", ("sse4_2", "avx", "avx2")),
+    ("Skylake-Server", ("sse4_2", "avx", "avx2", "avx512f")),
+    ("Icelake-Server", ("sse4_2", "avx", "avx2", "avx512f", "avx512vnni")),
+)
+
+
 def generate(n_hosts: int, n_vms: int, seed: int = 0, *, rules: bool = False,
-             skew: float = 0.9) -> dict[str, Any]:
+             skew: float = 0.9, heterogeneous: bool = False) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     hosts = []
     for i in range(n_hosts):
@@ -62,7 +70,34 @@ def generate(n_hosts: int, n_vms: int, seed: int = 0, *, rules: bool = False,
     doc: dict[str, Any] = {"version": 1, "hosts": hosts, "vms": vms, "rules": []}
     if rules:
         doc["rules"] = _rules(rng, doc, n_hosts)
+    if heterogeneous:
+        _heterogeneous(rng, doc)
     return doc
+
+
+def _heterogeneous(rng: np.random.Generator, doc: dict[str, Any]) -> None:
+    """CPU generations, networks and racks: host i gets generation i % 3, rack i % 4, the
+    network prod on all hosts and dmz on every fourth; a VM needs the CPU features of a
+    generation no newer than its current host's (drawn), and 10 % of VMs need dmz."""
+    gen_of: dict[str, int] = {}
+    for i, h in enumerate(doc["hosts"]):
+        g = i % len(CPU_GENERATIONS)
+        gen_of[h["name"]] = g
+        model, feats = CPU_GENERATIONS[g]
+        h["cpu_model"] = model
+        h["cpu_features"] = list(feats)
+        h["networks"] = ["prod"] + (["dmz"] if i % 4 == 0 else [])
+        h["labels"] = {"rack": f"r{i % 4}"}
+    for vm in doc["vms"]:
+        g = int(rng.integers(gen_of[vm["host"]] + 1))
+        if rng.random() < 0.5:
+            vm["cpu_model"] = CPU_GENERATIONS[g][0]
+        else:
+            vm["cpu_features"] = list(CPU_GENERATIONS[g][1])
+        vm["networks"] = ["prod"]
+        if doc["hosts"][int(vm["host"].split("-")[1])]["networks"].count("dmz") and \
+                rng.random() < 0.4:
+            vm["networks"].append("dmz")
 
 
 def _rules(rng: np.random.Generator, doc: dict[str, Any], n_hosts: int) -> list[dict[str, Any]]:

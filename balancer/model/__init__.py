@@ -37,6 +37,11 @@ class Host:
     cpu_capacity: int  # millicores
     mem_capacity: int  # MiB
     state: HostState = HostState.ACTIVE
+    cpu_model: str | None = None
+    cpu_features: frozenset[str] = frozenset()
+    networks: frozenset[str] = frozenset()
+    datastores: frozenset[str] = frozenset()
+    labels: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
 
     @property
     def active(self) -> bool:
@@ -52,10 +57,15 @@ class VM:
     cpu_demand: int  # millicores in use
     mem_demand: int  # MiB in use
     automation: Automation = Automation.FULLY
+    cpu_model: str | None = None  # a baseline: runs on hosts of this model or with its features
+    cpu_features: frozenset[str] = frozenset()  # CPU features it needs
+    networks: frozenset[str] = frozenset()
+    datastores: frozenset[str] = frozenset()
+    local_storage: bool = False  # disks on its host: not movable by live migration
 
     @property
     def movable(self) -> bool:
-        return self.automation is Automation.FULLY
+        return self.automation is Automation.FULLY and not self.local_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +73,9 @@ class Rule:
     name: str
     type: RuleType
     vms: tuple[str, ...]
-    hosts: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()  # named hosts and hosts selected by ``host_labels``, resolved
     mandatory: bool = True
+    host_labels: tuple[tuple[str, str], ...] = ()  # the label selector as given
 
 
 @dataclass(frozen=True)
@@ -74,12 +85,37 @@ class ClusterSnapshot:
     hosts: tuple[Host, ...]
     vms: tuple[VM, ...]
     rules: tuple[Rule, ...] = ()
+    cpu_baseline: frozenset[str] | None = None  # EVC-like feature set every VM is presented
     host_index: dict[str, int] = field(init=False, repr=False, compare=False)
     vm_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    model_features: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "host_index", {h.name: i for i, h in enumerate(self.hosts)})
         object.__setattr__(self, "vm_index", {v.name: i for i, v in enumerate(self.vms)})
+        # A CPU model's features: those every host of that model declares.
+        feats: dict[str, frozenset[str]] = {}
+        for h in self.hosts:
+            if h.cpu_model is not None:
+                prev = feats.get(h.cpu_model)
+                feats[h.cpu_model] = h.cpu_features if prev is None else prev & h.cpu_features
+        object.__setattr__(self, "model_features", feats)
+
+    def unmet_requirements(self, vm: VM, host: Host) -> list[str]:
+        """What ``host`` lacks to run ``vm`` (empty: compatible). One short phrase each."""
+        out = []
+        if self.cpu_baseline is None:
+            if vm.cpu_model is not None and vm.cpu_model != host.cpu_model:
+                need = self.model_features.get(vm.cpu_model, frozenset())
+                if not need or not need <= host.cpu_features:
+                    out.append(f"cpu model {vm.cpu_model}")
+            for f in sorted(vm.cpu_features - host.cpu_features):
+                out.append(f"cpu feature {f}")
+        for n in sorted(vm.networks - host.networks):
+            out.append(f"network {n}")
+        for d in sorted(vm.datastores - host.datastores):
+            out.append(f"datastore {d}")
+        return out
 
     def placement(self) -> Placement:
         """The current placement: VM index -> host index."""

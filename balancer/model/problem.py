@@ -78,6 +78,8 @@ class Problem:
     notes: list[str] = field(default_factory=list)  # things the user should know (blocked work)
     # threshold 1: only mandatory moves, plus whatever moves they need to make room
     only_mandatory: bool = False
+    # VM -> why it has fewer candidate hosts (compatibility), one phrase per requirement
+    eligibility: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def n_hosts(self) -> int:
