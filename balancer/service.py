@@ -190,6 +190,7 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None) -> PlanR
             "greedy_objective": result.greedy_objective,
             "seed": opts.seed,
             "time_limit": time_limit,
+            "converged": bool(result.stats.get("converged", False)),
         }
         if result.status is Status.NO_SOLUTION_IN_TIME:
             raise SolverError(

@@ -107,6 +107,7 @@ class _Search:
         self.t0 = time.monotonic()
         self.dtime = 0.0
         self.iterations = 0
+        self.converged = False
         self.movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
         self.movable_arr = np.array(self.movable, dtype=np.int64)
 
@@ -276,6 +277,9 @@ class _Search:
                 k -= 1
             elif fails >= patience and k < k_max:
                 k, fails = k + 1, 0
+            elif fails >= 3 * patience and k >= k_max:
+                self.converged = True  # the largest neighbourhoods find nothing more
+                break
         return inc, inc_obj, improvements
 
     def project(self, free_inc: np.ndarray) -> np.ndarray | None:
@@ -429,6 +433,7 @@ def solve(problem: Problem, opts: EngineOptions | None = None) -> SolveResult:
 
     seconds = time.monotonic() - s.t0
     stats["dtime"] = round(s.dtime, 3)
+    stats["converged"] = s.converged
     return SolveResult(
         status=status,
         unit_hosts=inc,
