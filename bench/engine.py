@@ -6,6 +6,7 @@ verification, explanation).
 
     python3 bench/engine.py                 # 16/200, 64/1,000 with rules, 500/10,000; table
     python3 bench/engine.py --quick         # without 500/10,000
+    python3 bench/engine.py --only 500/10000+compat   # heterogeneous CPUs and networks
     python3 bench/engine.py --targets --seeds 101 102 103   # the issue's targets on fresh seeds
     python3 bench/engine.py --plot docs/engine-tradeoff.png # imbalance vs memory moved curve
 """
@@ -23,8 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simulator.generate import generate  # noqa: E402
 
-SIZES = {"16/200": (16, 200, False), "64/1000+rules": (64, 1000, True),
-         "500/10000": (500, 10000, False)}
+# label: (hosts, VMs, rules, heterogeneous CPUs / networks)
+SIZES = {"16/200": (16, 200, False, False), "64/1000+rules": (64, 1000, True, False),
+         "500/10000": (500, 10000, False, False),
+         "500/10000+compat": (500, 10000, False, True)}
 
 
 def run_plan(path: Path, *args: str) -> dict:
@@ -48,9 +51,9 @@ def row(label: str, case: str, solver: str, out: dict) -> str:
 
 
 def bench_size(label: str, seed: int, tmp: Path, threshold: int = 5) -> list[str]:
-    n_h, n_v, rules = SIZES[label]
+    n_h, n_v, rules, hetero = SIZES[label]
     path = tmp / f"{label.replace('/', '-')}-{seed}.json"
-    path.write_text(json.dumps(generate(n_h, n_v, seed, rules=rules)))
+    path.write_text(json.dumps(generate(n_h, n_v, seed, rules=rules, heterogeneous=hetero)))
     th = ["--threshold", str(threshold)]
     lines = []
     g_free = run_plan(path, *th, "--solver", "greedy")
@@ -136,6 +139,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="skip 500 hosts / 10,000 VMs")
+    ap.add_argument("--only", nargs="*", choices=sorted(SIZES), help="run only these clusters")
     ap.add_argument("--targets", action="store_true", help="check the targets on --seeds")
     ap.add_argument("--seeds", type=int, nargs="*", default=[101, 102, 103])
     ap.add_argument("--plot", type=Path, help="write the trade-off curve PNG here")
@@ -157,7 +161,9 @@ def main() -> int:
               "| TB moved | wall s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for label in SIZES:
-            if args.quick and label == "500/10000":
+            if args.quick and label.startswith("500/"):
+                continue
+            if args.only and label not in args.only:
                 continue
             for line in bench_size(label, args.seed, tmp):
                 print(line, flush=True)
