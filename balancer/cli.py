@@ -76,10 +76,14 @@ def _plugin_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group="balancer.commands")}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; plugin modules are imported only for the ``command`` being run."""
     parser = _Parser(prog="balancer", description="An open, optimal DRS for KVM/QEMU clusters.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, ep in sorted(_plugin_commands().items()):
+        if name != command:
+            sub.add_parser(name, help=f"see 'balancer {name} --help'", add_help=False)
+            continue
         module = ep.load()
         sp = sub.add_parser(name, help=module.HELP)
         module.add_arguments(sp)
@@ -142,7 +146,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.run(args))
     except InputError as exc:
