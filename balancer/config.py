@@ -95,10 +95,11 @@ class PrometheusConfig:
 @dataclass(frozen=True)
 class ExecutorConfig:
     backend: str = "simulated"
-    uri_template: str = "qemu+ssh://{host}/system"  # libvirt: connection URI per host
-    # The executor's own config file (limits, timeouts, retries, journal; see
-    # configs/executor-simulated.toml); None: the executor's defaults, journal beside the store.
+    # The executor's own config (limits, timeouts, retries, journal, [backend.libvirt] hosts;
+    # the format of `balancer execute --config`): a file, or inline as [executor.settings].
+    # Neither: the executor's defaults, with its journal beside the store.
     config: str | None = None
+    settings: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -279,14 +280,28 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
     exec_file = s.string("config", None)
     if exec_file is not None and not Path(exec_file).is_absolute() and where != "config":
         exec_file = str(Path(where).parent / exec_file)
+    settings = s.table("settings") if s.has("settings") else None
     executor = ExecutorConfig(
         backend=s.string("backend", "simulated", choices=BACKENDS),
-        uri_template=s.string("uri_template", "qemu+ssh://{host}/system"),
         config=exec_file,
+        settings=settings,
     )
     s.done()
+    if exec_file is not None and settings is not None:
+        raise ConfigError(f"{where}: [executor] config: give a file or [executor.settings], "
+                          "not both")
     if exec_file is not None and not Path(exec_file).is_file():
         raise ConfigError(f"{where}: [executor] config: no such file {exec_file!r}")
+    if settings is not None:
+        from balancer.executor.config import parse_config as parse_exec
+
+        try:
+            parse_exec(settings, source=f"{where}: [executor.settings]")
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
+    if executor.backend == "libvirt" and cluster.inventory is None:
+        raise ConfigError(f"{where}: [cluster] inventory: the libvirt backend needs the hosts "
+                          "and their capacities from an inventory file")
 
     s = _Section(where, "store", data.get("store", {}))
     path = s.string("path", "balancer.db")

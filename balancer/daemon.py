@@ -41,14 +41,16 @@ from balancer.config import ServiceConfig
 from balancer.errors import BalancerError, InfeasibleError, InputError
 from balancer.executor.base import Backend, BackendError
 from balancer.executor.config import ExecutorConfig as ExecConfig
+from balancer.executor.config import JournalConfig, LimitsConfig
 from balancer.executor.config import load_config as load_exec_config
-from balancer.executor.journal import Journal, State
+from balancer.executor.config import parse_config as parse_exec_config
+from balancer.executor.journal import Entry, Journal, State
 from balancer.executor.runner import Runner
 from balancer.executor.simulated import SimulatedBackend
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.model import ClusterSnapshot, HostState, Move, RuleType, util_stats
-from balancer.planner import PlannerLimits, Waves, make_waves
+from balancer.planner import PlannerLimits, Waves, make_waves, plan_fingerprint
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.snapshot import parse_snapshot, to_dict
 from balancer.store import NewRecommendation, Store
@@ -74,6 +76,26 @@ class Unavailable(BalancerError):
 
 
 # -- executing moves through the executor's runner ------------------------------------------
+def executor_config(cfg: ServiceConfig, store_path: str) -> ExecConfig:
+    """The executor's config: from ``[executor] config`` or ``[executor.settings]``.
+
+    Unless it names a journal, the journal lives beside the store (``<store>.journal``); unless
+    it sets limits, the executor's memory overcommit follows ``[cluster] mem_overcommit``.
+    """
+    if cfg.executor.settings is not None:
+        out = parse_exec_config(cfg.executor.settings,
+                                source=f"{cfg.source_path or 'config'}: [executor.settings]")
+    else:
+        out = load_exec_config(cfg.executor.config)
+    update: dict[str, Any] = {}
+    if out.journal == JournalConfig():
+        jp = ":memory:" if store_path == ":memory:" else store_path + ".journal"
+        update["journal"] = JournalConfig(path=jp, synchronous="normal")
+    if out.limits == LimitsConfig():
+        update["limits"] = LimitsConfig(mem_overcommit=cfg.cluster.mem_overcommit)
+    return out.model_copy(update=update) if update else out
+
+
 def simulated_backend(snapshot: ClusterSnapshot, exec_cfg: ExecConfig) -> Backend:
     """The executor's simulated backend holding ``snapshot``'s VMs (state kept in memory)."""
     return SimulatedBackend.from_snapshot(snapshot, exec_cfg, persist=False)
@@ -148,7 +170,20 @@ class PlanExecutor:
                     vm=m.vm, source=m.source, target=m.target, mem_mb=m.mem_mb,
                     trigger=trigger, rec_id=rec_ids.get(m.vm))
             caps = {h.name: float(h.mem_capacity) for h in snapshot.hosts}
-            self._runner = Runner(self.backend, self.journal, self.exec_cfg, caps)
+            plan_id = plan_fingerprint(waves)
+            done: set[int] = set()
+
+            def on_event(kind: str, e: Entry, _: Any) -> None:
+                # History follows the run live: each leg's row ends when the runner ends it.
+                if kind in ("end", "skip") and e.plan_id == plan_id and e.id in rows \
+                        and e.id not in done and e.state in _OUTCOME:
+                    outcome = _OUTCOME[e.state]
+                    self.store.migration_finished(rows[e.id], outcome, e.reason or None)
+                    self.telemetry.migrations.labels(outcome=outcome).inc()
+                    done.add(e.id)
+
+            self._runner = Runner(self.backend, self.journal, self.exec_cfg, caps,
+                                  on_event=on_event)
             try:
                 summary = self._runner.run(waves, json.dumps(waves.to_dict()))
             except BackendError as exc:
@@ -161,7 +196,9 @@ class PlanExecutor:
             out = []
             for e in summary.entries:
                 outcome = _OUTCOME.get(e.state)
-                if outcome is None:  # cannot happen after run(); keep the row honest anyway
+                if e.id in done:
+                    pass
+                elif outcome is None:  # cannot happen after run(); keep the row honest anyway
                     self._settle_row(rows[e.id], e.vm, e.target, f"left {e.state.value}")
                 else:
                     self.store.migration_finished(rows[e.id], outcome, e.reason or None)
@@ -263,15 +300,7 @@ class Controller:
         self.inventory: ClusterSnapshot | None = inventory
         if inventory is not None:
             store.put("inventory", to_dict(inventory))
-        self.exec_cfg = load_exec_config(cfg.executor.config)
-        if cfg.executor.config is None:
-            # The journal lives beside the store unless the executor config says otherwise.
-            jp = ":memory:" if store.path == ":memory:" else store.path + ".journal"
-            self.exec_cfg = self.exec_cfg.model_copy(update={
-                "journal": self.exec_cfg.journal.model_copy(
-                    update={"path": jp, "synchronous": "normal"}),
-                "limits": self.exec_cfg.limits.model_copy(
-                    update={"mem_overcommit": cfg.cluster.mem_overcommit})})
+        self.exec_cfg = executor_config(cfg, store.path)
         self.backend: Backend | None = None
         self.executor: PlanExecutor | None = None
         if backend is None and inventory is not None and cfg.executor.backend == "simulated":

@@ -63,7 +63,7 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
     store = Store(cfg.store.path)
     backend = None
     if cfg.executor.backend == "libvirt":
-        backend = _libvirt_backend(cfg)
+        backend = _libvirt_backend(cfg, inventory)
     sources: list[Any] = []
     controller_box: list[Any] = []
     if cfg.ingest.source == "prometheus":
@@ -89,19 +89,17 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
     return controller, app, telemetry
 
 
-def _libvirt_backend(cfg: Any) -> Any:
+def _libvirt_backend(cfg: Any, inventory: Any) -> Any:
+    """The executor's libvirt backend, from ``[backend.libvirt]`` of the executor config."""
     from balancer.config import ConfigError
+    from balancer.daemon import executor_config
 
     try:
-        from balancer.executor import libvirt as lv  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError(
-            f"{cfg.source_path or 'config'}: [executor] backend: the libvirt backend is not "
-            "available in this installation (balancer.executor.libvirt)") from None
-    factory = getattr(lv, "from_config", None) or getattr(lv, "LibvirtBackend", None)
-    if factory is None:
-        raise ConfigError("[executor] backend: balancer.executor.libvirt has no LibvirtBackend")
-    return factory(uri_template=cfg.executor.uri_template)
+        from balancer.executor.libvirt_backend import create_backend
+    except ImportError as exc:
+        raise ConfigError(f"{cfg.source_path or 'config'}: [executor] backend: the libvirt "
+                          f"backend cannot load ({exc}); install libvirt-python") from None
+    return create_backend(executor_config(cfg, cfg.store.path), inventory)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -280,3 +280,53 @@ def test_serve_argument_and_config_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "balancer.cli", "serve", "--demo", "--port",
                         "99999"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--port must be 0..65535" in r.stderr
+
+
+def test_sigterm_during_execution_leaves_no_migration_unknown(tmp_path: Path) -> None:
+    import sqlite3
+
+    doc = scenario_doc("hot-cold")
+    doc["hosts"][0]["state"] = "maintenance"  # h1's five VMs are evacuated at once
+    inv = tmp_path / "inventory.json"
+    inv.write_text(json.dumps(doc))
+    # Slow simulated migrations: 4-12 GiB at 1 Gbit/s, 0.05 wall s per simulated second.
+    (tmp_path / "executor.toml").write_text(
+        '[limits]\nmax_outgoing_per_host = 1\n[migration]\nbandwidth_mbps = 1000.0\n'
+        f'[journal]\npath = "{tmp_path / "journal.sqlite"}"\nsynchronous = "normal"\n'
+        '[simulated]\ntime_scale = 0.05\n')
+    (tmp_path / "svc.toml").write_text(f"""
+[server]
+api_token = "{TOKEN}"
+[loop]
+interval_s = 3600
+[cluster]
+automation = "fully"
+inventory = "{inv}"
+time_limit_s = 1
+[executor]
+config = "{tmp_path / 'executor.toml'}"
+[store]
+path = "{tmp_path / 'state.db'}"
+""")
+    proc = _serve("--config", str(tmp_path / "svc.toml"), "--port", "0")
+    try:
+        url = _wait_listening(proc)
+        deadline = time.monotonic() + 60
+        while not any(m["state"] == "completed" for m in httpx.get(f"{url}/v1/history").json()):
+            assert time.monotonic() < deadline, "no migration finished"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # while the rest of the evacuation runs
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        states = [r[0] for r in db.execute("SELECT state FROM migrations")]
+    with sqlite3.connect(tmp_path / "journal.sqlite") as db:
+        journal = [r[0] for r in db.execute("SELECT state FROM migrations")]
+    assert "completed" in states and "started" not in states
+    assert "cancelled" in states  # the run was stopped part-way, and says so
+    assert journal and not {"running", "planned"} & set(journal)

@@ -6,6 +6,7 @@ host the sum over its VMs, so the demo has live, smooth metrics that follow migr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ class SimulatedSource:
         self.buffer = SampleBuffer(retention_s)
         self._rng = np.random.default_rng(seed)
         self._last: float | None = None
+        self._lock = threading.Lock()
 
     def _emit(self, snap: ClusterSnapshot, ts: float) -> None:
         n = len(snap.vms)
@@ -47,6 +49,11 @@ class SimulatedSource:
                         list(mem) + list(host_mem.values()))
 
     def frame(self, now: float) -> pd.DataFrame:
+        with self._lock:
+            self._generate(now)
+        return self.buffer.frame(now)
+
+    def _generate(self, now: float) -> None:
         snap = self._inventory()
         if snap is not None:
             start = now - self.window_s if self._last is None else self._last + self.period_s
@@ -56,4 +63,3 @@ class SimulatedSource:
                 self._emit(snap, ts)
                 self._last = ts
                 ts += self.period_s
-        return self.buffer.frame(now)
