@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import doc, host, snap, vm
 
 from balancer.errors import InputError
 from balancer.executor.base import Backend, MigrationStatus
@@ -23,6 +22,8 @@ from balancer.model import ClusterSnapshot, Move
 from balancer.planner import PlannerLimits, Waves, add_waves, make_waves, plan_fingerprint
 from balancer.snapshot import to_dict
 from simulator.generate import generate
+
+from conftest import doc, host, snap, vm
 
 GIB = 1024
 ROOT = Path(__file__).parents[1]
@@ -476,3 +477,41 @@ def test_cli_unplannable_swap_exits_3(tmp_path):
     out = cli("execute", str(tmp_path / "p.json"), "--snapshot", str(tmp_path / "s.json"))
     assert out.returncode == 3
     assert "hosts a, b wait on each other" in out.stderr
+
+
+def test_cli_sigint_cancels_the_run_and_reports_it(tmp_path):
+    s, moves = spread_cluster(2, 4, 8)
+    plan_doc = {"migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "mem_mb": m.mem}
+                               for m in moves]}
+    (tmp_path / "plan.json").write_text(json.dumps(add_waves(plan_doc, s)))
+    (tmp_path / "c.toml").write_text(
+        f'[simulated]\ntime_scale = 0.2\nstate_path = "{tmp_path / "cluster.sqlite"}"\n'
+        f'[journal]\npath = "{tmp_path / "j.sqlite"}"\n')
+    p = subprocess.Popen([sys.executable, "-m", "balancer.cli", "execute",
+                          str(tmp_path / "plan.json"), "--config", str(tmp_path / "c.toml"),
+                          "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until migrations are in flight
+        time.sleep(0.1)
+        try:
+            running = sqlite3.connect(tmp_path / "j.sqlite").execute(
+                "SELECT count(*) FROM migrations WHERE state='running'").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            continue
+        if running:
+            break
+    p.send_signal(2)  # SIGINT
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 4, err
+    summary = json.loads(out)
+    assert summary["counts"]["cancelled"] > 0
+    assert summary["counts"]["planned"] == summary["counts"]["running"] == 0
+    cluster = sqlite3.connect(tmp_path / "cluster.sqlite")
+    where = dict(cluster.execute("SELECT name, host FROM vms"))
+    assert cluster.execute("SELECT count(*) FROM migrations WHERE status='active'").fetchone() \
+        == (0,)
+    for m in summary["migrations"]:
+        assert where[m["vm"]] == (m["to"] if m["state"] == "succeeded" else m["from"])

@@ -188,7 +188,7 @@ def test_killed_at_20_points_and_restarted_nothing_lost_or_duplicated(plan_doc, 
 
 
 def test_killed_from_outside_at_wall_clock_moments(plan_doc, tmp_path):
-    """SIGKILL from another process while simulated time runs at wall speed x 0.01."""
+    """SIGKILL from another process while simulated time runs at wall speed x 0.03."""
     rng = random.Random(7)
     for i in range(3):
         tmp = tmp_path / f"outside-{i}"
@@ -197,7 +197,7 @@ def test_killed_from_outside_at_wall_clock_moments(plan_doc, tmp_path):
         plan.write_text(json.dumps(plan_doc))
         cfg = config(tmp)
         text = cfg.read_text().replace("time_scale = 0.0", "")
-        cfg.write_text(text.replace("[simulated]\n", "[simulated]\ntime_scale = 0.01\n"))
+        cfg.write_text(text.replace("[simulated]\n", "[simulated]\ntime_scale = 0.03\n"))
         p = execute(plan, cfg)
         time.sleep(0.8 + rng.random() * 1.2)
         os.kill(p.pid, signal.SIGKILL)

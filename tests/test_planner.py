@@ -9,7 +9,6 @@ import sys
 from collections import defaultdict
 
 import pytest
-from conftest import det, doc, host, snap, vm
 
 from balancer.errors import InputError
 from balancer.migration_model import estimate
@@ -26,6 +25,8 @@ from balancer.planner import (
 from balancer.service import PlanOptions, plan
 from balancer.snapshot import parse_snapshot
 from simulator.generate import generate
+
+from conftest import det, doc, host, snap, vm
 
 GIB = 1024
 

@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     finished_at REAL,
     next_at REAL,
     reason TEXT NOT NULL DEFAULT '',
+    clock REAL,  -- backend clock of the last change
+    detail TEXT NOT NULL DEFAULT '',  -- what the last change was
     PRIMARY KEY (plan_id, id)
 );
 CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
@@ -113,6 +115,12 @@ CREATE TABLE IF NOT EXISTS events (
     attempt INTEGER NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+-- every change of an entry is logged in the same statement, hence the same transaction
+CREATE TRIGGER IF NOT EXISTS migrations_log AFTER UPDATE ON migrations BEGIN
+    INSERT INTO events (plan_id, id, wall, clock, state, phase, attempt, detail)
+    VALUES (NEW.plan_id, NEW.id, (julianday('now') - 2440587.5) * 86400.0, NEW.clock,
+            NEW.state, NEW.phase, NEW.attempts, NEW.detail);
+END;
 """
 
 _COLS = ("plan_id", "id", "wave", "vm", "source", "target", "mem_mb", "est_seconds", "kind",
@@ -200,21 +208,16 @@ class Journal:
                      else getattr(e, c) for c in _COLS)
 
     def record(self, e: Entry, *, clock: float | None, detail: str = "") -> None:
-        """Commit the entry's current fields and an event row, in one transaction."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute(
-                "UPDATE migrations SET state=?, phase=?, attempts=?, token=?, started_at=?, "
-                "finished_at=?, next_at=?, reason=? WHERE plan_id=? AND id=?",
-                (e.state.value, e.phase.value, e.attempts, e.token, e.started_at,
-                 e.finished_at, e.next_at, e.reason, e.plan_id, e.id))
-            self.db.execute(
-                "INSERT INTO events (plan_id,id,wall,clock,state,phase,attempt,detail) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (e.plan_id, e.id, time.time(), clock, e.state.value, e.phase.value, e.attempts,
-                 detail))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        """Commit the entry's current fields and an event row, in one transaction.
+
+        One UPDATE statement in autocommit mode is its own transaction; the trigger
+        ``migrations_log`` writes the event row inside it.
+        """
+        cur = self.db.execute(
+            "UPDATE migrations SET state=?, phase=?, attempts=?, token=?, started_at=?, "
+            "finished_at=?, next_at=?, reason=?, clock=?, detail=? WHERE plan_id=? AND id=?",
+            (e.state.value, e.phase.value, e.attempts, e.token, e.started_at,
+             e.finished_at, e.next_at, e.reason, clock, detail, e.plan_id, e.id))
+        if cur.rowcount != 1:
+            raise KeyError(f"journal has no migration {e.id} of plan {e.plan_id}")
         self.commits += 1

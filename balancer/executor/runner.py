@@ -289,6 +289,8 @@ class Runner:
         plan_id = plan_fingerprint(waves)
         entries = self.journal.open_plan(plan_id, entries_for(waves, plan_id), plan_doc)
         t_clock = self.backend.now()
+        self._cancel_all = False
+        self._cancel_ids = set()
         self.flights = []
         self.n_in, self.n_out = {}, {}
         self._refresh_usage()
