@@ -31,6 +31,9 @@ from balancer.model import ClusterSnapshot
 
 HELP = "execute a plan's migrations through a backend (simulated, qemu, libvirt)"
 BACKENDS = ("simulated", "qemu", "libvirt")
+# where the real backends live; each exposes create_backend(config, snapshot) -> Backend
+BACKEND_MODULES = {"qemu": "balancer.executor.qemu",
+                   "libvirt": "balancer.executor.libvirt_backend"}
 EXIT_INCOMPLETE = 4
 
 
@@ -109,7 +112,7 @@ def plan_waves(doc: dict[str, Any], snap: ClusterSnapshot, cfg: ExecutorConfig) 
 
 def make_backend(name: str, cfg: ExecutorConfig, snap: ClusterSnapshot, *,
                  dry_run: bool) -> Backend:
-    """The backend by name. Real backends live in ``balancer.executor.<name>`` and expose
+    """The backend by name. Real backends live in the modules of ``BACKEND_MODULES`` and expose
     ``create_backend(config: ExecutorConfig, snapshot: ClusterSnapshot) -> Backend``."""
     from balancer.executor.simulated import SimulatedBackend
 
@@ -118,7 +121,7 @@ def make_backend(name: str, cfg: ExecutorConfig, snap: ClusterSnapshot, *,
     if name == "simulated":
         return SimulatedBackend.from_snapshot(snap, cfg)
     try:
-        module = importlib.import_module(f"balancer.executor.{name}")
+        module = importlib.import_module(BACKEND_MODULES[name])
         factory = module.create_backend
     except (ImportError, AttributeError) as exc:
         raise BalancerError(f"backend {name} is not available: {exc}") from None
