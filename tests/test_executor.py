@@ -515,3 +515,12 @@ def test_cli_sigint_cancels_the_run_and_reports_it(tmp_path):
         == (0,)
     for m in summary["migrations"]:
         assert where[m["vm"]] == (m["to"] if m["state"] == "succeeded" else m["from"])
+
+
+@pytest.mark.parametrize("backend", ["qemu", "libvirt"])
+def test_cli_real_backends_are_wired_and_want_their_hosts(tmp_path, small_plan, backend):
+    plan_path, _ = small_plan
+    out = cli("execute", str(plan_path), "--backend", backend, "--quiet",
+              "--journal", str(tmp_path / "j.sqlite"))
+    assert out.returncode == 2, out.stderr
+    assert f"backend.{backend}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
