@@ -524,3 +524,10 @@ def test_cli_real_backends_are_wired_and_want_their_hosts(tmp_path, small_plan, 
               "--journal", str(tmp_path / "j.sqlite"))
     assert out.returncode == 2, out.stderr
     assert f"backend.{backend}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_that_is_not_a_journal_is_refused(tmp_path):
+    bad = tmp_path / "not-a-journal.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(InputError, match="not a usable journal"):
+        Journal(bad)

@@ -147,6 +147,10 @@ class Journal:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(migrations)")}
+            for col, decl in (("clock", "REAL"), ("detail", "TEXT NOT NULL DEFAULT ''")):
+                if col not in cols:  # a journal written before these columns existed
+                    self.db.execute(f"ALTER TABLE migrations ADD COLUMN {col} {decl}")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise InputError(f"journal: field 'path': {self.path} is not a usable journal: "
