@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -402,7 +403,10 @@ def test_cli_execute_runs_a_plan_and_keeps_a_journal(tmp_path, small_plan):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["counts"]["succeeded"] == 4 and not summary["dry_run"]
-    assert "succeeded #0" in out.stderr and "%" in out.stderr  # live progress
+    # live progress: one line per event, and the migrations in flight with percent and rate
+    assert "start #0 v0-0 s0->d0 (wave 0, attempt 1)" in out.stderr
+    assert "succeeded #0 v0-0 s0->d0" in out.stderr
+    assert re.search(r"#\d+ \d+% \d+Mb/s", out.stderr)
     rows = sqlite3.connect(tmp_path / "j.sqlite").execute(
         "SELECT state, count(*) FROM migrations GROUP BY state").fetchall()
     assert rows == [("succeeded", 4)]
@@ -531,3 +535,17 @@ def test_a_file_that_is_not_a_journal_is_refused(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InputError, match="not a usable journal"):
         Journal(bad)
+
+
+def test_a_slow_link_stretches_migrations(tmp_path):
+    s, moves = spread_cluster(1, 1, 1)
+    waves = make_waves(s, moves)
+    durations = []
+    for k, faults in enumerate([{}, {"slow_link_rate": 1.0, "slow_link_factor": 0.1}]):
+        (tmp_path / str(k)).mkdir()
+        c = cfg(simulated={"faults": faults}, migration={"timeout_min_s": 1000})
+        summary, backend, _ = execute(s, waves, c, tmp_path / str(k))
+        assert summary.ok
+        [m] = backend.migrations.values()
+        durations.append(m.ended - m.start)
+    assert durations[1] == pytest.approx(10 * durations[0], rel=0.05)

@@ -159,8 +159,8 @@ class _Progress:
             self.live.pop(key, None)
             detail = f": {e.reason}" if e.reason else ""
             self.bar.write(f"{e.state.value:>8} {tag}{detail}", file=sys.stderr)
-            self.bar.update(1)
             self._postfix(force=True)
+            self.bar.update(1)
 
     def _postfix(self, force: bool = False) -> None:
         """In-flight migrations (id: percent transferred, rate), at most 5 times a second."""
