@@ -288,3 +288,15 @@ def test_cli_plan_waves_are_executable(tmp_path):
     with_waves = add_waves(plan_doc, parse_snapshot(d))
     assert len(with_waves["waves"]) >= (1 if plan_doc["migrations"] else 0)
     assert sum(len(w["migrations"]) for w in with_waves["waves"]) >= len(plan_doc["migrations"])
+
+
+def test_evacuations_go_first():
+    s = snap([host("m", mem=64 * GIB, state="maintenance"), host("a", mem=64 * GIB),
+              host("b", mem=64 * GIB)],
+             [vm("small", "m", mem=2 * GIB), vm("big1", "a", mem=16 * GIB),
+              vm("big2", "a", mem=16 * GIB)])
+    moves = [Move("big1", "a", "b", "", 16 * GIB), Move("big2", "a", "b", "", 16 * GIB),
+             Move("small", "m", "b", "evacuates m", 2 * GIB)]
+    waves = check(s, moves, PlannerLimits(max_incoming_per_host=1))
+    assert [m.vm for m in waves.migrations] == ["small", "big1", "big2"]
+    assert waves.migrations[0].start_s == 0.0
