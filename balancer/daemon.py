@@ -337,6 +337,10 @@ class Controller:
         return snap
 
     def close(self) -> None:
+        for src in self.sources:
+            closer = getattr(src, "close", None)
+            if closer is not None:
+                closer()
         if self.executor is not None:
             self.executor.close()
         self.store.close()

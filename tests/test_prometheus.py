@@ -4,6 +4,7 @@ through the default PromQL queries."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -81,8 +82,9 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("prom")
     registry = CollectorRegistry()
     registry.register(ClusterExporter())
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    exporter_port = server.server_port
+    stack = contextlib.ExitStack()
+    exporter_url = stack.enter_context(serve_in_thread(make_asgi_app(registry)))
+    exporter_port = int(exporter_url.rsplit(":", 1)[1])
     (tmp / "prometheus.yml").write_text(f"""
 global:
   scrape_interval: 1s
@@ -123,9 +125,7 @@ scrape_configs:
             proc.kill()
             proc.wait()
         log.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        stack.close()
 
 
 def inventory() -> dict[str, Any]:
