@@ -137,11 +137,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seed=args.seed,
         solver=args.solver,
     ))
+    from balancer.planner import PlannerLimits, add_waves
+
+    doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))
     if args.format == "json":
-        json.dump(result.to_dict(), sys.stdout, indent=1)
+        json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(plan_table(result))
+        sys.stdout.write(f"waves: {len(doc['waves'])}   estimated makespan: "
+                         f"{doc['makespan_s']:.0f} s (pre-copy model, see docs/executor.md)\n")
     return 0
 
 

@@ -63,7 +63,7 @@ class MigrationRequest:
     source: str
     target: str
     mem_mb: int
-    bandwidth_mbps: float | None = None  # cap on the migration stream, Mbit/s (None: backend default)
+    bandwidth_mbps: float | None = None  # cap on the migration stream, Mbit/s (None: default)
     downtime_ms: int | None = None  # allowed stop-and-copy downtime
 
 
@@ -137,3 +137,6 @@ class Backend(Protocol):
 
     def close(self) -> None:
         ...
+
+    # Optional: ``find_migration(vm) -> Handle | None`` — a migration of ``vm`` already in
+    # flight (after a restart of the executor). The runner uses it when a backend has it.
