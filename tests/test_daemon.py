@@ -330,3 +330,25 @@ path = "{tmp_path / 'state.db'}"
     assert "completed" in states and "started" not in states
     assert "cancelled" in states  # the run was stopped part-way, and says so
     assert journal and not {"running", "planned"} & set(journal)
+
+
+def test_inventory_follows_the_backend(tmp_path: Path) -> None:
+    """The libvirt source: VM placement, new and gone VMs come from the backend's inventory."""
+    from balancer.executor.base import VMInfo
+
+    controller, _, _ = make(tmp_path)
+    doc = scenario_doc("hot-cold")
+    controller.set_inventory(doc)
+    vms = [VMInfo(v["name"], "h4" if v["name"] == "a1" else v["host"], v["vcpus"], v["mem_mb"])
+           for v in doc["vms"] if v["name"] != "a0"]
+    vms.append(VMInfo("fresh-vm", "h3", 2, 2048))
+    controller.set_backend(SimulatedBackend({h["name"]: h["mem_capacity_mb"]
+                                             for h in doc["hosts"]}, vms))
+    controller.refresh_from_backend()
+    inv = controller.inventory
+    where = {v.name: v.host for v in inv.vms}
+    assert "a0" not in where and where["a1"] == "h4" and where["fresh-vm"] == "h3"
+    state = controller.cluster_state()
+    held = {v["name"]: v["held"] for v in state["vms"]}
+    assert held["fresh-vm"] == "no fresh samples"  # known from libvirt, no metrics yet
+    controller.close()
