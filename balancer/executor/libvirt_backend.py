@@ -158,15 +158,16 @@ class LibvirtBackend:
             return c
 
     def _domain(self, host: str, vm: str) -> libvirt.virDomain | None:
-        """The active domain ``vm`` on ``host`` (None if it has none)."""
+        """The active domain ``vm`` on ``host`` (None if it has none, or it just vanished:
+        a migration's source domain is removed the moment the destination takes over)."""
         with map_libvirt_errors(vm=vm, host=host):
             try:
                 dom = self.conn(host).lookupByName(vm)
+                return dom if dom.isActive() else None
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return None
                 raise
-            return dom if dom.isActive() else None
 
     @staticmethod
     def _operation(dom: libvirt.virDomain) -> int:
@@ -197,9 +198,14 @@ class LibvirtBackend:
             with map_libvirt_errors(host=host):
                 doms = self.conn(host).listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
                 for dom in doms:
-                    if self._incoming(dom):
-                        continue
-                    state, _max_kib, mem_kib, vcpus, _cpu = dom.info()
+                    try:
+                        if self._incoming(dom):
+                            continue
+                        state, _max_kib, mem_kib, vcpus, _cpu = dom.info()
+                    except libvirt.libvirtError as exc:
+                        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                            continue  # left the host since the listing (migrated away)
+                        raise
                     out.append(VMInfo(dom.name(), host, int(vcpus), int(mem_kib) // 1024,
                                       state == libvirt.VIR_DOMAIN_RUNNING))
         return sorted(out, key=lambda v: (v.name, v.host))
@@ -212,7 +218,11 @@ class LibvirtBackend:
             if dom is None:
                 continue
             with map_libvirt_errors(vm=vm, host=host):
-                (incoming if self._incoming(dom) else on).append(host)
+                try:
+                    (incoming if self._incoming(dom) else on).append(host)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise  # else: gone since the lookup (switch-over)
         return on, incoming
 
     def locate(self, vm: str) -> str | None:

@@ -155,7 +155,16 @@ def qmp(path: Path, *commands: str | tuple[str, Mapping[str, object]],
         timeout: float = 5.0) -> list[Any]:
     """Run QMP commands on one monitor socket (connect, execute in order, disconnect)."""
     cmds = [(c, None) if isinstance(c, str) else c for c in commands]
-    return asyncio.run(_qmp_session(path, cmds, timeout))
+    for attempt in range(3):
+        try:
+            return asyncio.run(_qmp_session(path, cmds, timeout))
+        except ConnectError:
+            # A QEMU that is switching over (or exiting) can drop the greeting or the
+            # capabilities negotiation; ask again shortly before calling it unreachable.
+            if attempt == 2 or not path.exists():
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -516,8 +525,8 @@ class QemuBackend:
         """Remove leftovers of migrations that ended while no executor watched.
 
         A ``postmigrate`` source whose VM runs elsewhere is quit (the move completed); an
-        ``inmigrate`` destination whose VM runs on a host that is not migrating is quit (the
-        migration failed or was never started). Copies this instance is migrating are left
+        ``inmigrate`` destination is quit when the host running the VM reports its migration
+        ``failed``, ``cancelled`` or never started. Copies this instance is migrating are left
         to ``poll``.
         """
         busy = {(f.handle.request.vm) for f in self._flights.values()
@@ -529,12 +538,19 @@ class QemuBackend:
         if len(running) != 1:
             return
         home = self.hosts[running[0]]
-        migrating = False
+        status = "unknown"
         with contextlib.suppress(BackendError):
-            migrating = self._qmp(home, vm, "query-migrate")[0].get("status") in _ACTIVE
+            status = str(self._qmp(home, vm, "query-migrate")[0].get("status", "none"))
         for name, s in states.items():
-            if s == "postmigrate" or (s == "inmigrate" and not migrating):
-                self._quit(self.hosts[name], vm)
+            h = self.hosts[name]
+            if s == "postmigrate":
+                self._quit(h, vm)
+            # Only a migration known to have ended without moving the VM leaves a dead
+            # destination; "completed" or a status read too late must never kill the copy
+            # that may just have become the VM.
+            elif s == "inmigrate" and status in ("failed", "cancelled", "none") \
+                    and self._status(h, vm) == "inmigrate":
+                self._quit(h, vm)
 
 
 # ---------------------------------------------------------------------------- configuration

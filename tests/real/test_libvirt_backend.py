@@ -30,6 +30,8 @@ class Cluster:
     def __init__(self, the_lab: labmod.Lab, uris: dict[str, str], kernel: Path) -> None:
         self.lab, self.uris, self.kernel = the_lab, uris, kernel
         self.hosts = {h.name: h for h in the_lab.hosts}
+        for h in the_lab.hosts:
+            (h.root / "serial").mkdir(exist_ok=True)
 
     def serial(self, vm: str, host: str) -> Path:
         return self.hosts[host].root / "serial" / f"{vm}.log"
@@ -43,7 +45,6 @@ class Cluster:
         return LibvirtBackend(hosts, rewrite_xml=rewrite, **kw)  # type: ignore[arg-type]
 
     def create(self, vm: str, host: str, mem: int = 64, vcpus: int = 1, **args: int) -> None:
-        self.serial(vm, host).parent.mkdir(exist_ok=True)
         cmdline = " ".join(f"{k}={v}" for k, v in {"fill": mem - 8, **args}.items())
         xml = f"""<domain type='qemu'><name>{vm}</name>
   <memory unit='MiB'>{mem}</memory><vcpu>{vcpus}</vcpu>
@@ -189,3 +190,39 @@ def test_errors_are_mapped_at_the_boundary(cluster: Cluster, lv: LibvirtBackend,
     with pytest.raises(VMNotFound, match="not on host-b"):
         lv.start(MigrationRequest("err1", "host-b", "host-a", 32))
     assert time.monotonic() - started < 5
+
+
+def test_runner_executes_a_plan_through_libvirt(cluster: Cluster, tmp_path: Path) -> None:
+    from balancer.executor.config import parse_config
+    from balancer.executor.journal import Journal, State
+    from balancer.executor.libvirt_backend import create_backend
+    from balancer.executor.runner import Runner
+    from balancer.planner import make_waves, moves_from_plan
+    from balancer.snapshot import parse_snapshot
+
+    vms = {"run1": 32, "run2": 48}
+    hosts = [{"name": n, "cpu_capacity": 4, "mem_capacity_mb": 1024} for n in cluster.hosts]
+    snap = parse_snapshot({"version": 1, "hosts": hosts, "vms": [
+        {"name": vm, "host": "host-a", "vcpus": 1, "mem_mb": mem, "cpu_demand": 0.1,
+         "mem_demand_mb": mem} for vm, mem in vms.items()]})
+    cfg = parse_config({"migration": {"poll_interval_s": 0.1}, "backend": {"libvirt": {
+        "hosts": [{"name": h.name, "uri": cluster.uris[h.name],
+                   "migration_uri": f"qemu+tcp://{h.address}/system"}
+                  for h in cluster.lab.hosts]}}})
+    backend = create_backend(cfg, snap)
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        for vm, mem in vms.items():
+            cluster.create(vm, "host-a", mem=mem)
+        moves = moves_from_plan({"migrations": [
+            {"vm": vm, "from": "host-a", "to": "host-b", "mem_mb": m} for vm, m in vms.items()]})
+        summary = Runner(backend, journal, cfg, {"host-a": 1024, "host-b": 1024}).run(
+            make_waves(snap, moves))
+        assert sorted((e.vm, e.state) for e in summary.entries) == \
+            [("run1", State.SUCCEEDED), ("run2", State.SUCCEEDED)]
+        assert [(v.name, v.host, v.mem_mb) for v in backend.inventory()] == \
+            [("run1", "host-b", 32), ("run2", "host-b", 48)]
+    finally:
+        journal.close()
+        backend.close()
+        cluster.destroy_all()
