@@ -52,6 +52,7 @@ class ConsolidateArgs:
     high_util: float = 0.8  # power on above this
     low_util: float = 0.55  # power off below this
     cpu_headroom: float = 0.15  # receiving hosts stay under 1 - cpu_headroom (estimated demand)
+    shed_above: float = 1.0  # a host whose estimated load exceeds this share sheds VMs
     window: int = 3  # demand estimate: peak of the last `window` observed steps
     max_power_off: int = 2  # hosts put in standby per cycle
     min_on_cycles: int = 6  # a host switched on stays on at least this many cycles
@@ -62,7 +63,7 @@ class ConsolidateArgs:
     solver: str = "cpsat"
 
     def __post_init__(self) -> None:
-        for name in ("target_util", "high_util", "low_util"):
+        for name in ("target_util", "high_util", "low_util", "shed_above"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1,
                   f"field '{name}' must be in (0, 1], got {v!r}")
@@ -89,6 +90,48 @@ class ConsolidateArgs:
               f"field 'solver' must be 'cpsat' or 'greedy', got {self.solver!r}")
 
 
+def fits(moving: list[int], est: np.ndarray, room: dict[int, float]) -> bool:
+    """First-fit decreasing of ``moving`` VMs into the free CPU ``room`` of receiving hosts.
+
+    A cheap sufficient check run before asking the engine for mandatory moves, so the engine is
+    never handed an evacuation that cannot fit (its infeasibility proof is costly).
+    """
+    free = dict(room)
+    for v in sorted(moving, key=lambda x: (-est[x], x)):
+        best = None
+        for h, f in free.items():
+            if f >= est[v] and (best is None or f < free[best]):
+                best = h
+        if best is None:
+            return False
+        free[best] -= float(est[v])
+    return True
+
+
+def shed_choice(vms: list[int], est: np.ndarray, mem: np.ndarray, excess: float) -> list[int]:
+    """VMs to move off a host to remove ``excess`` estimated demand, moving little memory.
+
+    Repeatedly takes, among the VMs whose demand covers what is left, the one with the least
+    memory (the quickest to migrate, as Beloglazov's MMT selection); when none covers it, the VM
+    with the most demand per MiB. Ties by index, so the choice is deterministic.
+    """
+    left = excess
+    pool = sorted(vms)
+    chosen: list[int] = []
+    while left > 0 and pool:
+        cover = [v for v in pool if est[v] >= left]
+        if cover:
+            v = min(cover, key=lambda x: (mem[x], -est[x], x))
+        else:
+            v = max(pool, key=lambda x: (est[x] / max(mem[x], 1.0), -x))
+            if est[v] <= 0:
+                break
+        chosen.append(v)
+        pool.remove(v)
+        left -= float(est[v])
+    return chosen
+
+
 @register
 class Consolidate:
     name: ClassVar[str] = "consolidate"
@@ -109,40 +152,37 @@ class Consolidate:
         a = self.args
         self._cycle += 1
         cyc = self._cycle
+        n_h = ctx.n_hosts
         est = estimate(ctx, a.window)
-        cap = ctx.host_cpu
+        cap = np.asarray(ctx.host_cpu, dtype=float)
+        vm_mem = np.asarray(ctx.vm_mem, dtype=float)
         load = ctx.host_load(est)
-        count = np.bincount(ctx.vm_host, minlength=ctx.n_hosts)
-        mem = np.bincount(ctx.vm_host, weights=np.asarray(getattr(ctx, "vm_mem", np.zeros(
-            ctx.n_vms)), dtype=float), minlength=ctx.n_hosts)
-        eff = cap / np.maximum(np.asarray(getattr(ctx, "host_peak_w", np.ones(ctx.n_hosts)),
-                                          dtype=float), 1e-9)
+        count = np.bincount(ctx.vm_host, minlength=n_h)
+        mem = np.bincount(ctx.vm_host, weights=vm_mem, minlength=n_h)
+        eff = cap / np.maximum(np.asarray(ctx.host_peak_w, dtype=float), 1e-9)
         power = ctx.power
-        standby = ctx.standby.copy()
-        limit = 1.0 - a.cpu_headroom
-        # hosts that are on and hold nothing are switched off at once (no migration needed)
-        empty_on = [h for h in range(ctx.n_hosts)
-                    if power[h] == ON and count[h] == 0 and not standby[h]]
-        live = [h for h in range(ctx.n_hosts) if power[h] != OFF and not standby[h]
-                and h not in set(empty_on)]
+        standby = np.asarray(ctx.standby, dtype=bool).copy()
         total = float(est.sum())
-        cap_live = float(cap[live].sum())
         power_on: list[int] = []
         wake: list[int] = []
         new_standby: list[int] = []
-        # keep empty hosts that are needed for capacity; switch the rest off
-        empty_on.sort(key=lambda h: (-eff[h], h))
-        keep_empty = []
-        for h in empty_on:
-            if total > a.target_util * cap_live:
-                keep_empty.append(h)
+        # Hosts that count as capacity: on or booting, not in standby. Empty hosts that are on
+        # are kept only while they are needed; the rest go to standby (off at once: empty).
+        live = [h for h in range(n_h) if power[h] != OFF and not standby[h] and count[h] > 0]
+        cap_live = float(cap[live].sum())
+        empty = sorted((h for h in range(n_h) if power[h] != OFF and not standby[h]
+                        and count[h] == 0), key=lambda h: (-eff[h], h))
+        for h in empty:
+            if total > a.target_util * cap_live or (power[h] != ON) or \
+                    cyc - self._on_since.get(h, -10**9) < a.min_on_cycles:
+                live.append(h)
                 cap_live += float(cap[h])
             else:
                 new_standby.append(h)
-        live += keep_empty
-        hot = [h for h in live if power[h] == ON and load[h] > limit * cap[h]]
+        hot = [h for h in live if power[h] == ON and load[h] > a.shed_above * cap[h]]
         if total > a.high_util * cap_live or (hot and total > a.target_util * cap_live):
-            # wake standby hosts still holding VMs, then boot the most efficient off hosts
+            # wake standby hosts still holding VMs (no boot), then switch on the most
+            # efficient hosts that are off, until the target holds again
             for h in sorted(np.flatnonzero(standby & (count > 0)).tolist(),
                             key=lambda h: (-eff[h], h)):
                 if total <= a.target_util * cap_live:
@@ -151,9 +191,8 @@ class Consolidate:
                 standby[h] = False
                 cap_live += float(cap[h])
                 live.append(h)
-            offs = sorted([h for h in range(ctx.n_hosts) if power[h] == OFF or
-                           (h in new_standby)], key=lambda h: (-eff[h], h))
-            for h in offs:
+            for h in sorted((h for h in range(n_h) if power[h] == OFF or h in new_standby),
+                            key=lambda h: (-eff[h], h)):
                 if total <= a.target_util * cap_live:
                     break
                 if h in new_standby:
@@ -167,42 +206,72 @@ class Consolidate:
             cands = [h for h in live if power[h] == ON and count[h] > 0
                      and cyc - self._on_since.get(h, -10**9) >= a.min_on_cycles]
             cands.sort(key=lambda h: (eff[h], mem[h], load[h], h))
+            n_off = 0
             for h in cands:
-                if len([x for x in new_standby if count[x] > 0]) >= a.max_power_off:
+                if n_off >= a.max_power_off:
                     break
                 if total <= a.target_util * (cap_live - float(cap[h])):
                     new_standby.append(h)
                     standby[h] = True
                     cap_live -= float(cap[h])
                     live.remove(h)
+                    n_off += 1
         # what the engine sees: hosts on (booting ones cannot receive yet)
-        evacuate = {h for h in range(ctx.n_hosts) if standby[h] and count[h] > 0}
-        evacuate |= {h for h in new_standby if count[h] > 0}
+        evacuate = {h for h in range(n_h) if standby[h] and count[h] > 0}
         on_hosts = sorted({h for h in live if power[h] == ON} | evacuate)
-        need = bool(evacuate) or any(load[h] > limit * cap[h] for h in on_hosts)
-        if not need and a.rebalance_std > 0 and on_hosts:
-            u = load[on_hosts] / cap[on_hosts]
+        receivers = [h for h in on_hosts if h not in evacuate]
+        shed: dict[int, list[int]] = {}
+        for h in receivers:
+            if load[h] > a.shed_above * cap[h]:
+                vms = [int(v) for v in np.flatnonzero(ctx.vm_host == h) if not ctx.migrating[v]]
+                target = (1.0 - a.cpu_headroom) * cap[h]
+                chosen = shed_choice(vms, est, vm_mem, float(load[h] - target))
+                if chosen:
+                    shed[h] = chosen
+        room = {h: (1.0 - a.cpu_headroom) * cap[h] - load[h] for h in receivers}
+        evac_vms = [int(v) for v in np.flatnonzero(np.isin(ctx.vm_host, list(evacuate)))
+                    if not ctx.migrating[v]]
+        if evacuate and not fits(evac_vms, est, room):
+            # cannot empty them all: keep the freshest standby hosts on
+            for h in [x for x in new_standby if x in evacuate]:
+                new_standby.remove(h)
+                evacuate.discard(h)
+            wake.extend(sorted(evacuate))
+            evacuate = set()
+            evac_vms = []
+            on_hosts = sorted({h for h in live if power[h] == ON} | set(wake))
+            receivers = on_hosts
+            room = {h: (1.0 - a.cpu_headroom) * cap[h] - load[h] for h in receivers}
+            shed = {}
+        if shed and not fits(evac_vms + [v for vs in shed.values() for v in vs], est,
+                             {h: r for h, r in room.items() if h not in shed}):
+            shed = {}
+        need = bool(evacuate) or bool(shed) or any(load[h] > a.shed_above * cap[h]
+                                                    for h in receivers)
+        if not need and a.rebalance_std > 0 and receivers:
+            u = load[receivers] / cap[receivers]
             need = float(np.std(u)) > a.rebalance_std
         moves: list[tuple[int, int]] = []
-        if need and on_hosts:
-            moves = self._plan(ctx, on_hosts, est, evacuate, new_standby, wake)
+        if need and len(receivers) > 0:
+            moves = self._plan(ctx, on_hosts, est, evacuate, shed, new_standby, wake)
         return Decision(power_on=tuple(power_on), standby=tuple(new_standby), wake=tuple(wake),
                         moves=tuple(moves))
 
     def _plan(self, ctx: Context, hosts: list[int], est: np.ndarray, evacuate: set[int],
-              new_standby: list[int], wake: list[int]) -> list[tuple[int, int]]:
+              shed: dict[int, list[int]], new_standby: list[int], wake: list[int]
+              ) -> list[tuple[int, int]]:
+        opts = self._options()
         try:
-            return ctx.plan(ctx.snapshot(hosts, est, evacuate), **self._options())
+            return ctx.plan(ctx.snapshot(hosts, est, evacuate, shed), **opts)
         except InfeasibleError:
             pass
-        # the evacuation does not fit: cancel this cycle's standby hosts and try again
-        fresh = set(new_standby)
-        for h in list(new_standby):
-            new_standby.remove(h)
-        keep = evacuate - fresh
-        wake.extend(sorted(keep))
-        try:
-            return ctx.plan(ctx.snapshot(hosts, est, set()), **self._options())
+        try:  # the shedding does not fit: evacuate only
+            return ctx.plan(ctx.snapshot(hosts, est, evacuate), **opts)
         except InfeasibleError:
-            return []
-
+            pass
+        # the evacuation does not fit either: cancel the standby and keep the hosts on
+        fresh = [h for h in new_standby if h in evacuate]
+        for h in fresh:
+            new_standby.remove(h)
+        wake.extend(sorted(evacuate - set(fresh)))
+        return []

@@ -44,7 +44,7 @@ import numpy as np
 
 from balancer.errors import InputError
 from balancer.migration_model import estimate as precopy_estimate
-from balancer.model import VM, Automation, ClusterSnapshot, Host, HostState
+from balancer.model import VM, Automation, ClusterSnapshot, Host, HostState, Rule, RuleType
 from simulator.metrics import StepLog, Summary, summarise
 from simulator.traces import Trace
 
@@ -289,11 +289,13 @@ class ReplayContext:
     def vm_count(self) -> np.ndarray:
         return np.bincount(self.vm_host, minlength=self.n_hosts)
 
-    def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int] | None = None
-                 ) -> ClusterSnapshot:
+    def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int] | None = None,
+                 keep_off: dict[int, list[int]] | None = None) -> ClusterSnapshot:
         """Snapshot of ``hosts`` (every VM must be on one of them); migrating VMs are pinned at
-        their target. Host names ``h-NNNN``, VM names ``vm-NNNNN`` (index order = name order)."""
-        return self._sim.snapshot(hosts, cpu, standby or set())
+        their target. Host names ``h-NNNN``, VM names ``vm-NNNNN`` (index order = name order).
+        ``keep_off`` {host: [vms]} adds a mandatory VM-host rule per host that sends those VMs
+        to any other active host of the snapshot (the engine must move them)."""
+        return self._sim.snapshot(hosts, cpu, standby or set(), keep_off or {})
 
     def plan(self, snapshot: ClusterSnapshot, **options: Any) -> list[tuple[int, int]]:
         """Run the engine's real cycle on ``snapshot``; returns (vm, target host) moves."""
@@ -413,7 +415,8 @@ class Simulator:
             mask[v] = True
         return mask
 
-    def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int]) -> ClusterSnapshot:
+    def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int],
+                 keep_off: dict[int, list[int]] | None = None) -> ClusterSnapshot:
         dest = self.destination()
         mem_cap = self.snap_mem_capacity()
         hset = set(hosts)
@@ -435,7 +438,15 @@ class Simulator:
                 cpu_demand=int(cpu[j]),
                 mem_demand=min(mem, int(mem_use[j])) if binding else 0,
                 automation=Automation.MANUAL if j in self.migrations else Automation.FULLY))
-        return ClusterSnapshot(hosts=tuple(hs), vms=tuple(vms))
+        rules = []
+        receivers = [h.name for h in hs if h.state is HostState.ACTIVE]
+        for h, vs in sorted((keep_off or {}).items()):
+            allowed = tuple(n for n in receivers if n != self.host_names[h])
+            names = tuple(self.vm_names[v] for v in sorted(vs) if v not in self.migrations)
+            if names and allowed:
+                rules.append(Rule(f"shed-{self.host_names[h]}", RuleType.VM_HOST, names,
+                                  allowed, True))
+        return ClusterSnapshot(hosts=tuple(hs), vms=tuple(vms), rules=tuple(rules))
 
     def plan(self, snap: ClusterSnapshot, options: dict[str, Any]) -> list[tuple[int, int]]:
         t0 = time.monotonic()

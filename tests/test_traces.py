@@ -1,0 +1,231 @@
+"""Trace loaders against the real trace files in ../shared/traces (and broken copies of them)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simulator import traces
+from simulator.traces import TraceError
+
+TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+PLANETLAB = TRACES / "planetlab" / "20110303"
+BITBRAINS = TRACES / "bitbrains-rnd" / "2013-7"
+ALIBABA = TRACES / "alibaba-v2018"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "balancer.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+# ---------------------------------------------------------------- PlanetLab
+
+
+def test_planetlab_day_loads_as_files_say() -> None:
+    tr = traces.load(f"planetlab:{PLANETLAB}", max_vms=6)
+    files = sorted(p.name for p in PLANETLAB.iterdir())[:6]
+    assert tr.names == tuple(files)
+    assert tr.steps == 288 and tr.interval_s == 300
+    assert tr.vcpus is None and tr.mem_util is None  # no sizes, no memory in PlanetLab
+    first = [int(x) for x in (PLANETLAB / files[0]).read_text().split()]
+    assert np.allclose(tr.cpu_util[:, 0], np.array(first) / 100.0)
+
+
+def test_planetlab_whole_day_matches_readme_statistics() -> None:
+    tr = traces.load(f"planetlab:{PLANETLAB}")
+    assert tr.n_vms == 1052
+    assert round(100 * float(tr.cpu_util.mean()), 2) == 12.31  # README: mean 12.31 %
+    assert any(" " in n for n in tr.names)  # names with a space load too
+
+
+def _copy_planetlab(tmp: Path, n: int = 3) -> list[Path]:
+    day = tmp / "day"
+    day.mkdir()
+    out = []
+    for p in sorted(PLANETLAB.iterdir())[:n]:
+        q = day / p.name
+        shutil.copyfile(p, q)
+        out.append(q)
+    return out
+
+
+def test_planetlab_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    files = _copy_planetlab(tmp_path)
+    lines = files[1].read_text().splitlines()
+    lines[41] = "12x"
+    files[1].write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError) as exc:
+        traces.load(f"planetlab:{tmp_path / 'day'}")
+    assert f"{files[1]}:42:" in str(exc.value) and "12x" in str(exc.value)
+
+
+def test_planetlab_skip_bad_counts_and_carries_forward(tmp_path: Path) -> None:
+    files = _copy_planetlab(tmp_path)
+    lines = files[1].read_text().splitlines()
+    lines[41] = "150"  # out of range
+    files[1].write_text("\n".join(lines) + "\n")
+    tr = traces.load(f"planetlab:{tmp_path / 'day'}", skip_bad=True)
+    assert tr.skipped == 1
+    assert tr.cpu_util[41, 1] == tr.cpu_util[40, 1] == int(lines[40]) / 100.0
+
+
+# ---------------------------------------------------------------- Bitbrains
+
+
+def test_bitbrains_sizes_absent_rows_and_grid() -> None:
+    tr = traces.load_bitbrains(BITBRAINS / "188.csv.gz")
+    assert tr.names == ("188",) and tr.interval_s == 300
+    rows = [r.split(";") for r in gzip.open(BITBRAINS / "188.csv.gz", "rt").read()
+            .splitlines()[1:]]
+    cores = max(float(r[1]) for r in rows)
+    assert tr.vcpus[0] == cores
+    assert tr.mem_mb[0] == math.ceil(max(float(r[5]) for r in rows) / 1024)
+    # the rows with 0 cores are absent (NaN), not zero demand and not an error
+    absent = sum(1 for r in rows if float(r[1]) == 0)
+    assert absent == 2 and np.isnan(tr.cpu_util[:, 0]).sum() >= absent
+    t0 = float(rows[0][0])
+    assert tr.start_s == t0
+    k = 5
+    want = float(rows[k][3]) / float(rows[k][2])
+    slot = round((float(rows[k][0]) - t0) / 300)
+    assert tr.cpu_util[slot, 0] == pytest.approx(want, rel=1e-6)
+
+
+def test_bitbrains_duplicate_timestamps_are_averaged() -> None:
+    tr = traces.load_bitbrains(BITBRAINS / "20.csv.gz")
+    rows = [r.split(";") for r in gzip.open(BITBRAINS / "20.csv.gz", "rt").read()
+            .splitlines()[1:]]
+    assert len(rows) > 16000  # README: duplicates inflate this file
+    assert tr.steps < 9000  # one slot per 300 s over about 30 days
+    seen: dict[float, int] = {}
+    by_slot: dict[int, list[float]] = {}
+    for r in rows:
+        t = float(r[0])
+        seen[t] = seen.get(t, 0) + 1
+        if float(r[1]) > 0:
+            by_slot.setdefault(round((t - tr.start_s) / 300), []).append(float(r[3]) / float(r[2]))
+    dups = [t for t, c in seen.items() if c > 1]
+    assert len(dups) > 1000
+    for t in dups[:200]:
+        slot = round((t - tr.start_s) / 300)
+        if slot in by_slot:
+            assert tr.cpu_util[slot, 0] == pytest.approx(float(np.mean(by_slot[slot])), rel=1e-6)
+        else:  # every row of the slot says "VM absent"
+            assert np.isnan(tr.cpu_util[slot, 0])
+
+
+def test_bitbrains_directory_in_numeric_order_and_bad_row(tmp_path: Path) -> None:
+    d = tmp_path / "bb"
+    d.mkdir()
+    for n in ("2", "10", "1"):
+        shutil.copyfile(BITBRAINS / "188.csv.gz", d / f"{n}.csv.gz")
+    tr = traces.load(f"bitbrains:{d}")
+    assert tr.names == ("1", "2", "10")
+    text = gzip.open(BITBRAINS / "188.csv.gz", "rt").read().splitlines()
+    text[7] = text[7].replace(";", ";oops", 1)
+    (d / "2.csv").write_text("\n".join(text) + "\n")
+    (d / "2.csv.gz").unlink()
+    with pytest.raises(TraceError, match=r"2\.csv:8: "):
+        traces.load(f"bitbrains:{d}")
+    assert traces.load(f"bitbrains:{d}", skip_bad=True).skipped == 1
+
+
+# ---------------------------------------------------------------- Alibaba
+
+
+def test_alibaba_machines_resampled_to_300s() -> None:
+    tr = traces.load(f"alibaba:{ALIBABA}")
+    assert tr.names == tuple(f"m_{i}" for i in range(1932, 1940))
+    assert tr.interval_s == 300 and list(tr.vcpus) == [96.0] * 8
+    assert tr.steps == pytest.approx(691_180 / 300, abs=2)
+    df = pd.read_csv(ALIBABA / "machine_usage.m_1932-m_1939.csv.gz", header=None)
+    m = df[df[0] == "m_1937"]
+    t0 = df[1].min()
+    slots = (m[1] - t0) // 300
+    slot = int(sorted(set(slots))[200])
+    in_slot = m[slots == slot]
+    assert len(in_slot) > 1  # several ~60 s samples per 300 s slot
+    assert tr.cpu_util[slot, 5] == pytest.approx(in_slot[2].mean() / 100.0)
+    # m_1932 starts late: absent (NaN) before its first sample
+    assert np.isnan(tr.cpu_util[0, 0]) and not np.isnan(tr.cpu_util[-1, 0])
+
+
+def test_alibaba_bad_row(tmp_path: Path) -> None:
+    src = gzip.open(ALIBABA / "machine_usage.m_1932-m_1939.csv.gz", "rt").read().splitlines()
+    bad = src[:20]
+    bad[9] = "m_1932,386920,abc,92,,,43.05,33.08,5"
+    f = tmp_path / "machine_usage.csv"
+    f.write_text("\n".join(bad) + "\n")
+    with pytest.raises(TraceError, match=r"machine_usage\.csv:10: field 'cpu_util_percent'"):
+        traces.load(f"alibaba:{f}")
+    assert traces.load(f"alibaba:{f}", skip_bad=True).skipped == 1
+
+
+# ---------------------------------------------------------------- long format
+
+
+def _long_frame() -> pd.DataFrame:
+    rows = []
+    for t in range(4):
+        rows.append({"timestamp": 1000 + 60 * t, "vm": "web", "cpu": 0.5 * t, "mem": 1000 + t})
+        rows.append({"timestamp": 1000 + 60 * t, "vm": "db", "cpu": 2.0, "mem": 3000})
+    return pd.DataFrame(rows)
+
+
+def test_long_csv_and_parquet_agree(tmp_path: Path) -> None:
+    df = _long_frame()
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.to_parquet(tmp_path / "t.parquet")
+    a = traces.load(f"csv:{tmp_path / 't.csv'}")
+    b = traces.load(f"parquet:{tmp_path / 't.parquet'}")
+    for tr in (a, b):
+        assert tr.names == ("db", "web") and tr.interval_s == 60 and tr.steps == 4
+        assert list(tr.vcpus) == [2.0, 2.0]  # peak use rounded up to whole cores
+        assert list(tr.mem_mb) == [3072.0, 1024.0]  # peak rounded up to whole GiB
+        assert np.allclose(tr.cpu_util[:, 1], [0.0, 0.25, 0.5, 0.75])
+    assert np.array_equal(a.cpu_util, b.cpu_util)
+
+
+def test_long_csv_bad_row_names_line(tmp_path: Path) -> None:
+    f = tmp_path / "t.csv"
+    _long_frame().to_csv(f, index=False)
+    lines = f.read_text().splitlines()
+    lines[4] = lines[4].replace(",2.0,", ",two,")
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=r"t\.csv: line 5: field 'cpu' must be a number"):
+        traces.load(f"csv:{f}")
+    tr = traces.load(f"csv:{f}", skip_bad=True)
+    assert tr.skipped == 1
+
+
+def test_long_missing_column(tmp_path: Path) -> None:
+    f = tmp_path / "t.csv"
+    _long_frame().drop(columns=["mem"]).to_csv(f, index=False)
+    with pytest.raises(TraceError, match="missing column"):
+        traces.load(f"csv:{f}")
+
+
+def test_cli_trace_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    r = cli("replay", "--trace", "nosuch:/x")
+    assert r.returncode == 2 and "kind 'nosuch' is unknown" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("replay", "--trace", f"planetlab:{tmp_path / 'missing'}")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+    f = tmp_path / "t.csv"
+    f.write_text("timestamp,vm,cpu,mem\n0,a,1,100\n300,a,x,100\n")
+    r = cli("replay", "--trace", f"csv:{f}", "--no-progress")
+    assert r.returncode == 2 and "line 3" in r.stderr and "field 'cpu'" in r.stderr
+    r = cli("replay", "--trace", f"csv:{f}", "--skip-bad-rows", "--policy", "none",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 malformed trace rows" in r.stdout
