@@ -22,28 +22,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_float(name: str):  # noqa: ANN202
+def _float(name: str, *, strict: bool):  # noqa: ANN202
+    """An argparse type: a finite number > 0 (``strict``) or >= 0, errors naming the flag."""
+    bound = "> 0" if strict else ">= 0"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}")
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise argparse.ArgumentTypeError(f"{name} must be a number {bound}, got {text!r}")
         return value
     return parse
+
+
+def _positive_float(name: str):  # noqa: ANN202
+    return _float(name, strict=True)
 
 
 def _nonneg_float(name: str):  # noqa: ANN202
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}")
-        return value
-    return parse
+    return _float(name, strict=False)
 
 
 def _nonneg_int(name: str):  # noqa: ANN202

@@ -226,45 +226,35 @@ def _unique(kind: str, names: list[str]) -> None:
 
 def _check_contradictions(snapshot: ClusterSnapshot) -> None:
     """Mandatory rules that can never hold together are input errors, not solver work."""
-    parent = {v.name: v.name for v in snapshot.vms}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
+    group = snapshot.affinity_groups()
     owner: dict[str, str] = {}
     for rule in snapshot.rules:
         if rule.type is RuleType.AFFINITY and rule.mandatory:
-            for v in rule.vms[1:]:
-                parent[find(v)] = find(rule.vms[0])
             for v in rule.vms:
                 owner.setdefault(v, rule.name)
     for rule in snapshot.rules:
         if rule.type is RuleType.ANTI_AFFINITY and rule.mandatory:
-            seen: dict[str, str] = {}
+            seen: dict[tuple[str, ...], str] = {}
             for v in rule.vms:
-                root = find(v)
-                if root in seen:
+                if group[v] in seen:
                     raise SnapshotError(
-                        f"rules ({rule.name}): field 'vms': {seen[root]} and {v} must run apart "
-                        f"here but together by affinity rule {owner.get(v, '?')}"
+                        f"rules ({rule.name}): field 'vms': {seen[group[v]]} and {v} must run "
+                        f"apart here but together by affinity rule {owner.get(v, '?')}"
                     )
-                seen[root] = v
-    allowed: dict[str, set[str]] = {}
-    culprit: dict[str, list[str]] = {}
+                seen[group[v]] = v
+    allowed: dict[tuple[str, ...], set[str]] = {}
+    culprit: dict[tuple[str, ...], list[str]] = {}
     for rule in snapshot.rules:
         if rule.type is RuleType.VM_HOST and rule.mandatory:
             for v in rule.vms:
-                root = find(v)
+                g = group[v]
                 hosts = set(rule.hosts)
-                allowed[root] = allowed[root] & hosts if root in allowed else hosts
-                culprit.setdefault(root, []).append(rule.name)
-                if not allowed[root]:
+                allowed[g] = allowed[g] & hosts if g in allowed else hosts
+                culprit.setdefault(g, []).append(rule.name)
+                if not allowed[g]:
                     raise SnapshotError(
                         f"rules ({rule.name}): field 'hosts': no host satisfies all of the "
-                        f"mandatory rules {', '.join(culprit[root])} for VM {v}"
+                        f"mandatory rules {', '.join(culprit[g])} for VM {v}"
                     )
 
 

@@ -111,25 +111,6 @@ def estimate(frame: pd.DataFrame, now: float, *, window_s: float, method: str = 
     return est
 
 
-def _affinity_groups(snapshot: ClusterSnapshot) -> dict[str, list[str]]:
-    parent = {v.name: v.name for v in snapshot.vms}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for rule in snapshot.rules:
-        if rule.type is RuleType.AFFINITY and rule.mandatory:
-            for v in rule.vms[1:]:
-                parent[find(v)] = find(rule.vms[0])
-    groups: dict[str, list[str]] = {}
-    for v in parent:
-        groups.setdefault(find(v), []).append(v)
-    return {v: groups[find(v)] for v in parent}
-
-
 def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: float, *,
                     stale_after_s: float, pins: dict[str, str] | None = None,
                     require_fresh: bool = True) -> tuple[ClusterSnapshot, Freshness]:
@@ -194,7 +175,7 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
             for v in r.vms:
                 by_vm[v] = by_vm[v] & set(r.hosts) if v in by_vm else set(r.hosts)
         host_of = {v.name: v.host for v in inventory.vms}
-        groups = _affinity_groups(inventory)
+        groups = inventory.affinity_groups()
         for v in inventory.vms:
             if v.name in pinned or host_of[v.name] not in active:
                 continue

@@ -101,6 +101,29 @@ class ClusterSnapshot:
                 feats[h.cpu_model] = h.cpu_features if prev is None else prev & h.cpu_features
         object.__setattr__(self, "model_features", feats)
 
+    def affinity_groups(self) -> dict[str, tuple[str, ...]]:
+        """VM name -> the VMs its mandatory affinity rules bind it to (itself included, sorted).
+
+        Affinity is transitive: a-b and b-c put a, b and c on one host.
+        """
+        parent = {v.name: v.name for v in self.vms}
+
+        def find(x: str) -> str:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for rule in self.rules:
+            if rule.type is RuleType.AFFINITY and rule.mandatory:
+                for v in rule.vms[1:]:
+                    parent[find(v)] = find(rule.vms[0])
+        members: dict[str, list[str]] = {}
+        for v in parent:
+            members.setdefault(find(v), []).append(v)
+        groups = {root: tuple(sorted(m)) for root, m in members.items()}
+        return {v: groups[find(v)] for v in parent}
+
     def unmet_requirements(self, vm: VM, host: Host) -> list[str]:
         """What ``host`` lacks to run ``vm`` (empty: compatible). One short phrase each."""
         out = []

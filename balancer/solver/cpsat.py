@@ -163,21 +163,18 @@ def build(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, free: list[in
             objective.append(x[u, h])
             obj_coefs.append(cost)
 
-    # budgets
-    if p.max_migrations is not None:
-        terms = [(x[k], c) for k, (c, _, _) in moves_of.items() if c]
-        if terms:
-            ct = m.Add(cp_model.LinearExpr.WeightedSum([t for t, _ in terms], [c for _, c in terms])
-                       <= p.max_migrations - f_migrations)
-            if explain:
-                ct.OnlyEnforceIf(switch("budget max_migrations"))
-    if p.max_moved_mem is not None:
-        terms = [(x[k], mm) for k, (_, mm, _) in moves_of.items() if mm]
-        if terms:
-            ct = m.Add(cp_model.LinearExpr.WeightedSum([t for t, _ in terms], [c for _, c in terms])
-                       <= p.max_moved_mem - f_moved_mem)
-            if explain:
-                ct.OnlyEnforceIf(switch("budget max_moved_mem_gb"))
+    # budgets: migrations counted, configured memory moved
+    for limit, used, field_ix, name in (
+        (p.max_migrations, f_migrations, 0, "budget max_migrations"),
+        (p.max_moved_mem, f_moved_mem, 1, "budget max_moved_mem_gb"),
+    ):
+        terms = [(x[k], v[field_ix]) for k, v in moves_of.items() if v[field_ix]]
+        if limit is None or not terms:
+            continue
+        ct = m.Add(cp_model.LinearExpr.WeightedSum([t for t, _ in terms], [c for _, c in terms])
+                   <= limit - used)
+        if explain:
+            ct.OnlyEnforceIf(switch(name))
 
     # rules over units
     for g in p.apart:
