@@ -16,7 +16,7 @@ Description
     threshold  price (1e-10 util^2 per MiB)       behaviour
     ========== ================================= ===========================================
     1          (no balancing)                    only mandatory moves: evacuation, rule fixes
-    2          100,000                           only moves that fix a gross imbalance
+    2          30,000                            only moves that fix a gross imbalance
     3          10,000 (default)                  moderate
     4          1,000                             aggressive
     5          100                               most aggressive: balance at nearly any cost
@@ -44,7 +44,7 @@ from balancer.model.problem import WEIGHT_ONE
 from policies.base import Draft, register
 
 # objective units (1e-10 util^2 at weight 1) per MiB moved
-PRICE_PER_MIB = {2: 100_000, 3: 10_000, 4: 1_000, 5: 100}
+PRICE_PER_MIB = {2: 30_000, 3: 10_000, 4: 1_000, 5: 100}
 # threshold 1: the price of moving a VM that nothing forces to move (only to make room)
 ROOM_PRICE_PER_MIB = 10**9
 
