@@ -395,6 +395,18 @@ class LibvirtBackend:
         self._flights[handle.token] = _Flight(handle, None, time.monotonic())
         return handle
 
+    def set_bandwidth(self, handle: Handle, mbps: float) -> None:
+        """Change the bandwidth cap of a migration in flight (``migrateSetMaxSpeed``)."""
+        if mbps <= 0:
+            raise ValueError(f"field 'mbps' must be > 0, got {mbps!r}")
+        req = handle.request
+        dom = self._domain(req.source, req.vm)
+        if dom is None:
+            raise VMNotFound(f"VM {req.vm} is not active on {req.source}", vm=req.vm,
+                             host=req.source)
+        with map_libvirt_errors(vm=req.vm, host=req.source):
+            dom.migrateSetMaxSpeed(max(1, int(mbps * 1e6 / 8 / MIB)))
+
     def cancel(self, handle: Handle) -> None:
         f = self._flight(handle)
         if f.last.status is not MigrationStatus.ACTIVE:

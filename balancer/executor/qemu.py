@@ -500,6 +500,15 @@ class QemuBackend:
         f.last = prog
         return prog
 
+    def set_bandwidth(self, handle: Handle, mbps: float) -> None:
+        """Change the bandwidth cap of a migration in flight (``max-bandwidth``): the lever
+        that lets a migration whose guest dirties memory faster than the cap converge."""
+        if mbps <= 0:
+            raise ValueError(f"field 'mbps' must be > 0, got {mbps!r}")
+        f = self._flight(handle)
+        self._qmp(f.src, handle.request.vm,
+                  ("migrate-set-parameters", {"max-bandwidth": int(mbps * 1e6 / 8)}))
+
     def cancel(self, handle: Handle) -> None:
         f = self._flight(handle)
         if f.last.status is MigrationStatus.ACTIVE:
