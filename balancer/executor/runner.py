@@ -10,6 +10,11 @@ Description
     destination must have room for the VM's configured memory counting the VMs migrating to it
     (host capacity from the snapshot, usage from the backend's ``inventory`` refreshed at every
     wave), and the backend's own ``check`` must pass. A stale move is skipped with the reason.
+    A move the backend finds incompatible (``IncompatibleHost`` from ``check``: the real
+    destination lacks the VM's CPU, machine type, network or storage, see
+    ``balancer.executor.compat``) is never started: it is skipped with ``incompatible: <the
+    backend's reason>`` and the plan goes on; so is one whose ``start`` raises
+    ``IncompatibleHost`` (refused before anything moved, so retrying cannot help).
     When nothing runs and the next moves still lack room (a move they relied on failed), they
     are skipped with the reason rather than waited on forever.
 
@@ -49,6 +54,7 @@ from balancer.executor.base import (
     Backend,
     BackendError,
     Handle,
+    IncompatibleHost,
     MigrationRequest,
     MigrationStatus,
     Progress,
@@ -428,6 +434,9 @@ class Runner:
             return False
         try:
             self.backend.check(req)
+        except IncompatibleHost as exc:  # the destination cannot run it: never start it
+            self._terminal(e, State.SKIPPED, f"incompatible: {exc}")
+            return False
         except BackendError as exc:
             if e.attempts:
                 self._attempt_failed(e, f"{type(exc).__name__}: {exc}")
@@ -440,6 +449,9 @@ class Runner:
         self._record(e, f"starting attempt {e.attempts}")
         try:
             handle = self.backend.start(req)
+        except IncompatibleHost as exc:  # refused before anything moved: retrying cannot help
+            self._terminal(e, State.SKIPPED, f"incompatible (at start): {exc}")
+            return False
         except BackendError as exc:
             self._attempt_failed(e, f"{type(exc).__name__}: {exc}")
             return False

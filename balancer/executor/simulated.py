@@ -17,12 +17,18 @@ Description
     With ``state_path`` the cluster (VMs, migrations in flight, the clock and the log of every
     start) lives in a SQLite file and each change is one transaction, so a restarted executor
     sees where the VMs really are and migrations in flight carry on from where they were.
+    Compatibility (``compat``, the snapshot, set by ``from_snapshot``): ``check`` and ``start``
+    refuse a move the snapshot says the destination cannot take
+    (``ClusterSnapshot.unmet_requirements``: CPU model/features, networks, datastores; and a VM
+    on local storage) with ``IncompatibleHost`` and the same kind of reason a real backend
+    gives (``destination b lacks network prod used by x``). ``refusals`` records every start the
+    backend refused that way, next to ``starts``, so tests can count starts against refusals.
 Requirements
     Host memory capacities and the VMs with their hosts (``from_snapshot``).
 Limitations
-    Memory only: a start that would put the destination over its memory capacity (counting
-    incoming migrations) is refused with ``IncompatibleHost``; CPU, network and storage are not
-    simulated. Concurrent migrations do not share bandwidth.
+    A start that would put the destination over its memory capacity (counting incoming
+    migrations) is refused with ``IncompatibleHost``; CPU, network and storage are only what the
+    snapshot says of them (nothing is probed). Concurrent migrations do not share bandwidth.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from balancer.executor.base import (
     VMInfo,
     VMNotFound,
 )
+from balancer.executor.compat import refusal
 from balancer.executor.config import ExecutorConfig, FaultsConfig
 from balancer.migration_model import ModelParams, estimate
 from balancer.model import ClusterSnapshot
@@ -92,8 +99,11 @@ class SimulatedBackend:
                  bandwidth_mbps: float = 10000.0, downtime_ms: float = 300.0,
                  dirty_rate_mbps: float = 0.0, faults: FaultsConfig | None = None,
                  time_scale: float = 0.0, state_path: str | None = None,
-                 params: ModelParams | None = None) -> None:
+                 params: ModelParams | None = None,
+                 compat: ClusterSnapshot | None = None) -> None:
         self.seed = seed
+        self.compat = compat
+        self.refusals: list[tuple[str, str, str, str]] = []  # (vm, source, target, reason)
         self.bandwidth_mbps = bandwidth_mbps
         self.downtime_ms = downtime_ms
         self.dirty_rate_mbps = dirty_rate_mbps
@@ -124,6 +134,7 @@ class SimulatedBackend:
             "downtime_ms": cfg.migration.downtime_ms, "dirty_rate_mbps": sim.dirty_rate_mbps,
             "faults": sim.faults, "time_scale": sim.time_scale,
             "state_path": sim.state_path if persist and sim.state_path else None,
+            "compat": snapshot,
         }
         kw.update(overrides)
         hosts = {h.name: h.mem_capacity * cfg.limits.mem_overcommit for h in snapshot.hosts}
@@ -236,12 +247,24 @@ class SimulatedBackend:
             raise MigrationFailed(f"VM {r.vm} runs on {rec[0]}, not on {r.source}", vm=r.vm)
         if r.vm in self.active_by_vm:
             raise MigrationFailed(f"VM {r.vm} is already migrating", vm=r.vm)
+        lacks = self._lacks(r.vm, r.target)
+        if lacks:
+            raise IncompatibleHost(refusal(r.vm, r.target, lacks), vm=r.vm, host=r.target)
         need = self._committed(r.target) + rec[2]
         if need > self.hosts[r.target]:
             raise IncompatibleHost(
                 f"host {r.target} lacks memory for VM {r.vm}: {need:.0f} MiB needed with "
                 f"incoming migrations, {self.hosts[r.target]:.0f} MiB there", vm=r.vm,
                 host=r.target)
+
+    def _lacks(self, vm: str, target: str) -> list[str]:
+        """What the snapshot says ``target`` lacks to run ``vm`` (empty: compatible)."""
+        s = self.compat
+        if s is None or vm not in s.vm_index or target not in s.host_index:
+            return []
+        v, h = s.vms[s.vm_index[vm]], s.hosts[s.host_index[target]]
+        lacks = ["its local disks (local storage)"] if v.local_storage else []
+        return lacks + s.unmet_requirements(v, h)
 
     def check(self, request: MigrationRequest) -> None:
         self._enter()
@@ -250,7 +273,11 @@ class SimulatedBackend:
 
     def start(self, request: MigrationRequest) -> Handle:
         self._enter()
-        self._validate(request)
+        try:
+            self._validate(request)
+        except IncompatibleHost as exc:
+            self.refusals.append((request.vm, request.source, request.target, str(exc)))
+            raise
         r = request
         mem = int(self.vms[r.vm][2])
         nth = self.start_counts.get(r.vm, 0)
