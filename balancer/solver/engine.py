@@ -13,8 +13,13 @@ Description
        best complements it, and random ones), free every movable unit on them (and, when a
        budget binds, every unit already moved, so the budget can be spent elsewhere), solve that
        sub-model with the incumbent as hint, and keep the answer if the whole objective drops.
-       The neighbourhood grows when CP-SAT proves sub-models optimal and shrinks when it cannot.
-    The same model (``cpsat.build``) serves all three steps; only the free set differs.
+       Steps start with pairs of hosts; the neighbourhood grows when steps stop improving and
+       shrinks when CP-SAT cannot prove a step optimal; the search stops early once the largest
+       neighbourhoods find nothing more.
+    4. With a budget, step 3 first runs without it, then the best subset of those moves that
+       fits the budget is kept (greedy trim, then one exact model over the moved units), then
+       step 3 runs on with the budget in force.
+    The same model (``cpsat.build``) serves every step; only the free set differs.
 Requirements
     A ``Problem`` from ``policies.build_problem``.
 Limitations
@@ -341,11 +346,6 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
         if still:
             core = sorted(set(smaller) & set(trial)) or trial
     return sorted(sub.assumptions[i] for i in core)
-
-
-def _unit_describe(problem: Problem, units: list[int]) -> str:
-    names = [problem.snapshot.vms[v].name for u in units for v in problem.units[u].members]
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def solve(problem: Problem, opts: EngineOptions | None = None) -> SolveResult:
