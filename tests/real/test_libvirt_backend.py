@@ -230,3 +230,52 @@ def test_runner_executes_a_plan_through_libvirt(cluster: Cluster, tmp_path: Path
         journal.close()
         backend.close()
         cluster.destroy_all()
+
+
+MIGRATE_AND_HANG = """
+import sys, time
+from balancer.executor.base import MigrationRequest
+from balancer.executor.libvirt_backend import LibvirtBackend, LibvirtHost
+a, b, mig_b = sys.argv[1:4]
+lv = LibvirtBackend([LibvirtHost("host-a", a, "unused"), LibvirtHost("host-b", b, mig_b)])
+lv.start(MigrationRequest("crash1", "host-a", "host-b", 64, bandwidth_mbps=40))
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_client_killed_mid_migration_and_a_new_backend_adopts_it(cluster: Cluster,
+                                                                 lv: LibvirtBackend) -> None:
+    import subprocess
+    import sys
+
+    cluster.create("crash1", "host-a", mem=64)
+    wait_beats(cluster.serial("crash1", "host-a"), 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MIGRATE_AND_HANG, cluster.uris["host-a"], cluster.uris["host-b"],
+         f"qemu+tcp://{cluster.hosts['host-b'].address}/system"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None:  # the source daemon runs the migration; find it from outside
+            assert time.monotonic() < deadline, "no migration found in flight"
+            found = lv.find_migration("crash1")
+            time.sleep(0.1)
+        proc.kill()  # the client that started it dies (SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+    assert (found.request.source, found.request.target) == ("host-a", "host-b")
+    p = poll_until_done(lv, found, timeout=60)
+    # libvirt's source daemon carries a peer-to-peer migration on without its client.
+    assert p.status is MigrationStatus.COMPLETED, p
+    assert lv.locate("crash1") == "host-b"
+    assert [(v.name, v.host) for v in lv.inventory()] == [("crash1", "host-b")]
+    # That client gave no per-host console path: both copies appended to the same log. The
+    # source is gone, so new beats come from the destination, and the counter never restarted.
+    log = cluster.serial("crash1", "host-a")
+    counted = wait_beats(log, len(beats(log)) + 2)
+    assert counted == list(range(1, len(counted) + 1))

@@ -165,3 +165,23 @@ def test_errors_are_mapped_and_name_the_vm(qemu: QemuBackend, guest_kernel: Path
             quick.locate("vm1")
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_restarted_executor_finds_and_finishes_a_migration_in_flight(
+        lab, guest_kernel: Path) -> None:
+    first = QemuBackend(qemu_hosts(lab))
+    first.launch(guest(guest_kernel), "host-a")
+    wait_beats(first.serial_log("vm1", "host-a"), 1)
+    lost = first.start(MigrationRequest("vm1", "host-a", "host-b", 64, bandwidth_mbps=80))
+    first.close()  # crashed before recording the handle's token
+
+    second = QemuBackend(qemu_hosts(lab))
+    found = second.find_migration("vm1")
+    assert found is not None and found.token != lost.token
+    assert (found.request.source, found.request.target) == ("host-a", "host-b")
+    assert second.find_migration("nothere") is None
+    assert second.locate("vm1") == "host-a"  # still copying: the VM is on its source
+    second.set_bandwidth(found, FAST)
+    assert poll_until_done(second, found).status is MigrationStatus.COMPLETED
+    assert second.locate("vm1") == "host-b"
+    assert second.find_migration("vm1") is None
