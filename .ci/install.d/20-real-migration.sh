@@ -12,11 +12,12 @@ for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
 fi
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 id -u libvirt-qemu >/dev/null 2>&1 || useradd --system -g libvirt-qemu -d /var/lib/libvirt \
     -s /usr/sbin/nologin libvirt-qemu
-# libvirt-python is in the optional extra [libvirt]; it compiles against libvirt-dev above.
-python3 -m pip install --quiet 'libvirt-python>=9.0' 'qemu.qmp>=0.0.3'
+# Python packages come from pyproject: qemu.qmp is a dependency, libvirt-python is the extra
+# [libvirt] (.ci/run installs '.[dev,libvirt]' in a venv; it compiles against libvirt-dev,
+# pkg-config and python3-dev above).
