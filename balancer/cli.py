@@ -96,7 +96,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, default=3,
                    help="migration threshold 1 (mandatory moves only) .. 5 (most aggressive)")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), metavar="S",
-                   help="solver wall time, seconds (default: 3.5 s per 1,000 VMs, 3 to 25)")
+                   help="solver wall time, seconds (default: 3.5 s per 1,000 VMs, 3 to 24)")
     p.add_argument("--seed", type=_nonneg_int("--seed"), default=0)
     p.add_argument("--mem-overcommit", type=_positive_float("--mem-overcommit"), default=1.0)
     p.add_argument("--cpu-headroom", type=_nonneg_float("--cpu-headroom"), default=0.1)

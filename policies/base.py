@@ -87,6 +87,7 @@ class Draft:
         unit_of = [0] * n_v
         mandatory_reason: dict[int, str] = {}
         receiving = frozenset(self.receiving)
+        shared: dict[frozenset[int], tuple[int, ...]] = {}  # one tuple per distinct host set
         for root in sorted(roots, key=lambda r: roots[r][0]):
             members = tuple(roots[root])
             pinned_members = [v for v in members if v in self.pinned]
@@ -121,7 +122,10 @@ class Draft:
                 )
             pinned = bool(pinned_members)
             u = len(units)
-            units.append(Unit(members=members, candidates=tuple(sorted(cands)), pinned=pinned,
+            key = frozenset(cands)
+            if key not in shared:
+                shared[key] = tuple(sorted(key))
+            units.append(Unit(members=members, candidates=shared[key], pinned=pinned,
                               rule=unit_rule.get(root)))
             if reasons:
                 mandatory_reason[u] = "; ".join(dict.fromkeys(reasons))

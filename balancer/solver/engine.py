@@ -104,10 +104,11 @@ def mandatory_violations(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray
 
 
 class _Search:
-    def __init__(self, problem: Problem, opts: EngineOptions) -> None:
+    def __init__(self, problem: Problem, opts: EngineOptions, ev: Evaluator | None = None,
+                 ) -> None:
         self.p = problem
         self.o = opts
-        self.ev = Evaluator(problem)
+        self.ev = ev or Evaluator(problem)
         self.rng = np.random.default_rng(opts.seed)
         self.t0 = time.monotonic()
         self.dtime = 0.0
@@ -225,10 +226,14 @@ class _Search:
         budget_binds = (
             (p.max_migrations is not None and migrations >= 0.8 * p.max_migrations)
             or (p.max_moved_mem is not None and moved_mem >= 0.8 * p.max_moved_mem))
-        moved = set()
+        moved: set[int] = set()
         if budget_binds:
-            moved = {u for u in self.movable
-                     if any(self.ev.start[v] != inc[u] for v in p.units[u].members)}
+            # some of the units already moved, so the budget they hold can be re-spent
+            away = self.movable_arr[inc[self.movable_arr] != self.ev.unit_home[self.movable_arr]]
+            cap = max(8, 2 * len(free))
+            if away.size > cap:
+                away = self.rng.choice(away, size=cap, replace=False)
+            moved = {int(u) for u in away}
         free_set = set(free) | moved
         if not free_set:
             return None, True
@@ -301,7 +306,7 @@ class _Search:
                  if any(ev.start[v] != free_inc[u] for v in p.units[u].members)]
         cands = {}
         for u in moved:
-            c = {int(free_inc[u])} | (p.unit_start_hosts(u) & ev.cand_sets[u])
+            c = {int(free_inc[u])} | {h for h in p.unit_start_hosts(u) if ev.cand_mask[u, h]}
             cands[u] = sorted(c)
         sub = cpsat.build(p, ev, trimmed, moved, cands)
         status, solver = self.run_model(sub, 2 * self.o.step_dtime, 0.15 * self.o.time_limit)
@@ -348,9 +353,11 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
     return sorted(sub.assumptions[i] for i in core)
 
 
-def solve(problem: Problem, opts: EngineOptions | None = None) -> SolveResult:
+def solve(problem: Problem, opts: EngineOptions | None = None,
+          ev: Evaluator | None = None) -> SolveResult:
+    """Solve ``problem``; ``ev`` may be passed in when the caller already built one."""
     opts = opts or EngineOptions()
-    s = _Search(problem, opts)
+    s = _Search(problem, opts, ev)
     ev = s.ev
     start = initial_unit_hosts(problem)
     start_obj = ev.objective(start)

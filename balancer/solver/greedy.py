@@ -48,7 +48,7 @@ class State:
         self.migrations = int(moved.sum())
         self.moved_mem = int(ev.vm_mem[moved].sum())
         self.apart_of = ev.apart_of
-        self.cand_sets = ev.cand_sets
+        self.cand_mask = ev.cand_mask
 
     def move_delta(self, u: int, dest: int) -> tuple[int, int, int]:
         """(received VMs added at dest, migrations added, MiB moved added) if u goes to dest."""
@@ -66,7 +66,7 @@ class State:
 
     def can_move(self, u: int, dest: int) -> bool:
         p = self.p
-        if dest == self.hosts[u] or dest not in self.cand_sets[u]:
+        if dest == self.hosts[u] or not self.cand_mask[u, dest]:
             return False
         d_recv, d_mig, d_mem = self.move_delta(u, dest)
         if (p.max_migrations is not None and d_mig > 0
@@ -128,7 +128,7 @@ class State:
     def violates_mandatory(self, u: int) -> bool:
         """The unit sits where it may not stay (evacuation, vm_host, anti-affinity clash)."""
         h = int(self.hosts[u])
-        if h not in self.cand_sets[u]:
+        if not self.cand_mask[u, h]:
             return True
         return any(other != u and self.hosts[other] == h
                    for gi in self.apart_of.get(u, ()) for other in self.p.apart[gi].units)
@@ -249,47 +249,51 @@ def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator
 def trim_to_budget(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> np.ndarray | None:
     """Undo moves of ``unit_hosts`` until the budgets hold, cheapest first.
 
-    Each round reverts the move whose undoing raises the objective least per unit of the budget
-    it frees (memory when the memory budget is exceeded, else one migration). Returns ``None``
-    when the budgets cannot be met by undoing optional moves.
+    Each round scores every undoable move by how much undoing it raises the objective per unit
+    of budget it frees (memory when the memory budget is exceeded, else one migration), and
+    undoes the cheapest ones — a quarter of the excess per round, so a plan far over its budget
+    is trimmed in a few rounds. Returns ``None`` when undoing optional moves cannot meet the
+    budgets.
     """
     st = State(problem, ev, unit_hosts)
+    home = ev.unit_home
+    w_cpu, w_mem = problem.balance_weights
 
-    def over() -> tuple[bool, bool]:
-        return (problem.max_migrations is not None and st.migrations > problem.max_migrations,
-                problem.max_moved_mem is not None and st.moved_mem > problem.max_moved_mem)
+    def over() -> tuple[int, int]:
+        k = problem.max_migrations
+        g = problem.max_moved_mem
+        return (max(0, st.migrations - k) if k is not None else 0,
+                max(0, st.moved_mem - g) if g is not None else 0)
+
+    def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+        pc = Evaluator._penalty_rows(ev.tan_cpu, hosts, cpu - ev.target_cpu[hosts])
+        pm = Evaluator._penalty_rows(ev.tan_mem, hosts, memd - ev.target_mem[hosts])
+        return np.where(ev.balanced_mask[hosts], w_cpu * pc + w_mem * pm, 0)
 
     while any(over()):
-        _, mem_over = over()
-        cand = []
-        for u in range(len(problem.units)):
-            starts = problem.unit_start_hosts(u)
-            if len(starts) != 1 or problem.units[u].pinned:
-                continue
-            home = next(iter(starts))
-            if st.hosts[u] != home and st.can_move(u, home):
-                cand.append((u, home))
-        if not cand:
+        count_over, mem_over = over()
+        us = np.nonzero((st.hosts != home) & (home >= 0) & ~ev.unit_pinned)[0]
+        if us.size == 0:
             return None
-        us = np.array([u for u, _ in cand], dtype=np.int64)
-        src = st.hosts[us]
-        dst = np.array([h for _, h in cand], dtype=np.int64)
-
-        w_cpu, w_mem = problem.balance_weights
-
-        def pen(cpu: np.ndarray, memd: np.ndarray, hosts: np.ndarray,
-                wc: int = w_cpu, wm: int = w_mem) -> np.ndarray:
-            pc = Evaluator._penalty_rows(ev.tan_cpu, hosts, cpu - ev.target_cpu[hosts])
-            pm = Evaluator._penalty_rows(ev.tan_mem, hosts, memd - ev.target_mem[hosts])
-            return np.where(ev.balanced_mask[hosts], wc * pc + wm * pm, 0)
-
+        src, dst = st.hosts[us], home[us]
         before = pen(st.cpu[src], st.memd[src], src) + pen(st.cpu[dst], st.memd[dst], dst)
         after = (pen(st.cpu[src] - ev.u_cpu[us], st.memd[src] - ev.u_memd[us], src)
                  + pen(st.cpu[dst] + ev.u_cpu[us], st.memd[dst] + ev.u_memd[us], dst))
-        saved_cost = np.array([sum(int(ev.move_cost[v]) for v in problem.units[u].members)
-                               for u in us])
-        delta = (after - before) - saved_cost
+        delta = (after - before) - ev.u_move_cost[us]
         freed = ev.u_mem[us].astype(float) if mem_over else np.ones(len(us))
-        best = int(np.argmin(delta / np.maximum(freed, 1.0)))
-        st.apply(int(us[best]), int(dst[best]))
+        order = np.argsort(delta / np.maximum(freed, 1.0), kind="stable")
+        if mem_over:
+            batch = max(1, int(mem_over / max(1.0, float(ev.u_mem[us].mean())) / 4))
+        else:
+            batch = max(1, count_over // 4)
+        undone = 0
+        for i in order:
+            u = int(us[i])
+            if st.can_move(u, int(home[u])):
+                st.apply(u, int(home[u]))
+                undone += 1
+                if undone >= batch or not any(over()):
+                    break
+        if undone == 0:
+            return None
     return st.hosts

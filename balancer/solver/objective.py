@@ -77,7 +77,19 @@ class Evaluator:
         self.target_cpu = np.rint(total_cpu * self.cpu_cap / cap_cpu).astype(np.int64)
         self.target_mem = np.rint(total_mem * self.mem_cap / cap_mem).astype(np.int64)
         self.vm_unit = unit_of
-        self.cand_sets = [frozenset(u.candidates) for u in p.units]
+        # unit_home[u]: the host all of u's members started on (-1 if they started apart)
+        self.unit_home = np.full(len(p.units), -1, dtype=np.int64)
+        for u, unit in enumerate(p.units):
+            homes = {p.start[v] for v in unit.members}
+            if len(homes) == 1:
+                self.unit_home[u] = homes.pop()
+        self.u_move_cost = np.bincount(unit_of, weights=self.move_cost,
+                                       minlength=len(p.units)).astype(np.int64)
+        self.unit_pinned = np.array([unit.pinned for unit in p.units], dtype=bool)
+        # cand_mask[u, h]: host h is one of unit u's candidates
+        self.cand_mask = np.zeros((len(p.units), n_h), dtype=bool)
+        for u, unit in enumerate(p.units):
+            self.cand_mask[u, unit.candidates] = True
         # unit -> indices of the mandatory anti-affinity groups it belongs to
         self.apart_of: dict[int, list[int]] = {}
         for gi, g in enumerate(p.apart):
