@@ -49,6 +49,7 @@ from balancer.executor.base import (
     VMInfo,
     VMNotFound,
 )
+from balancer.executor.compat import is_local_uri, libvirt_lacks, parse_domain_xml, refuse_if
 from balancer.executor.config import ExecutorConfig
 from balancer.model import ClusterSnapshot
 
@@ -258,6 +259,20 @@ class LibvirtBackend:
         if request.mem_mb > free_mb:
             raise IncompatibleHost(f"{target.name} has {free_mb:.0f} MiB free, {vm} needs "
                                    f"{request.mem_mb} MiB", vm=vm, host=target.name)
+        # Compatibility (balancer.executor.compat): the destination daemon is asked about the
+        # CPU, machine type, networks and disks of the XML it would receive.
+        dom = self._domain(request.source, vm)
+        if dom is None:
+            raise VMNotFound(f"VM {vm} is not active on {request.source}", vm=vm,
+                             host=request.source)
+        with map_libvirt_errors(vm=vm, host=request.source):
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        if self.rewrite_xml is not None:
+            xml = self.rewrite_xml(xml, target.name)
+        with map_libvirt_errors(vm=vm, host=target.name):
+            lacks = libvirt_lacks(self.conn(target.name), parse_domain_xml(xml),
+                                  local=is_local_uri(target.uri))
+        refuse_if(lacks, vm=vm, host=target.name)
 
     def start(self, request: MigrationRequest) -> Handle:
         self.check(request)

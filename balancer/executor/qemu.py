@@ -55,6 +55,7 @@ from balancer.executor.base import (
     VMInfo,
     VMNotFound,
 )
+from balancer.executor.compat import QemuProber, qemu_lacks, qemu_running, refuse_if
 from balancer.executor.config import ExecutorConfig
 from balancer.model import ClusterSnapshot
 
@@ -184,7 +185,7 @@ class QemuBackend:
     def __init__(self, hosts: list[QemuHost], *, qemu_binary: str = "qemu-system-x86_64",
                  default_bandwidth_mbps: float | None = None,
                  default_downtime_ms: int | None = None, switchover_timeout: float = 10.0,
-                 qmp_timeout: float = 5.0) -> None:
+                 qmp_timeout: float = 5.0, prober: QemuProber | None = None) -> None:
         if not hosts:
             raise ValueError("QemuBackend needs at least one host")
         names = [h.name for h in hosts]
@@ -197,6 +198,8 @@ class QemuBackend:
         self.switchover_timeout = switchover_timeout
         self.qmp_timeout = qmp_timeout
         self._flights: dict[str, _Flight] = {}
+        # The compatibility pre-check asks each host's QEMU what it offers (cached).
+        self.prober = prober or QemuProber(binary=qemu_binary)
         for h in hosts:
             Path(h.run_dir).mkdir(parents=True, exist_ok=True)
 
@@ -229,7 +232,10 @@ class QemuBackend:
             self._forget(h, vm)  # QEMU exited (e.g. a cancelled destination)
             return None
         try:
-            return str(self._qmp(h, vm, "query-status")[0]["status"])
+            status = str(self._qmp(h, vm, "query-status")[0]["status"])
+            if status == "paused" and self._file(h, vm, "incoming").exists():
+                return "incoming-done"  # all state arrived; the guest waits for _hand_over
+            return status
         except HostUnreachable:
             if self._pid(h, vm) is None:  # QEMU gone: forget its files
                 self._forget(h, vm)
@@ -244,7 +250,7 @@ class QemuBackend:
         return pid if process_alive(pid) else None
 
     def _forget(self, h: QemuHost, vm: str) -> None:
-        for ext in ("json", "qmp", "pid"):
+        for ext in ("json", "qmp", "pid", "incoming", "handover"):
             with contextlib.suppress(FileNotFoundError):
                 self._file(h, vm, ext).unlink()
 
@@ -269,12 +275,14 @@ class QemuBackend:
         if spec.kernel:
             argv += ["-kernel", spec.kernel, "-append", spec.append]
         argv += list(spec.args)
-        if incoming:
-            argv += ["-incoming", "defer"]
+        if incoming:  # -S: the guest resumes only when we say so (see _hand_over)
+            argv += ["-S", "-incoming", "defer"]
         return argv
 
     def _spawn(self, h: QemuHost, spec: GuestSpec, incoming: bool) -> None:
         self._file(h, spec.name, "json").write_text(spec.to_json())
+        if incoming:
+            self._file(h, spec.name, "incoming").touch()
         try:
             proc = subprocess.run(self._argv(h, spec, incoming), capture_output=True, text=True,
                                   timeout=60)
@@ -349,13 +357,19 @@ class QemuBackend:
             if on:
                 self._reconcile_vm(vm)
                 return on[0]
-            # Switch-over instant: the source finished (postmigrate), the destination has not
-            # started yet (inmigrate). Wait for it rather than answer "nowhere".
-            if "postmigrate" in states.values() and "inmigrate" in states.values() \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            return None
+            if not any(s in ("postmigrate", "inmigrate", "incoming-done")
+                       for s in states.values()) or time.monotonic() > deadline:
+                return None
+            # Switch-over: the source finished, the destination has not resumed yet. Drive it
+            # (our own migration through poll, anyone else's through _reconcile_vm), then look
+            # again.
+            mine = [f for f in self._flights.values()
+                    if f.handle.request.vm == vm and f.last.status is MigrationStatus.ACTIVE]
+            if mine:
+                self.poll(mine[0].handle)
+            else:
+                self._reconcile_vm(vm)
+            time.sleep(0.02)
 
     def check(self, request: MigrationRequest) -> None:
         vm = request.vm
@@ -375,6 +389,16 @@ class QemuBackend:
         if not os.access(dst.run_dir, os.W_OK):
             raise IncompatibleHost(f"run directory {dst.run_dir} of {dst.name} not writable",
                                    vm=vm, host=dst.name)
+        # Compatibility (balancer.executor.compat): the machine type and CPU the guest runs
+        # with on its source, and the accelerator, must be offered by the destination's QEMU.
+        spec = self._spec_on(src, vm)
+        accel = spec.accel if spec else "tcg"
+        with map_qemu_errors(vm=vm, host=src.name):
+            running = qemu_running(lambda *cmds: self._qmp(src, vm, *cmds))
+            src_offer = self.prober.offer(src.exec_prefix, src.run_dir, accel)
+        with map_qemu_errors(vm=vm, host=dst.name):
+            dst_offer = self.prober.offer(dst.exec_prefix, dst.run_dir, accel)
+        refuse_if(qemu_lacks(running, src_offer, dst_offer), vm=vm, host=dst.name)
 
     def start(self, request: MigrationRequest) -> Handle:
         self.check(request)
@@ -482,23 +506,50 @@ class QemuBackend:
         return prog
 
     def _finish(self, f: _Flight, prog: Progress) -> Progress:
-        """After ``completed``: wait until the destination runs, then stop the paused source."""
+        """After ``completed``: resume the guest on the destination, then stop the source.
+
+        The destination was started with ``-S``, so the guest runs there only once we resume
+        it (as libvirt does). If the destination is gone or stuck before that, it never ran
+        the guest, and the paused source is resumed instead: FAILED, the VM on its source."""
         vm = f.handle.request.vm
         deadline = time.monotonic() + self.switchover_timeout
         while True:
             state = self._status(f.dst, vm)
             if state == "running":
                 break
+            if state == "incoming-done":
+                with contextlib.suppress(BackendError):
+                    self._hand_over(f.src, f.dst, vm)
+                continue
             if state is None or time.monotonic() > deadline:
+                if state is not None:
+                    self._quit(f.dst, vm)
+                self._resume_source(f.src, vm)
                 prog.status = MigrationStatus.FAILED
-                prog.error = f"destination of {vm} on {f.dst.name} is {state or 'gone'} " \
-                             "after the source completed"
+                prog.error = f"destination of {vm} on {f.dst.name} was {state or 'gone'} at " \
+                             f"the switch-over; the guest was resumed on {f.src.name}"
                 f.last = prog
                 return prog
             time.sleep(0.02)
         self._quit(f.src, vm)
         f.last = prog
         return prog
+
+    def _hand_over(self, src: QemuHost, dst: QemuHost, vm: str) -> None:
+        """Resume the guest on the destination; the source is marked so it is never resumed
+        after this point (two copies of a guest must never both have run)."""
+        self._file(src, vm, "handover").touch()
+        self._qmp(dst, vm, "cont")
+        with contextlib.suppress(FileNotFoundError):
+            self._file(dst, vm, "incoming").unlink()
+
+    def _resume_source(self, src: QemuHost, vm: str) -> None:
+        if self._file(src, vm, "handover").exists():
+            raise BackendError(f"VM {vm}: the destination was told to resume it and is gone; "
+                               f"the source copy on {src.name} is stale and stays paused",
+                               vm=vm, host=src.name)
+        if self._status(src, vm) == "postmigrate":
+            self._qmp(src, vm, "cont")
 
     def set_bandwidth(self, handle: Handle, mbps: float) -> None:
         """Change the bandwidth cap of a migration in flight (``max-bandwidth``): the lever
@@ -531,35 +582,48 @@ class QemuBackend:
             self._reconcile_vm(vm)
 
     def _reconcile_vm(self, vm: str) -> None:
-        """Remove leftovers of migrations that ended while no executor watched.
+        """Finish or clear what migrations that ended while no executor watched left behind.
 
-        A ``postmigrate`` source whose VM runs elsewhere is quit (the move completed); an
-        ``inmigrate`` destination is quit when the host running the VM reports its migration
-        ``failed``, ``cancelled`` or never started. Copies this instance is migrating are left
-        to ``poll``.
+        - source ``postmigrate`` and destination ``incoming-done`` (all state arrived, guest
+          not resumed): resume the destination, stop the source (the move completed);
+        - the VM runs on one host: stop ``postmigrate`` copies elsewhere; stop destinations
+          (``inmigrate``/``incoming-done``) when that host reports its migration ``failed``,
+          ``cancelled`` or never started;
+        - source ``postmigrate`` and no destination at all (it died before resuming the
+          guest): resume the source.
+        Copies this instance is migrating are left to ``poll``.
         """
-        busy = {(f.handle.request.vm) for f in self._flights.values()
-                if f.last.status is MigrationStatus.ACTIVE}
-        if vm in busy:
+        if any(f.handle.request.vm == vm and f.last.status is MigrationStatus.ACTIVE
+               for f in self._flights.values()):
             return
         states = {h.name: self._status(h, vm) for h in self.hosts.values()}
+        post = [n for n, s in states.items() if s == "postmigrate"]
+        done = [n for n, s in states.items() if s == "incoming-done"]
+        loading = [n for n, s in states.items() if s == "inmigrate"]
         running = [n for n, s in states.items() if s in _ON_HOST]
-        if len(running) != 1:
+        if len(post) == 1 and len(done) == 1 and not running:
+            src, dst = self.hosts[post[0]], self.hosts[done[0]]
+            self._hand_over(src, dst, vm)
+            self._quit(src, vm)
             return
-        home = self.hosts[running[0]]
-        status = "unknown"
-        with contextlib.suppress(BackendError):
-            status = str(self._qmp(home, vm, "query-migrate")[0].get("status", "none"))
-        for name, s in states.items():
-            h = self.hosts[name]
-            if s == "postmigrate":
-                self._quit(h, vm)
+        if len(running) == 1:
+            home = self.hosts[running[0]]
+            status = "unknown"
+            with contextlib.suppress(BackendError):
+                status = str(self._qmp(home, vm, "query-migrate")[0].get("status", "none"))
+            for name in post:
+                self._quit(self.hosts[name], vm)
             # Only a migration known to have ended without moving the VM leaves a dead
-            # destination; "completed" or a status read too late must never kill the copy
+            # destination; "completed" or a status read too late must never stop the copy
             # that may just have become the VM.
-            elif s == "inmigrate" and status in ("failed", "cancelled", "none") \
-                    and self._status(h, vm) == "inmigrate":
-                self._quit(h, vm)
+            if status in ("failed", "cancelled", "none"):
+                for name in done + loading:
+                    h = self.hosts[name]
+                    if self._status(h, vm) in ("inmigrate", "incoming-done"):
+                        self._quit(h, vm)
+            return
+        if len(post) == 1 and not done and not loading and not running:
+            self._resume_source(self.hosts[post[0]], vm)
 
 
 # ---------------------------------------------------------------------------- configuration

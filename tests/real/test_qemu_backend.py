@@ -17,7 +17,7 @@ from balancer.executor.base import (
     MigrationStatus,
     VMNotFound,
 )
-from balancer.executor.qemu import GuestSpec, QemuBackend, process_alive
+from balancer.executor.qemu import GuestSpec, QemuBackend, process_alive, qmp
 
 from .conftest import beats, poll_until, poll_until_done, qemu_hosts, wait_beats
 
@@ -185,3 +185,29 @@ def test_a_restarted_executor_finds_and_finishes_a_migration_in_flight(
     assert poll_until_done(second, found).status is MigrationStatus.COMPLETED
     assert second.locate("vm1") == "host-b"
     assert second.find_migration("vm1") is None
+
+
+def test_destination_dead_at_the_switch_over_resumes_the_source(qemu: QemuBackend,
+                                                                guest_kernel: Path) -> None:
+    qemu.launch(guest(guest_kernel), "host-a")
+    src_log = qemu.serial_log("vm1", "host-a")
+    wait_beats(src_log, 1)
+    h = qemu.start(MigrationRequest("vm1", "host-a", "host-b", 64, bandwidth_mbps=FAST))
+    src_sock = qemu.hosts["host-a"].run_dir / "vm1.qmp"
+    dst_sock = qemu.hosts["host-b"].run_dir / "vm1.qmp"
+    deadline = time.monotonic() + 30
+    while qmp(src_sock, "query-migrate")[0].get("status") != "completed":  # QEMU, not poll()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # All the state is on the destination, which waits (-S) for the backend to resume it.
+    while qmp(dst_sock, "query-status")[0]["status"] == "inmigrate":
+        time.sleep(0.02)
+    assert qmp(dst_sock, "query-status")[0]["status"] == "paused"
+    os.kill(pid_of(qemu, "vm1", "host-b"), signal.SIGKILL)  # dies before it ran the guest
+    p = poll_until_done(qemu, h)
+
+    assert p.status is MigrationStatus.FAILED
+    assert "resumed on host-a" in (p.error or "")
+    assert qemu.locate("vm1") == "host-a"
+    counted = wait_beats(src_log, len(beats(src_log)) + 2)
+    assert counted == list(range(1, len(counted) + 1))  # the same guest, never restarted
