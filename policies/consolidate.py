@@ -52,18 +52,26 @@ class ConsolidateArgs:
     high_util: float = 0.8  # power on above this
     low_util: float = 0.55  # power off below this
     cpu_headroom: float = 0.15  # receiving hosts stay under 1 - cpu_headroom (estimated demand)
-    shed_above: float = 1.0  # a host whose estimated load exceeds this share sheds VMs
+    relief_hosts: int = 3  # the engine sees hot/evacuated hosts + this many cool hosts per hot one
+    shed_hot: bool = False  # hot hosts must shed VMs (mandatory VM-host rules; slow, see docs)
+    only_hot: bool = True  # the engine may move only VMs of hot, evacuated or shedding hosts
+    hot_above: float = 0.9  # a host whose estimated load exceeds this share is hot: plan
+    max_balance_moves: int | None = None  # per cycle, on top of the evacuation moves
     window: int = 3  # demand estimate: peak of the last `window` observed steps
+    mem_target: float = 0.9  # memory binding: configured memory / memory of hosts on, at most
     max_power_off: int = 2  # hosts put in standby per cycle
     min_on_cycles: int = 6  # a host switched on stays on at least this many cycles
-    threshold: int = 2  # engine migration threshold while balancing
+    threshold: int = 2  # engine migration threshold inside the relief subset
     rebalance_std: float = 0.0  # also plan when host CPU util std exceeds this (0: never)
     max_iterations: int = 5
+    max_dtime: float = 1.0  # CP-SAT deterministic time per cycle (deterministic stop)
     time_limit: float = 60.0
     solver: str = "cpsat"
 
     def __post_init__(self) -> None:
-        for name in ("target_util", "high_util", "low_util", "shed_above"):
+        _need(isinstance(self.max_dtime, (int, float)) and math.isfinite(self.max_dtime)
+              and self.max_dtime > 0, f"field 'max_dtime' must be > 0, got {self.max_dtime!r}")
+        for name in ("target_util", "high_util", "low_util", "hot_above", "mem_target"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1,
                   f"field '{name}' must be in (0, 1], got {v!r}")
@@ -76,7 +84,15 @@ class ConsolidateArgs:
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                   f"field '{name}' must be a whole number >= 1, got {v!r}")
-        for name in ("max_power_off", "min_on_cycles"):
+        _need(isinstance(self.only_hot, bool),
+              f"field 'only_hot' must be true or false, got {self.only_hot!r}")
+        _need(isinstance(self.shed_hot, bool),
+              f"field 'shed_hot' must be true or false, got {self.shed_hot!r}")
+        _need(self.max_balance_moves is None or (isinstance(self.max_balance_moves, int)
+                                                 and self.max_balance_moves >= 0),
+              f"field 'max_balance_moves' must be a whole number >= 0, "
+              f"got {self.max_balance_moves!r}")
+        for name in ("max_power_off", "min_on_cycles", "relief_hosts"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
@@ -90,21 +106,30 @@ class ConsolidateArgs:
               f"field 'solver' must be 'cpsat' or 'greedy', got {self.solver!r}")
 
 
-def fits(moving: list[int], est: np.ndarray, room: dict[int, float]) -> bool:
-    """First-fit decreasing of ``moving`` VMs into the free CPU ``room`` of receiving hosts.
+def fits(moving: list[int], est: np.ndarray, room: dict[int, float],
+         mem: np.ndarray | None = None, mem_room: dict[int, float] | None = None) -> bool:
+    """Best-fit decreasing of ``moving`` VMs into the free CPU ``room`` of receiving hosts (and
+    the free configured memory ``mem_room`` when memory binds).
 
     A cheap sufficient check run before asking the engine for mandatory moves, so the engine is
     never handed an evacuation that cannot fit (its infeasibility proof is costly).
     """
     free = dict(room)
+    mfree = dict(mem_room) if mem_room is not None else None
     for v in sorted(moving, key=lambda x: (-est[x], x)):
         best = None
         for h, f in free.items():
-            if f >= est[v] and (best is None or f < free[best]):
+            if f < est[v]:
+                continue
+            if mfree is not None and mem is not None and mfree.get(h, 0.0) < mem[v]:
+                continue
+            if best is None or f < free[best]:
                 best = h
         if best is None:
             return False
         free[best] -= float(est[v])
+        if mfree is not None and mem is not None:
+            mfree[best] -= float(mem[v])
     return True
 
 
@@ -145,8 +170,8 @@ class Consolidate:
     def _options(self) -> dict[str, Any]:
         a = self.args
         return {"threshold": a.threshold, "cpu_headroom": a.cpu_headroom,
-                "max_iterations": a.max_iterations, "time_limit": a.time_limit,
-                "solver": a.solver}
+                "max_iterations": a.max_iterations, "max_dtime": a.max_dtime,
+                "time_limit": a.time_limit, "solver": a.solver}
 
     def decide(self, ctx: Context) -> Decision:
         a = self.args
@@ -163,6 +188,9 @@ class Consolidate:
         power = ctx.power
         standby = np.asarray(ctx.standby, dtype=bool).copy()
         total = float(est.sum())
+        mem_bind = bool(getattr(ctx, "mem_binding", False))
+        mem_lim = np.asarray(getattr(ctx, "mem_limit", np.zeros(n_h)), dtype=float)
+        total_mem = float(vm_mem.sum()) if mem_bind else 0.0
         power_on: list[int] = []
         wake: list[int] = []
         new_standby: list[int] = []
@@ -170,30 +198,36 @@ class Consolidate:
         # are kept only while they are needed; the rest go to standby (off at once: empty).
         live = [h for h in range(n_h) if power[h] != OFF and not standby[h] and count[h] > 0]
         cap_live = float(cap[live].sum())
+        mem_live = float(mem_lim[live].sum())
+
+        def short(c: float, m: float, util: float) -> bool:  # too little capacity switched on
+            return total > util * c or (mem_bind and total_mem > a.mem_target * m)
         empty = sorted((h for h in range(n_h) if power[h] != OFF and not standby[h]
                         and count[h] == 0), key=lambda h: (-eff[h], h))
         for h in empty:
-            if total > a.target_util * cap_live or (power[h] != ON) or \
+            if short(cap_live, mem_live, a.target_util) or (power[h] != ON) or \
                     cyc - self._on_since.get(h, -10**9) < a.min_on_cycles:
                 live.append(h)
                 cap_live += float(cap[h])
+                mem_live += float(mem_lim[h])
             else:
                 new_standby.append(h)
-        hot = [h for h in live if power[h] == ON and load[h] > a.shed_above * cap[h]]
-        if total > a.high_util * cap_live or (hot and total > a.target_util * cap_live):
+        hot = [h for h in live if power[h] == ON and load[h] > a.hot_above * cap[h]]
+        if short(cap_live, mem_live, a.high_util) or (hot and total > a.target_util * cap_live):
             # wake standby hosts still holding VMs (no boot), then switch on the most
             # efficient hosts that are off, until the target holds again
             for h in sorted(np.flatnonzero(standby & (count > 0)).tolist(),
                             key=lambda h: (-eff[h], h)):
-                if total <= a.target_util * cap_live:
+                if not short(cap_live, mem_live, a.target_util):
                     break
                 wake.append(h)
                 standby[h] = False
                 cap_live += float(cap[h])
+                mem_live += float(mem_lim[h])
                 live.append(h)
             for h in sorted((h for h in range(n_h) if power[h] == OFF or h in new_standby),
                             key=lambda h: (-eff[h], h)):
-                if total <= a.target_util * cap_live:
+                if not short(cap_live, mem_live, a.target_util):
                     break
                 if h in new_standby:
                     new_standby.remove(h)
@@ -201,6 +235,7 @@ class Consolidate:
                     power_on.append(h)
                     self._on_since[h] = cyc
                 cap_live += float(cap[h])
+                mem_live += float(mem_lim[h])
                 live.append(h)
         elif total < a.low_util * cap_live:
             cands = [h for h in live if power[h] == ON and count[h] > 0
@@ -210,10 +245,12 @@ class Consolidate:
             for h in cands:
                 if n_off >= a.max_power_off:
                     break
-                if total <= a.target_util * (cap_live - float(cap[h])):
+                if not short(cap_live - float(cap[h]), mem_live - float(mem_lim[h]),
+                             a.target_util):
                     new_standby.append(h)
                     standby[h] = True
                     cap_live -= float(cap[h])
+                    mem_live -= float(mem_lim[h])
                     live.remove(h)
                     n_off += 1
         # what the engine sees: hosts on (booting ones cannot receive yet)
@@ -221,17 +258,18 @@ class Consolidate:
         on_hosts = sorted({h for h in live if power[h] == ON} | evacuate)
         receivers = [h for h in on_hosts if h not in evacuate]
         shed: dict[int, list[int]] = {}
-        for h in receivers:
-            if load[h] > a.shed_above * cap[h]:
+        for h in receivers if a.shed_hot else []:
+            if load[h] > a.hot_above * cap[h]:
                 vms = [int(v) for v in np.flatnonzero(ctx.vm_host == h) if not ctx.migrating[v]]
                 target = (1.0 - a.cpu_headroom) * cap[h]
                 chosen = shed_choice(vms, est, vm_mem, float(load[h] - target))
                 if chosen:
                     shed[h] = chosen
         room = {h: (1.0 - a.cpu_headroom) * cap[h] - load[h] for h in receivers}
+        mroom = {h: mem_lim[h] - mem[h] for h in receivers} if mem_bind else None
         evac_vms = [int(v) for v in np.flatnonzero(np.isin(ctx.vm_host, list(evacuate)))
                     if not ctx.migrating[v]]
-        if evacuate and not fits(evac_vms, est, room):
+        if evacuate and not fits(evac_vms, est, room, vm_mem, mroom):
             # cannot empty them all: keep the freshest standby hosts on
             for h in [x for x in new_standby if x in evacuate]:
                 new_standby.remove(h)
@@ -244,29 +282,68 @@ class Consolidate:
             room = {h: (1.0 - a.cpu_headroom) * cap[h] - load[h] for h in receivers}
             shed = {}
         if shed and not fits(evac_vms + [v for vs in shed.values() for v in vs], est,
-                             {h: r for h, r in room.items() if h not in shed}):
+                             {h: r for h, r in room.items() if h not in shed}, vm_mem,
+                             None if mroom is None else
+                             {h: r for h, r in mroom.items() if h not in shed}):
             shed = {}
-        need = bool(evacuate) or bool(shed) or any(load[h] > a.shed_above * cap[h]
+        need = bool(evacuate) or bool(shed) or any(load[h] > a.hot_above * cap[h]
                                                     for h in receivers)
         if not need and a.rebalance_std > 0 and receivers:
             u = load[receivers] / cap[receivers]
             need = float(np.std(u)) > a.rebalance_std
         moves: list[tuple[int, int]] = []
         if need and len(receivers) > 0:
-            moves = self._plan(ctx, on_hosts, est, evacuate, shed, new_standby, wake)
+            n_forced = len(evac_vms) + sum(len(v) for v in shed.values())
+            hot_r = [h for h in receivers if load[h] > a.hot_above * cap[h]]
+            subset = self._subset(a, receivers, hot_r, evacuate, evac_vms, est, load, cap,
+                                  vm_mem, mem, mem_lim if mem_bind else None)
+            moves = self._plan(ctx, subset, est, evacuate, shed, new_standby, wake, n_forced)
         return Decision(power_on=tuple(power_on), standby=tuple(new_standby), wake=tuple(wake),
                         moves=tuple(moves))
 
+    @staticmethod
+    def _subset(a: ConsolidateArgs, receivers: list[int], hot: list[int], evacuate: set[int],
+                evac_vms: list[int], est: np.ndarray, load: np.ndarray, cap: np.ndarray,
+                vm_mem: np.ndarray, mem: np.ndarray, mem_lim: np.ndarray | None) -> list[int]:
+        """The hosts the engine sees: hot and evacuated hosts plus the coolest receivers, enough
+        of them to take the evacuated VMs and ``relief_hosts`` per hot host. Planning on this
+        subset keeps the engine from reshuffling the whole cluster (every move costs).
+        With ``relief_hosts = 0`` the engine sees every host."""
+        if a.relief_hosts == 0:
+            return sorted(set(receivers) | evacuate)
+        cool = sorted((h for h in receivers if h not in set(hot)),
+                      key=lambda h: (load[h] / cap[h], h))
+        k = min(len(cool), a.relief_hosts * len(hot))
+        limit = 1.0 - a.cpu_headroom
+        while k < len(cool):
+            room = {h: limit * cap[h] - load[h] for h in cool[:k]}
+            mroom = None if mem_lim is None else {h: mem_lim[h] - mem[h] for h in cool[:k]}
+            if evac_vms == [] or fits(evac_vms, est, room, vm_mem, mroom):
+                break
+            k += 1
+        return sorted(set(hot) | evacuate | set(cool[:k]))
+
     def _plan(self, ctx: Context, hosts: list[int], est: np.ndarray, evacuate: set[int],
-              shed: dict[int, list[int]], new_standby: list[int], wake: list[int]
-              ) -> list[tuple[int, int]]:
+              shed: dict[int, list[int]], new_standby: list[int], wake: list[int],
+              n_forced: int = 0) -> list[tuple[int, int]]:
         opts = self._options()
+        if self.args.max_balance_moves is not None:
+            opts["max_migrations"] = n_forced + self.args.max_balance_moves
+        a = self.args
+        est_load = ctx.host_load(est)
+        hot = [h for h in hosts if h not in evacuate
+               and est_load[h] > a.hot_above * ctx.host_cpu[h]]
+        moving = {int(v) for v in np.flatnonzero(np.isin(ctx.vm_host, list(evacuate) + hot))}
+        shed_vms = {v for vs in shed.values() for v in vs}
+        only = a.only_hot
         try:
-            return ctx.plan(ctx.snapshot(hosts, est, evacuate, shed), **opts)
+            return ctx.plan(ctx.snapshot(hosts, est, evacuate, shed,
+                                         (moving | shed_vms) if only else None), **opts)
         except InfeasibleError:
             pass
         try:  # the shedding does not fit: evacuate only
-            return ctx.plan(ctx.snapshot(hosts, est, evacuate), **opts)
+            return ctx.plan(ctx.snapshot(hosts, est, evacuate, None, moving if only else None),
+                            **opts)
         except InfeasibleError:
             pass
         # the evacuation does not fit either: cancel the standby and keep the hosts on

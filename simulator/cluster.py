@@ -270,6 +270,8 @@ class ReplayContext:
         self.vm_host = sim.destination()  # where each VM is or is going
         self.migrating = sim.migrating_mask()
         self.vm_mem = sim.work.mem_mb
+        self.mem_binding = sim.cfg.memory_binding  # configured memory bounds placement
+        self.mem_limit = sim.host_mem * sim.cfg.mem_overcommit
         self.n_hosts = len(self.host_cpu)
         self.n_vms = len(self.vm_mem)
 
@@ -290,12 +292,14 @@ class ReplayContext:
         return np.bincount(self.vm_host, minlength=self.n_hosts)
 
     def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int] | None = None,
-                 keep_off: dict[int, list[int]] | None = None) -> ClusterSnapshot:
+                 keep_off: dict[int, list[int]] | None = None,
+                 movable: set[int] | None = None) -> ClusterSnapshot:
         """Snapshot of ``hosts`` (every VM must be on one of them); migrating VMs are pinned at
         their target. Host names ``h-NNNN``, VM names ``vm-NNNNN`` (index order = name order).
         ``keep_off`` {host: [vms]} adds a mandatory VM-host rule per host that sends those VMs
-        to any other active host of the snapshot (the engine must move them)."""
-        return self._sim.snapshot(hosts, cpu, standby or set(), keep_off or {})
+        to any other active host of the snapshot (the engine must move them). With ``movable``,
+        every other VM is marked manual (never moved this cycle)."""
+        return self._sim.snapshot(hosts, cpu, standby or set(), keep_off or {}, movable)
 
     def plan(self, snapshot: ClusterSnapshot, **options: Any) -> list[tuple[int, int]]:
         """Run the engine's real cycle on ``snapshot``; returns (vm, target host) moves."""
@@ -416,7 +420,8 @@ class Simulator:
         return mask
 
     def snapshot(self, hosts: list[int], cpu: np.ndarray, standby: set[int],
-                 keep_off: dict[int, list[int]] | None = None) -> ClusterSnapshot:
+                 keep_off: dict[int, list[int]] | None = None,
+                 movable: set[int] | None = None) -> ClusterSnapshot:
         dest = self.destination()
         mem_cap = self.snap_mem_capacity()
         hset = set(hosts)
@@ -437,7 +442,8 @@ class Simulator:
                 vcpus=max(1, math.ceil(self.work.vcpus[j])), mem=mem,
                 cpu_demand=int(cpu[j]),
                 mem_demand=min(mem, int(mem_use[j])) if binding else 0,
-                automation=Automation.MANUAL if j in self.migrations else Automation.FULLY))
+                automation=Automation.MANUAL if (j in self.migrations or (
+                    movable is not None and j not in movable)) else Automation.FULLY))
         rules = []
         receivers = [h.name for h in hs if h.state is HostState.ACTIVE]
         for h, vs in sorted((keep_off or {}).items()):
