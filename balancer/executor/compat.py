@@ -208,12 +208,13 @@ def libvirt_lacks(conn: Any, needs: DomainNeeds, *, local: bool) -> list[str]:
     import libvirt
 
     lacks: list[str] = []
-    if needs.machine:
-        if needs.machine not in _machines(conn.getCapabilities(), needs.arch):
-            lacks.append(f"machine type {needs.machine}")
+    machine = needs.machine
+    if machine and machine not in _machines(conn.getCapabilities(), needs.arch):
+        lacks.append(f"machine type {machine}")
+        machine = None  # compare the CPU with the hypervisor's default machine instead
     if needs.cpu_xml is not None:
         try:
-            conn.compareHypervisorCPU(needs.emulator, needs.arch, needs.machine,
+            conn.compareHypervisorCPU(needs.emulator, needs.arch, machine,
                                       needs.virt_type, needs.cpu_xml,
                                       libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
         except libvirt.libvirtError as exc:
@@ -359,21 +360,33 @@ class QemuProber:
                                     stderr=subprocess.PIPE, text=True)
         except OSError as exc:
             raise HostUnreachable(f"cannot run {self.binary} there: {exc}") from exc
+
+        def exited() -> None:
+            """Raise why QEMU exited (it may bind its socket before it fails)."""
+            err = (proc.stderr.read() if proc.stderr else "").strip()
+            last = (err.splitlines() or [f"exit status {proc.returncode}"])[-1]
+            if "accelerator" in last and use != "qtest":
+                raise _AccelUnusable(last)
+            raise BackendError(f"{self.binary} did not start there: {last}")
+
         try:
             deadline = time.monotonic() + self.timeout
             while not sock.exists():
                 if proc.poll() is not None:
-                    err = (proc.stderr.read() if proc.stderr else "").strip()
-                    last = (err.splitlines() or [f"exit status {proc.returncode}"])[-1]
-                    if "accelerator" in last and use != "qtest":
-                        raise _AccelUnusable(last)
-                    raise BackendError(f"{self.binary} did not start there: {last}")
+                    exited()
                 if time.monotonic() > deadline:
                     raise HostUnreachable(f"{self.binary} gave no QMP socket in "
                                           f"{self.timeout:g} s")
                 time.sleep(0.02)
-            machines, cpus = qmp(sock, "query-machines", "query-cpu-definitions", "quit",
-                                 timeout=self.timeout)[:2]
+            try:
+                machines, cpus = qmp(sock, "query-machines", "query-cpu-definitions", "quit",
+                                     timeout=self.timeout)[:2]
+            except Exception:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(2)
+                if proc.poll() is not None and proc.returncode != 0:
+                    exited()
+                raise
         finally:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(2)
