@@ -1,33 +1,38 @@
-"""Consolidate: power management like VMware DPM, on top of the engine's balancing.
+"""Consolidate: power management like VMware DPM, on top of the engine's real cycle.
 
 Description
     Each cycle, with each VM's demand estimated as the peak of its last ``window`` observed
     steps (D = total estimate, C = CPU capacity of the hosts that are on or booting):
 
-    1. Power on, before hosts are needed: if ``D > high_util x C``, or a host's estimated load
-       is above ``1 - cpu_headroom`` of its capacity and the others cannot absorb it, switch on
-       the most power-efficient hosts that are off (capacity per peak watt; ties by index)
-       until ``D <= target_util x C``. Hosts in standby that still hold VMs are woken first
-       (no boot needed).
-    2. Power off, with hysteresis: if ``D < low_util x C``, put in standby the hosts whose
-       removal keeps ``D <= target_util x C``, least efficient first and, among equals, those
-       holding the least memory to move; at most ``max_power_off`` per cycle, never a host
-       switched on less than ``min_on_cycles`` cycles ago. DPM does the same with its target
-       utilisation range (63 % +- 18 % by default).
-    3. Call the engine only when something needs doing: a standby host to empty, a host above
-       its headroom, or (``rebalance_std``) a spread of host utilisation worth fixing. The
-       engine (``balancer.service.plan`` via the context, CP-SAT LNS stopped after
-       ``max_iterations`` steps) evacuates standby hosts and balances the rest at the given
-       migration ``threshold``; its capacity limit keeps every receiving host under
-       ``1 - cpu_headroom``. If the evacuation cannot fit, the standby is cancelled and the
-       engine is called again without it.
-    4. A standby host is switched off by the simulator once empty.
+    1. Power on, before hosts are needed: if ``D > high_util x C`` (or a host is hot and
+       ``D > target_util x C``), wake standby hosts still holding VMs (no boot), then switch on
+       the most power-efficient hosts that are off (capacity per peak watt; ties by index),
+       until ``D <= target_util x C``.
+    2. Power off, with hysteresis: if ``D < low_util x C``, put in standby up to
+       ``max_power_off`` hosts per cycle whose removal keeps ``D <= target_util x C``, least
+       efficient first, then those holding the least memory to move; never a host switched on
+       less than ``min_on_cycles`` cycles ago. Empty hosts not needed are switched off at once.
+       With memory binding, configured memory must also stay under ``mem_target`` of the memory
+       of the hosts on. DPM does the same with its target utilisation range (63 % +- 18 %).
+    3. Call the engine only when something needs doing (as DRS does): a standby host to empty,
+       or a *hot* host (estimated load above ``hot_above`` of its capacity). The engine
+       (``balancer.service.plan`` through the context; CP-SAT LNS stopped by ``max_iterations``
+       and ``max_dtime``, so replays are deterministic) sees the hot and standby hosts plus the
+       coolest hosts, enough of them to take the evacuated VMs and ``relief_hosts`` per hot
+       host; with ``only_hot`` it may move only the VMs of hot and standby hosts (the others are
+       marked manual for the cycle). It evacuates the standby hosts (mandatory moves) and moves
+       VMs off hot hosts where the migration ``threshold`` says the balance gained pays for the
+       memory moved; receiving hosts stay under ``1 - cpu_headroom``.
+    4. Before an evacuation is asked for, a best-fit-decreasing check makes sure the VMs fit in
+       the receivers' headroom (CPU, and memory when it binds); if not, the standby is
+       cancelled, so the engine is never handed an infeasible evacuation.
+    ``shed_hot`` (off by default) instead forces hot hosts to shed chosen VMs through mandatory
+    VM-host rules; it is slower on the current engine (see docs/replay.md).
 Requirements
     A context exposing host power states and capacities, the observed demand and the engine.
 Limitations
     Reactive plus headroom, not predictive: a burst larger than the headroom within one
-    interval overloads a host until the next cycle. Host efficiency is read from peak power;
-    boot time is the host type's.
+    interval overloads a host until the next cycle. Host efficiency is read from peak power.
     Follows VMware DPM (Distributed Power Management) and Beloglazov & Buyya (2012) on the
     trade-off between energy and SLA violations.
 """

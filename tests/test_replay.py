@@ -318,3 +318,29 @@ def test_other_traces_replay(tmp_path: Path) -> None:
             "--policy", "none", "--format", "json", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["trace"]["vms"] == 8
+
+
+def test_consolidate_powers_off_at_night_and_on_before_the_peak() -> None:
+    # 12 VMs of 1 core on 6 hosts of 4 cores (linear 100..200 W, boot 300 s = one step).
+    # Demand: 10 % for 12 steps, then 70 % for 12 steps.
+    low, high = [[0.1] * 12] * 12, [[0.7] * 12] * 12
+    tr = synthetic(low + high, [1.0] * 12, [1024] * 12)
+    ht = HostType("lin", 4.0, 16384, PowerModel(idle_w=100, peak_w=200), boot_s=300.0)
+    cfg = small_cluster(host_types=(ht,), hosts=6, empty_host_off=False, initial_fill=0.05,
+                        memory_binding=True)
+    work = workload_from_trace(tr, cfg)
+    pol = replay_policies.make("consolidate", {"window": 1, "min_on_cycles": 0,
+                                               "max_iterations": 2})
+    sim = Simulator(work, cfg, pol, seed=0)
+    assert len(set(sim.vm_host.tolist())) == 6  # 5 % fill: two VMs per host at the start
+    r = sim.run("consolidate")
+    active = r.log.columns["active_hosts"]
+    # at night it packs the 1.2 cores of demand onto one or two hosts and switches the rest off
+    assert min(active[:12]) <= 2 and active[0] == 6
+    # by day (8.4 cores) it needs at least 3 hosts at <= 82 %: hosts come back on
+    assert max(active[12:]) >= 3
+    assert r.summary.migrations > 0 and r.summary.plan_calls > 0
+    none = Simulator(work, cfg, replay_policies.make("none")).run("none")
+    assert r.summary.energy_kwh < none.summary.energy_kwh
+    # nothing is lost: every VM is on a host that is on
+    assert all(sim.power[h] == 2 for h in set(sim.vm_host.tolist()))
