@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -175,6 +176,8 @@ class _Flight:
     dst: QemuHost
     started: float
     last: Progress = field(default_factory=lambda: Progress(MigrationStatus.ACTIVE))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # serialises the hand-over
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 class QemuBackend:
@@ -237,6 +240,11 @@ class QemuBackend:
                 return "incoming-done"  # all state arrived; the guest waits for _hand_over
             return status
         except HostUnreachable:
+            # A QEMU that is exiting (killed, or a cancelled destination) refuses connections
+            # for a moment before its process is gone: give it a second to go.
+            deadline = time.monotonic() + 1.0
+            while self._pid(h, vm) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
             if self._pid(h, vm) is None:  # QEMU gone: forget its files
                 self._forget(h, vm)
                 return None
@@ -430,8 +438,32 @@ class QemuBackend:
             self._quit(dst, vm)
             raise
         handle = Handle(request, uuid.uuid4().hex, {"port": str(port)})
-        self._flights[handle.token] = _Flight(handle, src, dst, time.monotonic())
+        flight = _Flight(handle, src, dst, time.monotonic())
+        self._flights[handle.token] = flight
+        threading.Thread(target=self._watch_switchover, args=(flight,), daemon=True,
+                         name=f"switchover-{vm}").start()
         return handle
+
+    def _watch_switchover(self, f: _Flight) -> None:
+        """Resume the guest on the destination as soon as all its state has arrived.
+
+        The runner polls every ``poll_interval_s``; waiting for its next poll would add that
+        much to the guest's downtime. This watcher asks the destination every 30 ms instead
+        (and ends with the migration)."""
+        vm = f.handle.request.vm
+        while f.last.status is MigrationStatus.ACTIVE and not f.stop.is_set():
+            try:
+                state = self._status(f.dst, vm)
+            except BackendError:
+                state = "unknown"
+            if state is None or state == "running":
+                return
+            if state == "incoming-done":
+                with f.lock, contextlib.suppress(BackendError):
+                    if self._status(f.dst, vm) == "incoming-done":
+                        self._hand_over(f.src, f.dst, vm)
+                return
+            f.stop.wait(0.03)
 
     def _flight(self, handle: Handle) -> _Flight:
         """The flight of ``handle``; a handle from an earlier instance (an executor restarted
@@ -518,8 +550,9 @@ class QemuBackend:
             if state == "running":
                 break
             if state == "incoming-done":
-                with contextlib.suppress(BackendError):
-                    self._hand_over(f.src, f.dst, vm)
+                with f.lock, contextlib.suppress(BackendError):
+                    if self._status(f.dst, vm) == "incoming-done":
+                        self._hand_over(f.src, f.dst, vm)
                 continue
             if state is None or time.monotonic() > deadline:
                 if state is not None:
@@ -573,6 +606,8 @@ class QemuBackend:
 
     def close(self) -> None:
         """Forget in-flight handles (QEMU migrations go on; ``inventory`` reconciles later)."""
+        for f in self._flights.values():
+            f.stop.set()
         self._flights.clear()
 
     # ------------------------------------------------------------------ crash recovery
