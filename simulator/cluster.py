@@ -349,6 +349,7 @@ class Simulator:
         self._planner = planner
         n_h = cfg.hosts
         self.host_types_of = [cfg.host_types[i % len(cfg.host_types)] for i in range(n_h)]
+        self._type_ix = np.arange(n_h) % len(cfg.host_types)
         self.host_cpu = np.array([t.millicores for t in self.host_types_of], dtype=float)
         self.host_mem = np.array([t.mem_mb for t in self.host_types_of], dtype=float)
         self.boot_s = np.array([t.boot_s for t in self.host_types_of], dtype=float)
@@ -551,8 +552,8 @@ class Simulator:
             active = drawing & (self.power == ON)
             util = load / self.host_cpu
             watts = np.zeros(n_h)
-            for ht in set(self.host_types_of):
-                sel = np.array([x is ht for x in self.host_types_of]) & drawing
+            for k, ht in enumerate(cfg.host_types):
+                sel = (self._type_ix == k) & drawing
                 if sel.any():
                     u = np.where(self.power[sel] == BOOTING, 0.0, util[sel])
                     watts[sel] = ht.power.watts(u)

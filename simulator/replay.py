@@ -20,7 +20,6 @@ import math
 import re
 import sys
 import tomllib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -263,5 +262,5 @@ def default_cluster_probe() -> Any:
     return ClusterConfig(host_types=DEFAULT_HOST_TYPES, hosts=1)
 
 
-__all__ = ["HELP", "add_arguments", "asdict", "load_experiment", "parse_duration",
+__all__ = ["HELP", "add_arguments", "load_experiment", "parse_duration",
            "policy_from_spec", "run"]
