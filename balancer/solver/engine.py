@@ -66,8 +66,8 @@ class EngineOptions:
     full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
     max_neighbourhood_hosts: int = 6
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
-    greedy_share: float = 0.25  # the greedy hint may use at most this share of the time
-    budget_explore: float = 0.4  # share of the effort spent exploring without the budgets
+    greedy_share: float = 0.5  # the greedy hint may use at most this share of the time
+    budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
 
 
 @dataclass
@@ -230,7 +230,7 @@ class _Search:
         if budget_binds:
             # some of the units already moved, so the budget they hold can be re-spent
             away = self.movable_arr[inc[self.movable_arr] != self.ev.unit_home[self.movable_arr]]
-            cap = max(8, 2 * len(free))
+            cap = 12
             if away.size > cap:
                 away = self.rng.choice(away, size=cap, replace=False)
             moved = {int(u) for u in away}
