@@ -68,6 +68,7 @@ class EngineOptions:
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
     greedy_share: float = 0.5  # the greedy hint may use at most this share of the time
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
+    reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
 
 
 @dataclass
@@ -230,9 +231,8 @@ class _Search:
         if budget_binds:
             # some of the units already moved, so the budget they hold can be re-spent
             away = self.movable_arr[inc[self.movable_arr] != self.ev.unit_home[self.movable_arr]]
-            cap = 12
-            if away.size > cap:
-                away = self.rng.choice(away, size=cap, replace=False)
+            if away.size > self.o.reopen_moved:
+                away = self.rng.choice(away, size=self.o.reopen_moved, replace=False)
             moved = {int(u) for u in away}
         free_set = set(free) | moved
         if not free_set:
