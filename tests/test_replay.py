@@ -299,6 +299,11 @@ def test_cli_argument_errors() -> None:
     assert r.returncode == 2 and "--hosts" in r.stderr
     r = cli(*base, "--config", "/nonexistent.toml")
     assert r.returncode == 2 and "no such file" in r.stderr
+    bb = f"bitbrains:{TRACES / 'bitbrains-rnd' / '2013-7'}"
+    r = cli("replay", "--trace", bb, "--vms", "60", "--steps", "3", "--hosts", "1",
+            "--policy", "none", "--no-progress")
+    assert r.returncode == 2 and "1 hosts cannot hold the configured memory" in r.stderr
+    assert "Traceback" not in r.stderr
     for res in (r,):
         assert "Traceback" not in res.stderr
 
