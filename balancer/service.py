@@ -34,11 +34,12 @@ class PlanOptions:
     max_iterations: int | None = None
     max_dtime: float | None = None
     solver: str = "cpsat"  # cpsat | greedy
+    fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
 
     def policy_config(self) -> dict[str, dict[str, Any]]:
         return {
             "capacity": {"mem_overcommit": self.mem_overcommit, "cpu_headroom": self.cpu_headroom},
-            "balance": {"threshold": self.threshold},
+            "balance": {"threshold": self.threshold, "fixed_cost_mb": self.fixed_cost_mb},
             "budget": {"max_migrations": self.max_migrations,
                        "max_moved_mem_gb": self.max_moved_mem_gb},
         }

@@ -135,11 +135,11 @@ class _Search:
         prm.num_workers = self.o.workers
         prm.random_seed = self.o.seed
         prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
-        if dtime is not None:
-            cap = dtime
-            if self.o.max_dtime is not None:
-                cap = min(cap, max(0.01, self.o.max_dtime - self.dtime))
-            prm.max_deterministic_time = cap
+        caps = [] if dtime is None else [dtime]
+        if self.o.max_dtime is not None:
+            caps.append(max(0.01, self.o.max_dtime - self.dtime))
+        if caps:
+            prm.max_deterministic_time = min(caps)
         return s
 
     def run_model(self, sub: cpsat.SubModel, dtime: float | None, wall: float | None = None,
@@ -322,7 +322,10 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
 
     CP-SAT's sufficient assumptions give a conflicting set; deletion then drops each member whose
     removal leaves the rest still infeasible, so what remains is minimal (each name matters).
+    The whole explanation gets the solve's time limit; when that runs out the set found so far
+    (sufficient, perhaps not minimal) is returned.
     """
+    t0 = time.monotonic()
     ev = Evaluator(problem)
     movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
     base = initial_unit_hosts(problem)
@@ -330,12 +333,16 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
     sub = cpsat.build(problem, ev, base, movable, cands, explain=True)
     model = sub.model
 
+    def left() -> float:
+        return opts.time_limit - (time.monotonic() - t0)
+
     def infeasible(assumed: list[int]) -> tuple[bool, list[int]]:
         model.ClearAssumptions()
         model.AddAssumptions([model.GetBoolVarFromProtoIndex(i) for i in assumed])
         solver = cp_model.CpSolver()
         solver.parameters.num_workers = 1
-        solver.parameters.max_time_in_seconds = max(1.0, opts.time_limit / 4)
+        solver.parameters.max_time_in_seconds = max(0.2, min(left(), opts.time_limit / 4))
+        solver.parameters.max_deterministic_time = 10.0
         status = solver.Solve(model)
         if status != cp_model.INFEASIBLE:
             return False, []
@@ -346,6 +353,8 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
         return []
     core = sorted(set(core) & set(sub.assumptions))
     for lit in list(core):
+        if left() <= 0:
+            break
         trial = [c for c in core if c != lit]
         still, smaller = infeasible(trial)
         if still:
