@@ -55,6 +55,7 @@ from balancer.service import PlanOptions, PlanResult, plan
 from balancer.snapshot import parse_snapshot, to_dict
 from balancer.store import NewRecommendation, Store
 from balancer.telemetry import Telemetry
+from policies.compatibility import eligibility as compat_eligibility
 
 log = logging.getLogger("balancer.daemon")
 
@@ -790,6 +791,7 @@ class Controller:
             count[h] += 1
         stale_h = set(fr.stale_hosts)
         stale_v = set(fr.stale_vms)
+        why = {snap.vms[v].name: w for v, (_ok, w) in compat_eligibility(snap).items()}
 
         def age(x: float | None) -> float | None:
             return None if x is None or math.isnan(x) else round(x, 3)
@@ -804,7 +806,8 @@ class Controller:
                 "cpu_demand": v.cpu_demand / 1000, "mem_demand_mb": v.mem_demand,
                 "automation": self.cfg.cluster.vm_level(v.name),
                 "fresh": v.name not in stale_v, "sample_age_s": age(fr.vm_age.get(v.name)),
-                "held": fr.pinned.get(v.name)} for v in snap.vms]
+                "held": fr.pinned.get(v.name),
+                "eligibility": why.get(v.name, [])} for v in snap.vms]
         last = self.last_cycle
         return {"cluster": self.cfg.cluster.name, "automation": self.cfg.cluster.automation,
                 "as_of": view.built, "hosts": hosts, "vms": vms,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from balancer.model import VM
+from balancer.model import VM, ClusterSnapshot
 from policies.base import Draft, register
 
 
@@ -34,6 +34,36 @@ def _signature(vm: VM) -> tuple:
     return (vm.cpu_model, vm.cpu_features, vm.networks, vm.datastores)
 
 
+def eligibility(snapshot: ClusterSnapshot) -> dict[int, tuple[set[int], list[str]]]:
+    """Per VM whose requirements rule out some active hosts: (compatible active hosts, why).
+
+    ``why`` has one phrase per unmet requirement, e.g. "needs network prod-vlan42: present on 3
+    of 64 active hosts". VMs that may go to every active host are left out.
+    """
+    active = snapshot.active_hosts()
+    n_active = len(active)
+    cache: dict[tuple, tuple[set[int], list[str]]] = {}
+    out: dict[int, tuple[set[int], list[str]]] = {}
+    for v, vm in enumerate(snapshot.vms):
+        sig = _signature(vm)
+        if sig not in cache:
+            ok: set[int] = set()
+            lacking: dict[str, int] = {}
+            for h in active:
+                unmet = snapshot.unmet_requirements(vm, snapshot.hosts[h])
+                if not unmet:
+                    ok.add(h)
+                for need in unmet:
+                    lacking[need] = lacking.get(need, 0) + 1
+            why = [f"needs {need}: present on {n_active - n} of {n_active} active hosts"
+                   for need, n in sorted(lacking.items())]
+            cache[sig] = (ok, why)
+        ok, why = cache[sig]
+        if len(ok) < n_active:
+            out[v] = (ok, list(why))
+    return out
+
+
 @register
 class Compatibility:
     name: ClassVar[str] = "compatibility"
@@ -44,34 +74,17 @@ class Compatibility:
 
     def apply(self, draft: Draft) -> None:
         snap = draft.snapshot
-        active = snap.active_hosts()
-        n_active = len(active)
         start = snap.placement()
-        # VMs with the same requirements share one host scan.
-        cache: dict[tuple, tuple[set[int], list[str]]] = {}
         for v, vm in enumerate(snap.vms):
             if vm.local_storage:
                 draft.pinned.add(v)
+        for v, (ok, why) in eligibility(snap).items():
+            vm = snap.vms[v]
+            if vm.local_storage:
                 continue
-            sig = _signature(vm)
-            if sig not in cache:
-                ok: set[int] = set()
-                lacking: dict[str, int] = {}
-                for h in active:
-                    unmet = snap.unmet_requirements(vm, snap.hosts[h])
-                    if not unmet:
-                        ok.add(h)
-                    for need in unmet:
-                        lacking[need] = lacking.get(need, 0) + 1
-                why = [f"needs {need}: present on {n_active - n} of {n_active} active hosts"
-                       for need, n in sorted(lacking.items())]
-                cache[sig] = (ok, why)
-            ok, why = cache[sig]
             here = start[v]
-            if len(ok) == n_active:
-                continue
             draft.restrict(v, ok | ({here} if snap.hosts[here].active else set()))
-            draft.eligibility[v] = list(why)
+            draft.eligibility[v] = why
             if snap.hosts[here].active and here not in ok:
                 draft.notes.append(
                     f"VM {vm.name} runs on {snap.hosts[here].name}, which lacks "

@@ -299,3 +299,25 @@ def test_maintenance_runs_the_evacuation_when_fully_automated(
         applied = client.get("/v1/recommendations", params={"state": "applied"}).json()
         assert {r["vm"] for r in applied} == on_h2
     controller.close()
+
+
+def test_cluster_state_and_whatif_say_why_a_vm_has_fewer_hosts(
+        api: tuple[httpx.Client, Any]) -> None:
+    client, _ = api
+    doc = scenario_doc("hot-cold")
+    for h in doc["hosts"]:
+        h["networks"] = ["prod"] + (["prod-vlan42"] if h["name"] in ("h1", "h3") else [])
+    doc["vms"][0]["networks"] = ["prod-vlan42"]
+    r = client.post("/v1/inventory", json=doc)
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/metrics", json={"samples": samples_for(doc, time.time())})
+    assert r.status_code == 200, r.text
+    vms = {v["name"]: v for v in client.get("/v1/cluster").json()["vms"]}
+    why = "needs network prod-vlan42: present on 2 of 4 active hosts"
+    assert vms[doc["vms"][0]["name"]]["eligibility"] == [why]
+    assert vms[doc["vms"][1]["name"]]["eligibility"] == []
+    plan = client.post("/v1/whatif", json={"snapshot": doc, "threshold": 5,
+                                           "time_limit_s": 2}).json()
+    assert plan["eligibility"] == {doc["vms"][0]["name"]: [why]}
+    moved = {m["vm"]: m["to"] for m in plan["migrations"]}
+    assert moved.get(doc["vms"][0]["name"], "h1") in ("h1", "h3")
