@@ -159,3 +159,32 @@ def load_config(path: str | Path | None) -> ExecutorConfig:
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{p}: not valid TOML: {exc}") from None
     return parse_config(data, source=str(p))
+
+
+def backend_section(config: ExecutorConfig, name: str, model: type[BaseModel], host_names: set[str],
+                    needs: str) -> Any:
+    """Validate ``[backend.NAME]`` of an executor config against ``model``.
+
+    Errors name the field (``InputError``): a missing section (saying what it ``needs``), a bad
+    or unknown field, duplicate host names, or a snapshot host without an entry. The model must
+    have a ``hosts`` list whose items have a ``name``.
+    """
+    raw = config.backend.get(name)
+    if raw is None:
+        raise InputError(f"config: field 'backend.{name}' is missing: the {name} backend needs "
+                         f"its hosts ({needs})")
+    try:
+        section = model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in ("backend", name, *err["loc"]))
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InputError(f"config: field '{where}': {msg}") from None
+    names = [h.name for h in section.hosts]  # type: ignore[attr-defined]
+    if len(set(names)) != len(names):
+        raise InputError(f"config: field 'backend.{name}.hosts': duplicate host names {names}")
+    missing = sorted(host_names - set(names))
+    if missing:
+        raise InputError(f"config: field 'backend.{name}.hosts': no entry for snapshot hosts "
+                         f"{missing}")
+    return section

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from balancer.errors import InputError
 from balancer.executor.base import (
     BackendError,
     Handle,
@@ -50,7 +49,7 @@ from balancer.executor.base import (
     VMNotFound,
 )
 from balancer.executor.compat import is_local_uri, libvirt_lacks, parse_domain_xml, refuse_if
-from balancer.executor.config import ExecutorConfig
+from balancer.executor.config import ExecutorConfig, backend_section
 from balancer.model import ClusterSnapshot
 
 MIB = 1024 * 1024
@@ -478,24 +477,8 @@ class LibvirtConfig(BaseModel):
 
 def create_backend(config: ExecutorConfig, snapshot: ClusterSnapshot) -> LibvirtBackend:
     """The backend ``balancer execute --backend libvirt`` uses, from ``[backend.libvirt]``."""
-    raw = config.backend.get("libvirt")
-    if raw is None:
-        raise InputError("config: field 'backend.libvirt' is missing: the libvirt backend "
-                         "needs its hosts (name, uri, migration_uri)")
-    try:
-        lc = LibvirtConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in ("backend", "libvirt", *err["loc"]))
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise InputError(f"config: field '{where}': {msg}") from None
-    names = [h.name for h in lc.hosts]
-    if len(set(names)) != len(names):
-        raise InputError(f"config: field 'backend.libvirt.hosts': duplicate host names {names}")
-    missing = sorted({h.name for h in snapshot.hosts} - set(names))
-    if missing:
-        raise InputError(f"config: field 'backend.libvirt.hosts': no entry for snapshot hosts "
-                         f"{missing}")
+    lc = backend_section(config, "libvirt", LibvirtConfig, {h.name for h in snapshot.hosts},
+                         "name, uri, migration_uri")
     return LibvirtBackend([LibvirtHost(h.name, h.uri, h.migration_uri) for h in lc.hosts],
                           default_bandwidth_mbps=lc.default_bandwidth_mbps,
                           default_downtime_ms=lc.default_downtime_ms,

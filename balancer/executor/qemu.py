@@ -40,10 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
-from balancer.errors import InputError
 from balancer.executor.base import (
     BackendError,
     Handle,
@@ -57,7 +56,7 @@ from balancer.executor.base import (
     VMNotFound,
 )
 from balancer.executor.compat import QemuProber, qemu_lacks, qemu_running, refuse_if
-from balancer.executor.config import ExecutorConfig
+from balancer.executor.config import ExecutorConfig, backend_section
 from balancer.model import ClusterSnapshot
 
 MIB = 1024 * 1024
@@ -688,24 +687,8 @@ def create_backend(config: ExecutorConfig, snapshot: ClusterSnapshot) -> QemuBac
     """The backend ``balancer execute --backend qemu`` uses, from ``[backend.qemu]``.
 
     Every host of the snapshot must be configured; errors name the field (``InputError``)."""
-    raw = config.backend.get("qemu")
-    if raw is None:
-        raise InputError("config: field 'backend.qemu' is missing: the qemu backend needs "
-                         "its hosts (name, address, run_dir)")
-    try:
-        qc = QemuConfig.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in ("backend", "qemu", *err["loc"]))
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise InputError(f"config: field '{where}': {msg}") from None
-    names = [h.name for h in qc.hosts]
-    if len(set(names)) != len(names):
-        raise InputError(f"config: field 'backend.qemu.hosts': duplicate host names {names}")
-    missing = sorted({h.name for h in snapshot.hosts} - set(names))
-    if missing:
-        raise InputError(f"config: field 'backend.qemu.hosts': no entry for snapshot hosts "
-                         f"{missing}")
+    qc = backend_section(config, "qemu", QemuConfig, {h.name for h in snapshot.hosts},
+                         "name, address, run_dir")
     return QemuBackend(
         [QemuHost(h.name, h.address, Path(h.run_dir), tuple(h.exec_prefix)) for h in qc.hosts],
         qemu_binary=qc.qemu_binary, default_bandwidth_mbps=qc.default_bandwidth_mbps,
