@@ -146,7 +146,7 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
             m[s] += vm.mem_demand
             gain = imbalance(c, m) - base
             reasons.append(
-                f"balance: imbalance {gain:+.4f} worse without it; {src.name} cpu "
+                f"balance: lowers imbalance (cpu std + mem std) by {gain:.4f}; {src.name} cpu "
                 f"{_pct(cpu0[s] / ev.cpu_cap[s])}->{_pct(cpu[s] / ev.cpu_cap[s])} mem "
                 f"{_pct(mem0[s] / ev.mem_cap[s])}->{_pct(mem[s] / ev.mem_cap[s])}, {dst.name} cpu "
                 f"{_pct(cpu0[t] / ev.cpu_cap[t])}->{_pct(cpu[t] / ev.cpu_cap[t])} mem "
