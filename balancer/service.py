@@ -194,6 +194,7 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None) -> PlanR
             "seed": opts.seed,
             "time_limit": time_limit,
             "converged": bool(result.stats.get("converged", False)),
+            "greedy_kept": bool(result.stats.get("greedy_kept", False)),
         }
         if result.status is Status.NO_SOLUTION_IN_TIME:
             raise SolverError(
