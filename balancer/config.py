@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancer.errors import InputError
+from balancer.errors import InputError, read_text
 
 LEVELS = ("manual", "partially", "fully")
 VM_LEVELS = ("disabled", "manual", "partially", "fully")
@@ -322,12 +322,7 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
 
 def load_config(path: str | Path) -> ServiceConfig:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    text = read_text(p, ConfigError)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

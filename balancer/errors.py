@@ -13,6 +13,8 @@ Every message is one readable line naming the item and the field at fault.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class BalancerError(Exception):
     """Root of every error the balancer raises on purpose."""
@@ -36,3 +38,14 @@ class InfeasibleError(BalancerError):
 
 class SolverError(BalancerError):
     """The solver stopped without an answer for a reason other than infeasibility."""
+
+
+def read_text(path: str | Path, error: type[InputError] = InputError) -> str:
+    """A UTF-8 input file's text; a missing or unreadable file raises ``error`` in one line."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{p}: cannot read: {exc}") from None

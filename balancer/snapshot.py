@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from balancer.errors import SnapshotError
+from balancer.errors import SnapshotError, read_text
 from balancer.model import VM, Automation, ClusterSnapshot, Host, HostState, Rule, RuleType
 
 FORMAT_VERSION = 1
@@ -334,14 +334,8 @@ def loads(text: str, *, source: str = "snapshot", mem_overcommit: float = 1.0) -
 
 
 def load(path: str | Path, *, mem_overcommit: float = 1.0) -> ClusterSnapshot:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SnapshotError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"{p}: cannot read: {exc}") from None
-    return loads(text, source=str(p), mem_overcommit=mem_overcommit)
+    text = read_text(path, SnapshotError)
+    return loads(text, source=str(Path(path)), mem_overcommit=mem_overcommit)
 
 
 def to_dict(snapshot: ClusterSnapshot) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from balancer.errors import BalancerError, InputError
+from balancer.errors import BalancerError, InputError, read_text
 from balancer.executor.base import Backend, Progress
 from balancer.executor.config import ExecutorConfig, load_config
 from balancer.executor.journal import Entry, Journal
@@ -56,14 +56,7 @@ def read_plan(path: str) -> dict[str, Any]:
     if path == "-":
         text, source = sys.stdin.read(), "stdin"
     else:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: cannot read: {exc}") from None
-        source = path
+        text, source = read_text(path), path
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from balancer.errors import InputError
+from balancer.errors import InputError, read_text
 
 
 class _Strict(BaseModel):
@@ -142,12 +142,7 @@ def load_config(path: str | Path | None) -> ExecutorConfig:
     if path is None:
         return ExecutorConfig()
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{p}: cannot read: {exc}") from None
+    text = read_text(p)
     if p.suffix == ".json":
         try:
             data = json.loads(text)
