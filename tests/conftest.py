@@ -60,3 +60,11 @@ def where(result: PlanResult) -> dict[str, str]:
 @pytest.fixture
 def demo_doc() -> dict[str, Any]:
     return json.loads((Path(__file__).parents[1] / "balancer/data/demo-cluster.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`balancer execute` keeps its journal under $XDG_STATE_HOME by default: never the
+    user's own folder in tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

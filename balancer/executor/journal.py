@@ -18,17 +18,29 @@ token and start time) and ``backoff`` (the last attempt failed; the next one is 
 before the runner takes the next action, so after a crash at any point the journal says what
 was asked of the backend, at worst without the handle of a migration that had just started;
 recovery (``balancer.executor.runner``) resolves that case from where the backend says the VM is.
+
+One writer at a time: a journal file is held with an OS lock (``JournalLock``) for as long as it
+is open; a second executor or daemon is refused with the holder's name (or waits). In the
+service's PostgreSQL store, the journal's tables carry the leader's term in every row and event,
+and every write first checks that term is current (``fence``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from balancer.errors import InputError
+from balancer.store.sql import Database, migrate
 
 
 class State(StrEnum):
@@ -75,53 +87,34 @@ class Entry:
     reason: str = ""
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS plans (
-    plan_id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS migrations (
-    plan_id TEXT NOT NULL REFERENCES plans(plan_id),
-    id INTEGER NOT NULL,
-    wave INTEGER NOT NULL,
-    vm TEXT NOT NULL,
-    source TEXT NOT NULL,
-    target TEXT NOT NULL,
-    mem_mb INTEGER NOT NULL,
-    est_seconds REAL NOT NULL,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    phase TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    token TEXT,
-    started_at REAL,
-    finished_at REAL,
-    next_at REAL,
-    reason TEXT NOT NULL DEFAULT '',
-    clock REAL,  -- backend clock of the last change
-    detail TEXT NOT NULL DEFAULT '',  -- what the last change was
-    PRIMARY KEY (plan_id, id)
-);
-CREATE INDEX IF NOT EXISTS migrations_state ON migrations(state);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    plan_id TEXT NOT NULL,
-    id INTEGER NOT NULL,
-    wall REAL NOT NULL,
-    clock REAL,
-    state TEXT NOT NULL,
-    phase TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    detail TEXT NOT NULL DEFAULT ''
-);
--- every change of an entry is logged in the same statement, hence the same transaction
-CREATE TRIGGER IF NOT EXISTS migrations_log AFTER UPDATE ON migrations BEGIN
-    INSERT INTO events (plan_id, id, wall, clock, state, phase, attempt, detail)
-    VALUES (NEW.plan_id, NEW.id, (julianday('now') - 2440587.5) * 86400.0, NEW.clock,
-            NEW.state, NEW.phase, NEW.attempts, NEW.detail);
-END;
-"""
+def _steps(p: str) -> list[tuple[int, list[str]]]:
+    """The journal's schema, versioned; ``p`` prefixes the table names (``exec_`` when the
+    journal lives in the service's shared PostgreSQL store)."""
+    return [
+        (1, [
+            f"""CREATE TABLE IF NOT EXISTS {p}plans (
+                plan_id TEXT PRIMARY KEY, created {{real}} NOT NULL, doc TEXT NOT NULL)""",
+            f"""CREATE TABLE IF NOT EXISTS {p}migrations (
+                plan_id TEXT NOT NULL REFERENCES {p}plans(plan_id), id INTEGER NOT NULL,
+                wave INTEGER NOT NULL, vm TEXT NOT NULL, source TEXT NOT NULL,
+                target TEXT NOT NULL, mem_mb INTEGER NOT NULL, est_seconds {{real}} NOT NULL,
+                kind TEXT NOT NULL, state TEXT NOT NULL, phase TEXT NOT NULL DEFAULT '',
+                attempts INTEGER NOT NULL DEFAULT 0, token TEXT, started_at {{real}},
+                finished_at {{real}}, next_at {{real}}, reason TEXT NOT NULL DEFAULT '',
+                clock {{real}}, detail TEXT NOT NULL DEFAULT '', PRIMARY KEY (plan_id, id))""",
+            f"CREATE INDEX IF NOT EXISTS {p}migrations_state ON {p}migrations(state)",
+            f"""CREATE TABLE IF NOT EXISTS {p}events (
+                seq {{serial}}, plan_id TEXT NOT NULL, id INTEGER NOT NULL,
+                wall {{real}} NOT NULL, clock {{real}}, state TEXT NOT NULL,
+                phase TEXT NOT NULL, attempt INTEGER NOT NULL, detail TEXT NOT NULL DEFAULT '')""",
+        ]),
+        # events are written by record() itself now (the SQLite trigger of old journals goes)
+        (2, ["DROP TRIGGER IF EXISTS migrations_log"] if not p else []),
+        # the leader's term of each change (NULL for balancer execute's own journal)
+        (3, [f"ALTER TABLE {p}migrations ADD COLUMN term {{bigint}}",
+             f"ALTER TABLE {p}events ADD COLUMN term {{bigint}}"]),
+    ]
+
 
 _COLS = ("plan_id", "id", "wave", "vm", "source", "target", "mem_mb", "est_seconds", "kind",
          "state", "phase", "attempts", "token", "started_at", "finished_at", "next_at", "reason")
@@ -134,76 +127,160 @@ def _row(r: tuple) -> Entry:  # type: ignore[type-arg]
     return Entry(**d)
 
 
-class Journal:
-    """One SQLite file; ``:memory:`` for a dry run."""
+class JournalBusy(InputError):
+    """Another process holds the journal."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
-        self.path = str(path)
+
+FenceFn = Callable[[Database], None]
+
+
+class JournalLock:
+    """An exclusive OS lock (``flock``) on ``<journal>.lock``, naming its holder.
+
+    The kernel releases it when the holder exits, however it exits (kill -9 included), so a
+    crashed executor never blocks the next one.
+    """
+
+    def __init__(self, journal: str, *, owner: str, wait: bool = False,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.path = journal + ".lock"
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        except sqlite3.Error as exc:
-            raise InputError(f"journal: field 'path': cannot open {self.path}: {exc}") from None
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"journal: field 'path': cannot open {self.path}: "
+                             f"{exc.strerror}") from None
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self.db.executescript(_SCHEMA)
-            cols = {r[1] for r in self.db.execute("PRAGMA table_info(migrations)")}
-            for col, decl in (("clock", "REAL"), ("detail", "TEXT NOT NULL DEFAULT ''")):
-                if col not in cols:  # a journal written before these columns existed
-                    self.db.execute(f"ALTER TABLE migrations ADD COLUMN {col} {decl}")
-        except sqlite3.DatabaseError as exc:
-            self.db.close()
-            raise InputError(f"journal: field 'path': {self.path} is not a usable journal: "
-                             f"{exc}") from None
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = self.holder()
+            if not wait:
+                os.close(self.fd)
+                raise JournalBusy(f"journal {journal} is in use by {held}; wait for it with "
+                                  "--wait, or give another --journal") from None
+            if on_wait is not None:
+                on_wait(f"journal {journal} is in use by {held}; waiting for it")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        info = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(os.pread(self.fd, 4096, 0) or b"{}")
+            return (f"{info.get('owner', 'another process')} (pid {info.get('pid', '?')} on "
+                    f"{info.get('host', '?')}, since {info.get('since', '?')})")
+        except (OSError, ValueError):
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = -1
+
+
+class Journal:
+    """The executor's journal: a SQLite file (``:memory:`` for a dry run), held exclusively
+    through ``JournalLock``; or tables ``exec_*`` in the service's PostgreSQL store (``db``),
+    where leadership is the lock and ``fence`` checks the writer's term in every write."""
+
+    def __init__(self, path: str | Path = ":memory:", *, synchronous: str = "full",
+                 db: Database | None = None, fence: FenceFn | None = None,
+                 owner: str = "balancer execute", wait: bool = False,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.fence = fence
+        self.term: int | None = None
+        self.lock: JournalLock | None = None
+        if db is not None:
+            self.path = db.target
+            self.db = db
+            self.p = "exec_"
+        else:
+            self.path = str(path)
+            self.p = ""
+            if self.path != ":memory:":
+                self.lock = JournalLock(self.path, owner=owner, wait=wait, on_wait=on_wait)
+            try:
+                self.db = Database(self.path, synchronous=synchronous)
+                self._upgrade_sqlite()
+                migrate(self.db, _steps(""), table="journal_schema")
+            except (sqlite3.DatabaseError, InputError) as exc:
+                self.close()
+                msg = str(exc).split(": ", 2)[-1] if isinstance(exc, InputError) else str(exc)
+                raise InputError(f"journal: field 'path': {self.path} is not a usable journal: "
+                                 f"{msg}") from None
+        if db is not None:
+            migrate(self.db, _steps(self.p), table="exec_journal_schema")
         self.commits = 0
 
+    def _upgrade_sqlite(self) -> None:
+        """Journals written before the versioned schema: add the columns they lack."""
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(migrations)")}
+        if cols and not self.db.one("SELECT name FROM sqlite_master WHERE "
+                                    "name = 'journal_schema'"):
+            for col, decl in (("clock", "REAL"), ("detail", "TEXT NOT NULL DEFAULT ''")):
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE migrations ADD COLUMN {col} {decl}")
+
     def close(self) -> None:
-        self.db.close()
+        if getattr(self, "db", None) is not None and self.p == "":
+            self.db.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        with self.db.tx() as db:
+            if self.fence is not None:
+                self.fence(db)
+            yield db
 
     # -- plans ---------------------------------------------------------------------------
     def open_plan(self, plan_id: str, entries: list[Entry], doc: str) -> list[Entry]:
         """Record a plan's entries as ``planned`` unless the plan is already in the journal."""
-        known = self.db.execute("SELECT 1 FROM plans WHERE plan_id=?", (plan_id,)).fetchone()
+        p = self.p
+        known = self.db.one(f"SELECT 1 FROM {p}plans WHERE plan_id = ?", (plan_id,))
         if not known:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute("INSERT INTO plans VALUES (?,?,?)", (plan_id, time.time(), doc))
-                self.db.executemany(
-                    f"INSERT INTO migrations ({','.join(_COLS)}) VALUES "
-                    f"({','.join('?' * len(_COLS))})",
-                    [self._values(e) for e in entries])
-                self.db.executemany(
-                    "INSERT INTO events (plan_id,id,wall,clock,state,phase,attempt,detail) "
-                    "VALUES (?,?,?,?,?,?,?,?)",
-                    [(plan_id, e.id, time.time(), None, e.state.value, "", 0, "planned")
-                     for e in entries])
-                self.db.execute("COMMIT")
-                self.commits += 1
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+            with self._write() as db:
+                now = time.time()
+                db.execute(f"INSERT INTO {p}plans (plan_id, created, doc) VALUES (?,?,?)",
+                           (plan_id, now, doc))
+                if entries:
+                    db.executemany(
+                        f"INSERT INTO {p}migrations ({','.join(_COLS)}, term) VALUES "
+                        f"({','.join('?' * len(_COLS))}, ?)",
+                        [(*self._values(e), self.term) for e in entries])
+                    db.executemany(
+                        f"INSERT INTO {p}events (plan_id, id, wall, clock, state, phase, "
+                        "attempt, detail, term) VALUES (?,?,?,?,?,?,?,?,?)",
+                        [(plan_id, e.id, now, None, e.state.value, "", 0, "planned", self.term)
+                         for e in entries])
+            self.commits += 1
         return self.entries(plan_id)
 
     def entries(self, plan_id: str) -> list[Entry]:
-        rows = self.db.execute(f"SELECT {','.join(_COLS)} FROM migrations WHERE plan_id=? "
-                               "ORDER BY id", (plan_id,)).fetchall()
+        rows = self.db.execute(f"SELECT {','.join(_COLS)} FROM {self.p}migrations WHERE "
+                               "plan_id = ? ORDER BY id", (plan_id,)).fetchall()
         return [_row(r) for r in rows]
 
     def unfinished(self) -> list[Entry]:
-        rows = self.db.execute(f"SELECT {','.join(_COLS)} FROM migrations WHERE state IN "
-                               "('planned','running') ORDER BY plan_id, id").fetchall()
+        rows = self.db.execute(f"SELECT {','.join(_COLS)} FROM {self.p}migrations WHERE state "
+                               "IN ('planned','running') ORDER BY plan_id, id").fetchall()
         return [_row(r) for r in rows]
 
     def plan_ids(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT plan_id FROM plans ORDER BY created")]
+        return [r[0] for r in self.db.execute(f"SELECT plan_id FROM {self.p}plans "
+                                              "ORDER BY created").fetchall()]
 
     def events(self, plan_id: str, mid: int | None = None) -> list[tuple]:  # type: ignore[type-arg]
-        q = "SELECT id, clock, state, phase, attempt, detail FROM events WHERE plan_id=?"
+        q = (f"SELECT id, clock, state, phase, attempt, detail FROM {self.p}events "
+             "WHERE plan_id = ?")
         args: tuple = (plan_id,)  # type: ignore[type-arg]
         if mid is not None:
-            q += " AND id=?"
+            q += " AND id = ?"
             args += (mid,)
-        return self.db.execute(q + " ORDER BY seq", args).fetchall()
+        return [tuple(r) for r in self.db.execute(q + " ORDER BY seq", args).fetchall()]
 
     # -- transitions ---------------------------------------------------------------------
     @staticmethod
@@ -212,16 +289,20 @@ class Journal:
                      else getattr(e, c) for c in _COLS)
 
     def record(self, e: Entry, *, clock: float | None, detail: str = "") -> None:
-        """Commit the entry's current fields and an event row, in one transaction.
-
-        One UPDATE statement in autocommit mode is its own transaction; the trigger
-        ``migrations_log`` writes the event row inside it.
-        """
-        cur = self.db.execute(
-            "UPDATE migrations SET state=?, phase=?, attempts=?, token=?, started_at=?, "
-            "finished_at=?, next_at=?, reason=?, clock=?, detail=? WHERE plan_id=? AND id=?",
-            (e.state.value, e.phase.value, e.attempts, e.token, e.started_at,
-             e.finished_at, e.next_at, e.reason, clock, detail, e.plan_id, e.id))
-        if cur.rowcount != 1:
-            raise KeyError(f"journal has no migration {e.id} of plan {e.plan_id}")
+        """Commit the entry's current fields and an event row, in one transaction (which
+        first checks the writer's term when the journal is fenced)."""
+        p = self.p
+        with self._write() as db:
+            cur = db.execute(
+                f"UPDATE {p}migrations SET state = ?, phase = ?, attempts = ?, token = ?, "
+                "started_at = ?, finished_at = ?, next_at = ?, reason = ?, clock = ?, "
+                "detail = ?, term = ? WHERE plan_id = ? AND id = ?",
+                (e.state.value, e.phase.value, e.attempts, e.token, e.started_at,
+                 e.finished_at, e.next_at, e.reason, clock, detail, self.term, e.plan_id, e.id))
+            if cur.rowcount != 1:
+                raise KeyError(f"journal has no migration {e.id} of plan {e.plan_id}")
+            db.execute(f"INSERT INTO {p}events (plan_id, id, wall, clock, state, phase, "
+                       "attempt, detail, term) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (e.plan_id, e.id, time.time(), clock, e.state.value, e.phase.value,
+                        e.attempts, detail, self.term))
         self.commits += 1

@@ -36,9 +36,16 @@ Description
     way, and its entries not yet started are cancelled as superseded.
 Requirements
     A backend implementing ``balancer.executor.base.Backend``; the hosts' memory capacities.
+    A start that never reached the backend (journalled ``starting``, no migration in flight, the
+    VM on its source, with a backend that has ``find_migration``) is not counted as an attempt:
+    the entry is planned again (or cancelled when its plan was superseded).
+
+    ``gate`` (the service's leadership) is asked before every start, before and after the
+    ``starting`` commit; it raises to stop the run at once, leaving migrations in flight to
+    the next leader's recovery.
 Limitations
-    Single process: two runners on one journal are not coordinated (the journal's SQLite lock
-    serialises their commits only). Memory is the only resource re-checked.
+    One runner per journal: the journal's lock (``JournalLock``) or, in the shared store, the
+    leader's term makes sure of it. Memory is the only resource re-checked.
 """
 
 from __future__ import annotations
@@ -108,6 +115,7 @@ class RunSummary:
     journal_commits: int
     dry_run: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    journal_path: str = ""
 
     def __post_init__(self) -> None:
         self.counts = {s.value: 0 for s in State}
@@ -152,8 +160,12 @@ def entries_for(waves: Waves, plan_id: str) -> list[Entry]:
 
 class Runner:
     def __init__(self, backend: Backend, journal: Journal, config: ExecutorConfig,
-                 capacities: dict[str, float], *, on_event: EventFn | None = None) -> None:
+                 capacities: dict[str, float], *, on_event: EventFn | None = None,
+                 gate: Callable[[], None] | None = None) -> None:
         self.backend = backend
+        # Raises when this process may no longer start migrations (a leader whose lease may
+        # have run out); checked before the start is journalled and again right before it.
+        self.gate = gate or (lambda: None)
         self.journal = journal
         self.config = config
         self.capacities = {h: c * config.limits.mem_overcommit for h, c in capacities.items()}
@@ -167,6 +179,7 @@ class Runner:
         self.blocked: dict[tuple[str, int], str] = {}
         self._dirty = False  # an entry reached a final state since the last look
         self._multi_leg: set[str] = set()  # VMs with more than one entry (parking legs)
+        self._plan_id = ""
 
     # -- control -------------------------------------------------------------------------
     def cancel(self, plan_id: str | None = None, ids: list[int] | None = None) -> None:
@@ -282,6 +295,19 @@ class Runner:
         elif loc == e.source and finder is None:
             self._fly(e, None)  # cannot tell whether it runs: watch where the VM is
             self.on_event("resume", e, None)
+        elif loc == e.source and e.phase is Phase.STARTING:
+            # The backend has no migration of the VM and the VM never left: the start never
+            # reached the backend, so it is not an attempt. Never blindly repeated either: the
+            # loop re-checks it like any planned move.
+            e.attempts = max(0, e.attempts - 1)
+            e.phase, e.token, e.started_at = Phase.NONE, None, None
+            if e.plan_id == self._plan_id:
+                e.state = State.PLANNED
+                self._record(e, "recovered: the start never reached the backend (not counted "
+                                "as an attempt); planned again")
+            else:
+                self._terminal(e, State.CANCELLED, f"superseded by plan {self._plan_id}; its "
+                                                   "start never reached the backend")
         elif loc == e.source:
             self._attempt_failed(e, "interrupted: the executor stopped around the start; no "
                                     "migration is in flight and the VM is on its source")
@@ -293,6 +319,7 @@ class Runner:
     def run(self, waves: Waves, plan_doc: str = "", *, dry_run: bool = False) -> RunSummary:
         t_wall = time.monotonic()
         plan_id = plan_fingerprint(waves)
+        self._plan_id = plan_id
         entries = self.journal.open_plan(plan_id, entries_for(waves, plan_id), plan_doc)
         t_clock = self.backend.now()
         self._cancel_all = False
@@ -443,10 +470,12 @@ class Runner:
             else:
                 self._terminal(e, State.SKIPPED, f"stale: {type(exc).__name__}: {exc}")
             return False
+        self.gate()
         e.state, e.phase = State.RUNNING, Phase.STARTING
         e.attempts += 1
         e.token, e.next_at, e.started_at = None, None, self.backend.now()
         self._record(e, f"starting attempt {e.attempts}")
+        self.gate()
         try:
             handle = self.backend.start(req)
         except IncompatibleHost as exc:  # refused before anything moved: retrying cannot help
