@@ -44,12 +44,12 @@ from balancer.executor.config import ExecutorConfig as ExecConfig
 from balancer.executor.config import JournalConfig, LimitsConfig
 from balancer.executor.config import load_config as load_exec_config
 from balancer.executor.config import parse_config as parse_exec_config
-from balancer.executor.journal import Entry, Journal, State
+from balancer.executor.journal import Entry, Journal, JournalLock, State
 from balancer.executor.runner import Runner
 from balancer.executor.simulated import SimulatedBackend
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
-from balancer.model import ClusterSnapshot, HostState, Move, RuleType, util_stats
+from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, RuleType, util_stats
 from balancer.planner import PlannerLimits, Waves, make_waves, plan_fingerprint
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.snapshot import parse_snapshot, to_dict
@@ -134,8 +134,14 @@ class PlanExecutor:
         # The journal's SQLite connection belongs to the thread that opened it, so one worker
         # thread owns it and runs every executor call; callers wait for their result.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
-        self.journal: Journal = self._worker.submit(
-            Journal, journal_path, synchronous=exec_cfg.journal.synchronous).result()
+        try:
+            # The controller holds the journal's lock for its lifetime (JournalLock).
+            self.journal: Journal = self._worker.submit(
+                Journal, journal_path, synchronous=exec_cfg.journal.synchronous,
+                lock=False).result()
+        except BaseException:
+            self._worker.shutdown(wait=True)
+            raise
         self._lock = threading.Lock()
         self._runner: Runner | None = None
         self._cancelled = False
@@ -143,6 +149,11 @@ class PlanExecutor:
     def close(self) -> None:
         self._worker.submit(self.journal.close).result()
         self._worker.shutdown(wait=True)
+
+    def set_backend(self, backend: Backend) -> None:
+        """Use ``backend`` from the next run on (the journal, and its lock, stay)."""
+        with self._lock:
+            self.backend = backend
 
     def _limits(self) -> PlannerLimits:
         c = self.exec_cfg
@@ -175,6 +186,19 @@ class PlanExecutor:
             done: set[int] = set()
 
             def on_event(kind: str, e: Entry, _: Any) -> None:
+                if kind in ("start", "resume"):
+                    log.info("migration %s: %s %s -> %s %s (attempt %d, %s MiB)",
+                             rows.get(e.id, "?") if e.plan_id == plan_id else "?", e.vm,
+                             e.source, e.target, "started" if kind == "start" else "resumed",
+                             e.attempts, e.mem_mb)
+                elif kind in ("end", "skip"):
+                    log.info("migration %s: %s %s -> %s %s%s",
+                             rows.get(e.id, "?") if e.plan_id == plan_id else "?", e.vm,
+                             e.source, e.target, e.state.value,
+                             f": {e.reason}" if e.reason else "")
+                elif kind == "retry":
+                    log.warning("migration %s: %s attempt %d failed, retrying: %s",
+                                rows.get(e.id, "?"), e.vm, e.attempts, e.reason)
                 # History follows the run live: each leg's row ends when the runner ends it.
                 if kind in ("end", "skip") and e.plan_id == plan_id and e.id in rows \
                         and e.id not in done and e.state in _OUTCOME:
@@ -274,20 +298,16 @@ def _level_executes(level: str) -> bool:
     return level == "fully"
 
 
-def move_kind(reason: str) -> str:
-    if reason.startswith("evacuates"):
-        return "evacuation"
-    if reason.startswith("balance:"):
-        return "balance"
-    return "mandatory"
-
-
 class Controller:
     def __init__(self, cfg: ServiceConfig, store: Store, telemetry: Telemetry, *,
                  sources: Sequence[Source] = (), backend: Backend | None = None,
                  inventory: ClusterSnapshot | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 plan_fn: Callable[[ClusterSnapshot, PlanOptions], PlanResult] = plan) -> None:
         self.cfg = cfg
+        # Every solve goes through plan_fn (same signature as balancer.service.plan), so the
+        # service can run it in a worker process.
+        self.plan_fn = plan_fn
         self.store = store
         self.telemetry = telemetry
         self.clock = clock
@@ -295,13 +315,17 @@ class Controller:
         self.sources: list[Source] = [self.push, *sources]
         self._lock = threading.RLock()  # inventory, view, cycle state
         self._cycle_lock = threading.Lock()  # one cycle (or maintenance plan) at a time
+        self.exec_cfg = executor_config(cfg, store.path)
+        # One daemon per journal: held from the start (before anything is written), whether
+        # or not a backend is set yet.
+        jp = self.exec_cfg.journal.path
+        self.journal_lock = None if jp == ":memory:" else JournalLock(jp, owner="balancer serve")
         saved = store.get("inventory")
         if inventory is None and saved is not None:
             inventory = parse_snapshot(saved)
         self.inventory: ClusterSnapshot | None = inventory
         if inventory is not None:
             store.put("inventory", to_dict(inventory))
-        self.exec_cfg = executor_config(cfg, store.path)
         self.backend: Backend | None = None
         self.executor: PlanExecutor | None = None
         if backend is None and inventory is not None and cfg.executor.backend == "simulated":
@@ -320,14 +344,17 @@ class Controller:
     def set_backend(self, backend: Backend) -> None:
         """Use ``backend`` for migrations (the simulated one is rebuilt with the inventory)."""
         with self._lock:
-            if self.executor is not None:
-                self.executor.close()
             self.backend = backend
-            self.executor = PlanExecutor(backend, self.store, self.telemetry, self.exec_cfg,
-                                         self.exec_cfg.journal.path)
+            if self.executor is not None:
+                self.executor.set_backend(backend)
+            else:
+                self.executor = PlanExecutor(backend, self.store, self.telemetry, self.exec_cfg,
+                                             self.exec_cfg.journal.path)
 
     def set_inventory(self, doc: Any) -> ClusterSnapshot:
         snap = parse_snapshot(doc, mem_overcommit=self.cfg.cluster.mem_overcommit)
+        log.info("inventory replaced: %d hosts, %d VMs, %d rules", len(snap.hosts),
+                 len(snap.vms), len(snap.rules))
         with self._lock:
             self.inventory = snap
             self.store.put("inventory", to_dict(snap))
@@ -344,6 +371,8 @@ class Controller:
                 closer()
         if self.executor is not None:
             self.executor.close()
+        if self.journal_lock is not None:
+            self.journal_lock.release()
         self.store.close()
 
     def ingest(self, ts: Sequence[float], kind: Sequence[str], name: Sequence[str],
@@ -502,7 +531,7 @@ class Controller:
         return out
 
     def _recs_from(self, result: PlanResult) -> list[NewRecommendation]:
-        return [NewRecommendation(kind=move_kind(m.reason), vm=m.vm, source=m.source,
+        return [NewRecommendation(kind=m.kind.value, vm=m.vm, source=m.source,
                                   target=m.target, reason=m.reason, mem_mb=m.mem, gain=g)
                 for m, g in zip(result.moves, self.gains(result), strict=True)]
 
@@ -525,21 +554,21 @@ class Controller:
             if len(view.freshness.pinned) > 5:
                 report.notes.append(f"... {len(view.freshness.pinned) - 5} more VMs held")
             ts = time.monotonic()
-            result = plan(view.snapshot, self.options())
+            result = self.plan_fn(view.snapshot, self.options())
             report.solve_s = time.monotonic() - ts
             self.telemetry.solve.observe(report.solve_s)
             report.imbalance_before = result.before.imbalance
             report.imbalance_after = result.after.imbalance
-            kinds = [move_kind(m.reason) for m in result.moves]
-            if "balance" in kinds:
+            kinds = [m.kind for m in result.moves]
+            if MoveKind.BALANCE in kinds:
                 self.streak += 1
                 need = self.cfg.loop.imbalance_cycles
                 if self.streak < need:
                     report.notes.append(f"imbalance seen {self.streak} of {need} cycles; "
                                         "balancing moves held")
-                    if any(k != "balance" for k in kinds):
+                    if any(k is not MoveKind.BALANCE for k in kinds):
                         ts = time.monotonic()
-                        result = plan(view.snapshot, self.options(threshold=1))
+                        result = self.plan_fn(view.snapshot, self.options(threshold=1))
                         self.telemetry.solve.observe(time.monotonic() - ts)
                         report.solve_s += time.monotonic() - ts
                     else:
@@ -563,6 +592,14 @@ class Controller:
             log.warning("cycle %d failed: %s", self.cycle_no, exc)
         report.duration_s = time.monotonic() - t0
         self.telemetry.cycle.observe(report.duration_s)
+        if report.imbalance_before is not None:
+            log.info("cycle %d: imbalance %.4f -> %.4f, %d recommendations, %d executed, "
+                     "solve %.2f s, cycle %.2f s%s", report.cycle, report.imbalance_before,
+                     report.imbalance_after if report.imbalance_after is not None else
+                     report.imbalance_before, len(report.recommendations),
+                     len(report.executed), report.solve_s or 0.0, report.duration_s,
+                     f" ({report.notes[0]})" if report.notes and "held" not in
+                     report.notes[0] else "")
         self.store.record_cycle(duration_s=report.duration_s, solve_s=report.solve_s,
                                 imbalance_before=report.imbalance_before,
                                 imbalance_after=report.imbalance_after,
@@ -632,6 +669,8 @@ class Controller:
                                                 detail="VM no longer on the source host")
             raise Conflict(f"recommendation {rec_id}: VM {rec['vm']} is no longer on "
                            f"{rec['source']}")
+        log.info("recommendation %d applied by %s: %s %s -> %s", rec_id, trigger, rec["vm"],
+                 rec["source"], rec["target"])
         rows = self._execute([rec], trigger)
         return {"recommendation": self.store.recommendation(rec_id),
                 "migration": rows[-1] if rows else None}
@@ -643,6 +682,8 @@ class Controller:
         if not self.store.set_recommendation_state(rec_id, "dismissed", expect="pending"):
             raise Conflict(f"recommendation {rec_id} is {rec['state']}, not pending")
         self.telemetry.pending.set(len(self.store.recommendations("pending")))
+        log.info("recommendation %d dismissed: %s %s -> %s (VM held for the cool-down)",
+                 rec_id, rec["vm"], rec["source"], rec["target"])
         return self.store.recommendation(rec_id)  # type: ignore[return-value]
 
     # -- maintenance --------------------------------------------------
@@ -666,6 +707,7 @@ class Controller:
                         doc, mem_overcommit=self.cfg.cluster.mem_overcommit)
                 self.store.put("inventory", to_dict(self.inventory))
                 self.view = None
+            log.info("host %s %s maintenance", host, "enters" if enter else "leaves")
             out: dict[str, Any] = {"host": host, "state": state.value, "plan": None,
                                    "recommendations": [], "executed": []}
             if not enter:
@@ -676,7 +718,7 @@ class Controller:
                                                         detail=f"{host} left maintenance")
                 return out
             view = self.estimate()
-            result = plan(view.snapshot, self.options(threshold=1))
+            result = self.plan_fn(view.snapshot, self.options(threshold=1))
             recs = self.store.replace_pending(self._recs_from(result), cycle=None,
                                               kinds=("evacuation", "mandatory"))
             out["plan"] = result.to_dict()
@@ -769,6 +811,8 @@ class Controller:
             if self.cfg.executor.backend == "simulated" and self.inventory is not None:
                 self.set_backend(simulated_backend(self.inventory, self.exec_cfg))
             applied = True
+        log.info("placement of %s: %s (%s)", name, host,
+                 "recorded" if applied else "recommended only")
         return {"vm": name, "host": host, "reason": reason,
                 "imbalance_before": round(before, 6), "imbalance_after": round(best, 6),
                 "candidates": [{"host": hn, "imbalance_after": round(s, 6)}
@@ -824,7 +868,7 @@ class Controller:
         opts = dataclasses.replace(self.options(threshold), max_migrations=max_migrations,
                                    time_limit=time_limit_s or self.cfg.cluster.time_limit_s)
         t0 = time.monotonic()
-        result = plan(snap, opts)
+        result = self.plan_fn(snap, opts)
         self.telemetry.solve.observe(time.monotonic() - t0)
         out = result.to_dict()
         for m, g in zip(out["migrations"], self.gains(result), strict=True):

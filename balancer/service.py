@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from balancer.errors import SolverError
-from balancer.model import ClusterSnapshot, Move, Placement, UtilStats, util_stats
+from balancer.model import ClusterSnapshot, Move, MoveKind, Placement, UtilStats, util_stats
 from balancer.model.problem import Problem
 from balancer.solver import EngineOptions, Status, solve
 from balancer.solver.greedy import greedy
@@ -132,6 +132,8 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
         u = problem.unit_of[v]
         src, dst = snap.hosts[s], snap.hosts[t]
         reasons = []
+        kind = MoveKind.EVACUATION if u in problem.mandatory_reason and not src.active \
+            else MoveKind.MANDATORY
         if u in problem.mandatory_reason:
             reasons.append(problem.mandatory_reason[u])
         for rule in soft_broken_at_start.get(v, []):
@@ -139,6 +141,7 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
         if not reasons and problem.only_mandatory:
             reasons.append("makes room for the mandatory moves (threshold 1)")
         if not reasons:
+            kind = MoveKind.BALANCE
             c, m = cpu.copy(), mem.copy()
             c[t] -= vm.cpu_demand
             m[t] -= vm.mem_demand
@@ -153,7 +156,7 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
                 f"{_pct(mem0[t] / ev.mem_cap[t])}->{_pct(mem[t] / ev.mem_cap[t])}"
             )
         moves.append(Move(vm=vm.name, source=src.name, target=dst.name,
-                          reason="; ".join(reasons), mem=vm.mem))
+                          reason="; ".join(reasons), mem=vm.mem, kind=kind))
     return moves
 
 

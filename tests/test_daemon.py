@@ -171,7 +171,7 @@ def test_crash_leaves_no_migration_unknown(tmp_path: Path) -> None:
                                     trigger="auto", rec_id=None)
     second = store.migration_started(vm="a1", source="h1", target="h4", mem_mb=8192,
                                      trigger="api", rec_id=None)
-    store.close()
+    controller.close()  # the process dies: its journal lock goes with it
     controller2, _, _ = make(tmp_path)  # restart on the same SQLite state
     rows = controller2.recover()
     # The (new, simulated) backend has both VMs on their sources: both did not happen.

@@ -48,7 +48,7 @@ def wait_for_lock(journal: Path, timeout: float = 60.0) -> None:
     raise AssertionError("the first executor never took the journal")
 
 
-def test_second_executor_is_refused_then_waits_and_nothing_runs_twice(plan_doc, tmp_path):
+def test_second_executor_is_refused_then_waits_and_nothing_runs_twice(plan_doc, tmp_path):  # noqa: F811
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(plan_doc))
     cfg = slow_config(tmp_path)
@@ -81,7 +81,7 @@ def test_second_executor_is_refused_then_waits_and_nothing_runs_twice(plan_doc, 
     assert len(starts) == N_MIGRATIONS and max(starts.values()) == 1  # 0 started twice
 
 
-def test_execute_output_units_dry_run_wording_and_json_reasons(plan_doc, tmp_path):
+def test_execute_output_units_dry_run_wording_and_json_reasons(plan_doc, tmp_path):  # noqa: F811
     plan = tmp_path / "plan.json"
     plan_doc = json.loads(json.dumps(plan_doc))
     for w in plan_doc["waves"]:

@@ -187,7 +187,7 @@ class Journal:
     def __init__(self, path: str | Path = ":memory:", *, synchronous: str = "full",
                  db: Database | None = None, fence: FenceFn | None = None,
                  owner: str = "balancer execute", wait: bool = False,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], None] | None = None, lock: bool = True) -> None:
         self.fence = fence
         self.term: int | None = None
         self.lock: JournalLock | None = None
@@ -198,7 +198,7 @@ class Journal:
         else:
             self.path = str(path)
             self.p = ""
-            if self.path != ":memory:":
+            if self.path != ":memory:" and lock:  # lock=False: the caller holds it
                 self.lock = JournalLock(self.path, owner=owner, wait=wait, on_wait=on_wait)
             try:
                 self.db = Database(self.path, synchronous=synchronous)

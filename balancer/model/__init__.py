@@ -152,6 +152,14 @@ class ClusterSnapshot:
 Placement = tuple[int, ...]
 
 
+class MoveKind(str, Enum):
+    """Why a move is in a plan, set where its reason is written (``explain_moves``)."""
+
+    BALANCE = "balance"  # lowers the imbalance; may be delayed by anti-flapping
+    EVACUATION = "evacuation"  # leaves a host in maintenance
+    MANDATORY = "mandatory"  # fixes a rule, or makes room for a mandatory move
+
+
 @dataclass(frozen=True, slots=True)
 class Move:
     vm: str
@@ -159,6 +167,7 @@ class Move:
     target: str
     reason: str
     mem: int  # MiB moved (configured memory of the VM)
+    kind: MoveKind = MoveKind.BALANCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +234,7 @@ __all__ = [
     "Host",
     "HostState",
     "Move",
+    "MoveKind",
     "Placement",
     "Rule",
     "RuleType",
