@@ -105,6 +105,16 @@ class ExecutorConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "balancer.db"
+    # PostgreSQL shared by several daemons (one leads): postgresql://user@host:port/db
+    url: str | None = None
+    lease_s: float = 10.0  # leader lease; a follower takes over this long after a crash
+    node: str | None = None  # this daemon's name in /v1/leader (default host:pid)
+    advertise: str | None = None  # the address other nodes name for this one
+
+    @property
+    def target(self) -> str:
+        """What ``balancer.store.Store`` opens: the URL if any, else the SQLite path."""
+        return self.url or self.path
 
 
 @dataclass(frozen=True)
@@ -307,7 +317,15 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
     path = s.string("path", "balancer.db")
     if path != ":memory:" and not Path(path).is_absolute() and where != "config":
         path = str(Path(where).parent / path)
-    store = StoreConfig(path=path)
+    url = s.string("url", None)
+    if url is not None and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{where}: [store] url: must be a postgresql:// URL, got {url!r}")
+    if url is not None and s.has("path"):
+        raise ConfigError(f"{where}: [store] url: give path (SQLite) or url (PostgreSQL), "
+                          "not both")
+    lease_s = s.number("lease_s", 10.0, minimum=1.0, strict=False)
+    store = StoreConfig(path=path, url=url, lease_s=lease_s, node=s.string("node", None),
+                        advertise=s.string("advertise", None))
     s.done()
 
     if ingest.source == "libvirt" and executor.backend != "libvirt":

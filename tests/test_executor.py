@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -411,13 +412,47 @@ def test_cli_execute_runs_a_plan_and_keeps_a_journal(tmp_path, small_plan):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["counts"]["succeeded"] == 4 and not summary["dry_run"]
-    # live progress: one line per event, and the migrations in flight with percent and rate
+    # live progress without a terminal: one line per event, no bar redrawn between them
     assert "start #0 v0-0 s0->d0 (wave 0, attempt 1)" in out.stderr
     assert "succeeded #0 v0-0 s0->d0" in out.stderr
-    assert re.search(r"#\d+ \d+% \d+Mb/s", out.stderr)
+    assert "\r" not in out.stderr and not re.search(r"#\d+ \d+% \d+Mb/s", out.stderr)
     rows = sqlite3.connect(tmp_path / "j.sqlite").execute(
         "SELECT state, count(*) FROM migrations GROUP BY state").fetchall()
     assert rows == [("succeeded", 4)]
+
+
+def test_cli_progress_bar_on_a_terminal(tmp_path, small_plan):
+    """On a terminal: the bar with the migrations in flight (percent, rate) and the events."""
+    import pty
+
+    plan_path, _ = small_plan
+    (tmp_path / "slow.toml").write_text("[simulated]\ntime_scale = 0.05\n")
+    master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "balancer.cli", "execute", str(plan_path),
+                             "--config", str(tmp_path / "slow.toml"), "--journal",
+                             str(tmp_path / "j.sqlite")], stdout=subprocess.PIPE,
+                            stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    seen = b"".join(chunks).decode(errors="replace")
+    assert "succeeded #0 v0-0 s0->d0" in seen and "mig" in seen
+    assert re.search(r"#\d+ \d+% \d+Mb/s", seen)
 
 
 def test_cli_dry_run_moves_nothing_and_writes_no_journal(tmp_path, small_plan):

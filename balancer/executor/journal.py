@@ -210,7 +210,7 @@ class Journal:
                 raise InputError(f"journal: field 'path': {self.path} is not a usable journal: "
                                  f"{msg}") from None
         if db is not None:
-            migrate(self.db, _steps(self.p), table="exec_journal_schema")
+            migrate(self.db, _steps(self.p), table="exec_journal_schema")  # caller closes db
         self.commits = 0
 
     def _upgrade_sqlite(self) -> None:

@@ -103,7 +103,11 @@ class Store:
         self.path = str(target)
         self.db = Database(self.path)
         self.kind = self.db.dialect.name
-        self.schema_version = migrate(self.db, MIGRATIONS)
+        try:
+            self.schema_version = migrate(self.db, MIGRATIONS)
+        except BaseException:
+            self.db.close()
+            raise
         self.fence: tuple[str, int] | None = None
         self._pending: tuple[int, list[dict[str, Any]], bytes] | None = None
 
