@@ -49,11 +49,12 @@ from balancer.executor.runner import Runner
 from balancer.executor.simulated import SimulatedBackend
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
+from balancer.leadership import Leadership
 from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, RuleType, util_stats
 from balancer.planner import PlannerLimits, Waves, make_waves, plan_fingerprint
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.snapshot import parse_snapshot, to_dict
-from balancer.store import NewRecommendation, Store
+from balancer.store import Database, Fenced, NewRecommendation, Store, is_url
 from balancer.telemetry import Telemetry
 from policies.compatibility import eligibility as compat_eligibility
 
@@ -76,6 +77,10 @@ class Unavailable(BalancerError):
     """The service cannot answer yet (no inventory, backend down)."""
 
 
+class NotLeader(Conflict):
+    """A mutation sent to a follower: the message names the leader."""
+
+
 # -- executing moves through the executor's runner ------------------------------------------
 def executor_config(cfg: ServiceConfig, store_path: str) -> ExecConfig:
     """The executor's config: from ``[executor] config`` or ``[executor.settings]``.
@@ -90,15 +95,23 @@ def executor_config(cfg: ServiceConfig, store_path: str) -> ExecConfig:
         out = load_exec_config(cfg.executor.config)
     update: dict[str, Any] = {}
     if out.journal == JournalConfig():
-        jp = ":memory:" if store_path == ":memory:" else store_path + ".journal"
+        # In a PostgreSQL store the journal is the store's exec_* tables (JOURNAL_IN_STORE).
+        jp = ":memory:" if store_path == ":memory:" else JOURNAL_IN_STORE if is_url(
+            store_path) else store_path + ".journal"
         update["journal"] = JournalConfig(path=jp, synchronous="normal")
     if out.limits == LimitsConfig():
         update["limits"] = LimitsConfig(mem_overcommit=cfg.cluster.mem_overcommit)
     return out.model_copy(update=update) if update else out
 
 
+JOURNAL_IN_STORE = "store"
+
+
 def simulated_backend(snapshot: ClusterSnapshot, exec_cfg: ExecConfig) -> Backend:
-    """The executor's simulated backend holding ``snapshot``'s VMs (state kept in memory)."""
+    """The executor's simulated backend holding ``snapshot``'s VMs: in memory, or in the file
+    ``[simulated] state_path`` shared by the daemons of one store (each call re-reads it)."""
+    if exec_cfg.simulated.state_path:
+        return SimulatedBackend.from_snapshot(snapshot, exec_cfg, persist=True, shared=True)
     return SimulatedBackend.from_snapshot(snapshot, exec_cfg, persist=False)
 
 
@@ -126,8 +139,10 @@ class PlanExecutor:
     """
 
     def __init__(self, backend: Backend, store: Store, telemetry: Telemetry,
-                 exec_cfg: ExecConfig, journal_path: str) -> None:
+                 exec_cfg: ExecConfig, journal_path: str,
+                 gate: Callable[[], None] | None = None) -> None:
         self.backend = backend
+        self.gate = gate
         self.store = store
         self.telemetry = telemetry
         self.exec_cfg = exec_cfg
@@ -135,10 +150,13 @@ class PlanExecutor:
         # thread owns it and runs every executor call; callers wait for their result.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor")
         try:
-            # The controller holds the journal's lock for its lifetime (JournalLock).
-            self.journal: Journal = self._worker.submit(
-                Journal, journal_path, synchronous=exec_cfg.journal.synchronous,
-                lock=False).result()
+            if journal_path == JOURNAL_IN_STORE:  # fenced by the leader's term
+                self.journal: Journal = self._worker.submit(
+                    lambda: Journal(db=Database(store.path), fence=store.check_fence)).result()
+            else:  # the controller holds the journal's lock for its lifetime (JournalLock)
+                self.journal = self._worker.submit(
+                    Journal, journal_path, synchronous=exec_cfg.journal.synchronous,
+                    lock=False).result()
         except BaseException:
             self._worker.shutdown(wait=True)
             raise
@@ -147,8 +165,20 @@ class PlanExecutor:
         self._cancelled = False
 
     def close(self) -> None:
-        self._worker.submit(self.journal.close).result()
+        def shut() -> None:
+            self.journal.close()
+            if self.journal.p:  # the journal's own connection to the shared store
+                self.journal.db.close()
+
+        self._worker.submit(shut).result()
         self._worker.shutdown(wait=True)
+
+    def lead(self, term: int) -> None:
+        """Write under ``term`` from now on; a fencing-aware backend refuses older terms."""
+        self.journal.term = term
+        fence = getattr(self.backend, "fence_to", None)
+        if fence is not None:
+            self._worker.submit(fence, term).result()
 
     def set_backend(self, backend: Backend) -> None:
         """Use ``backend`` from the next run on (the journal, and its lock, stay)."""
@@ -208,7 +238,7 @@ class PlanExecutor:
                     done.add(e.id)
 
             self._runner = Runner(self.backend, self.journal, self.exec_cfg, caps,
-                                  on_event=on_event)
+                                  on_event=on_event, gate=self.gate)
             try:
                 summary = self._runner.run(waves, json.dumps(waves.to_dict()))
             except BackendError as exc:
@@ -244,6 +274,12 @@ class PlanExecutor:
         else:
             self.store.migration_finished(row_id, "failed", f"{error}; VM on {where}")
 
+    def cancel_run(self) -> None:
+        """Lost the lead: stop the run in progress (its next write would be fenced anyway)."""
+        runner = self._runner
+        if runner is not None:
+            runner.cancel()
+
     def cancel(self) -> None:
         """Stop: cancel the run in progress (safe from a signal handler) and refuse new ones."""
         self._cancelled = True
@@ -258,7 +294,7 @@ class PlanExecutor:
     def _recover(self) -> list[dict[str, Any]]:
         with self._lock:
             if self.journal.unfinished():
-                Runner(self.backend, self.journal, self.exec_cfg, {}).run(
+                Runner(self.backend, self.journal, self.exec_cfg, {}, gate=self.gate).run(
                     Waves(migrations=[], makespan_s=0.0))
             out = []
             for row in self.store.unfinished_migrations():
@@ -303,8 +339,12 @@ class Controller:
                  sources: Sequence[Source] = (), backend: Backend | None = None,
                  inventory: ClusterSnapshot | None = None,
                  clock: Callable[[], float] = time.time,
-                 plan_fn: Callable[[ClusterSnapshot, PlanOptions], PlanResult] = plan) -> None:
+                 plan_fn: Callable[[ClusterSnapshot, PlanOptions], PlanResult] = plan,
+                 leadership: Leadership | None = None) -> None:
         self.cfg = cfg
+        # None: a lone controller (tests, tools) that always leads and writes unfenced.
+        self.leadership = leadership
+        self.term: int | None = None  # the term this controller took over (take_over)
         # Every solve goes through plan_fn (same signature as balancer.service.plan), so the
         # service can run it in a worker process.
         self.plan_fn = plan_fn
@@ -319,7 +359,8 @@ class Controller:
         # One daemon per journal: held from the start (before anything is written), whether
         # or not a backend is set yet.
         jp = self.exec_cfg.journal.path
-        self.journal_lock = None if jp == ":memory:" else JournalLock(jp, owner="balancer serve")
+        self.journal_lock = None if jp in (":memory:", JOURNAL_IN_STORE) else \
+            JournalLock(jp, owner="balancer serve")
         saved = store.get("inventory")
         if inventory is None and saved is not None:
             inventory = parse_snapshot(saved)
@@ -339,6 +380,7 @@ class Controller:
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self.telemetry.pending.set(len(store.recommendations("pending")))
+        self.telemetry.leader.set(1 if leadership is None else 0)
 
     # -- inventory and samples --------------------------------------------------
     def set_backend(self, backend: Backend) -> None:
@@ -348,10 +390,79 @@ class Controller:
             if self.executor is not None:
                 self.executor.set_backend(backend)
             else:
-                self.executor = PlanExecutor(backend, self.store, self.telemetry, self.exec_cfg,
-                                             self.exec_cfg.journal.path)
+                self.executor = PlanExecutor(
+                    backend, self.store, self.telemetry, self.exec_cfg,
+                    self.exec_cfg.journal.path, gate=self._gate)
+                if self.term is not None:
+                    self.executor.lead(self.term)
+
+    # -- leadership -------------------------------------------------------------------
+    def _gate(self) -> None:
+        if self.leadership is not None:
+            self.leadership.gate()
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
+
+    def require_leader(self) -> None:
+        """Mutations are the leader's: on a follower, a 409 naming the leader."""
+        if self.leadership is not None and not self.leadership.is_leader:
+            raise NotLeader(f"this node ({self.leadership.node}) follows: "
+                            f"{self.leadership.leader_hint()}")
+
+    def leader_info(self) -> dict[str, Any]:
+        if self.leadership is None:
+            return {"role": "leader", "term": 0, "id": "local",
+                    "leader": {"id": "local", "address": "", "since": None}}
+        return self.leadership.info()
+
+    def take_over(self, term: int) -> list[dict[str, Any]]:
+        """Newly elected: write under ``term``, settle what the last leader left unfinished
+        (journal, history, recommendations) from where the backend says each VM is, and take
+        VM placement from the backend."""
+        log.info("taking over as leader, term %d", term)
+        self.store.fence = (self.leadership.node, term) if self.leadership else None
+        self.term = term
+        self.telemetry.leader.set(1)
+        self.telemetry.term.set(term)
+        self.reload_inventory(force=True)
+        with self._lock:
+            if self.executor is not None:
+                self.executor.lead(term)
+        rows = self.recover()
+        if self.backend is not None and self.cfg.executor.backend == "simulated" and \
+                self.exec_cfg.simulated.state_path:
+            self.refresh_from_backend()
+        for row in rows:
+            log.warning("recovered migration %s of %s: %s", row["id"], row["vm"],
+                        row["state"])
+        return rows
+
+    def step_down(self) -> None:
+        # The run in progress stops by itself: its next start is refused by the gate and its
+        # next journal write by the fence. Migrations in flight are left to the new leader.
+        self.term = None
+        self.telemetry.leader.set(0)
+
+    def reload_inventory(self, force: bool = False) -> None:
+        """Followers (and a new leader) take the inventory the leader stored."""
+        v = self.store.version("inventory")
+        if not force and v == getattr(self, "_inventory_version", None):
+            return
+        saved = self.store.get("inventory")
+        self._inventory_version = v
+        if saved is None:
+            return
+        snap = parse_snapshot(saved, mem_overcommit=self.cfg.cluster.mem_overcommit)
+        with self._lock:
+            self.inventory = snap
+            self.view = None
+        if self.backend is None and self.cfg.executor.backend == "simulated":
+            self.set_backend(simulated_backend(snap, self.exec_cfg))
 
     def set_inventory(self, doc: Any) -> ClusterSnapshot:
+        self.require_leader()
         snap = parse_snapshot(doc, mem_overcommit=self.cfg.cluster.mem_overcommit)
         log.info("inventory replaced: %d hosts, %d VMs, %d rules", len(snap.hosts),
                  len(snap.vms), len(snap.rules))
@@ -377,6 +488,7 @@ class Controller:
 
     def ingest(self, ts: Sequence[float], kind: Sequence[str], name: Sequence[str],
                cpu: Sequence[float], mem: Sequence[float]) -> int:
+        self.require_leader()
         n = self.push.add(ts, kind, name, cpu, mem)
         self.telemetry.samples.inc(n)
         return n
@@ -537,6 +649,7 @@ class Controller:
 
     def run_cycle(self) -> CycleReport:
         """One control cycle: ingest, estimate, solve, store, execute by automation level."""
+        self.require_leader()
         with self._cycle_lock:
             return self._run_cycle()
 
@@ -652,6 +765,7 @@ class Controller:
 
     # -- recommendations --------------------------------------------------
     def apply(self, rec_id: int, trigger: str = "api") -> dict[str, Any]:
+        self.require_leader()
         rec = self.store.recommendation(rec_id)
         if rec is None:
             raise NotFound(f"recommendation {rec_id} does not exist", ["path", "rec_id"])
@@ -676,6 +790,7 @@ class Controller:
                 "migration": rows[-1] if rows else None}
 
     def dismiss(self, rec_id: int) -> dict[str, Any]:
+        self.require_leader()
         rec = self.store.recommendation(rec_id)
         if rec is None:
             raise NotFound(f"recommendation {rec_id} does not exist", ["path", "rec_id"])
@@ -688,6 +803,7 @@ class Controller:
 
     # -- maintenance --------------------------------------------------
     def maintenance(self, host: str, enter: bool) -> dict[str, Any]:
+        self.require_leader()
         with self._cycle_lock:
             with self._lock:
                 inv = self.inventory
@@ -742,6 +858,7 @@ class Controller:
         Limitations
             The new VM has no rules yet; existing rules are not affected by it.
         """
+        self.require_leader()
         view = self.current_view()
         snap = view.snapshot
         if name in snap.vm_index:
@@ -886,7 +1003,31 @@ class Controller:
                 self.store.set_recommendation_state(
                     row["rec_id"], "applied" if row["state"] == "completed" else "failed",
                     expect="applying", detail=row.get("error"))
+        self._settle_applying()
         return rows
+
+    def _settle_applying(self) -> None:
+        """No recommendation stays ``applying`` after a crash: its last migration's outcome,
+        else where the backend says the VM is."""
+        for rec in self.store.recommendations("applying", limit=10_000):
+            legs = [m for m in self.store.migrations(limit=50, vm=rec["vm"])
+                    if m["rec_id"] == rec["id"]]
+            if legs and legs[0]["state"] != "started":
+                ok = legs[0]["state"] == "completed"
+                why = legs[0]["error"]
+            else:
+                where = None
+                if self.backend is not None:
+                    try:
+                        where = self.backend.locate(rec["vm"])
+                    except BackendError:
+                        where = None
+                ok = where == rec["target"]
+                why = None if ok else f"interrupted by a crash before it ran; VM on {where}"
+            self.store.set_recommendation_state(rec["id"], "applied" if ok else "failed",
+                                                expect="applying", detail=why)
+            log.warning("recommendation %d was left applying: now %s", rec["id"],
+                        "applied" if ok else "failed")
 
 
 # -- the process: loop thread + uvicorn ----------------------------------------------------------
@@ -908,11 +1049,23 @@ class Daemon:
     def _loop(self) -> None:
         c = self.controller
         while not c.stopping.is_set():
+            lead = c.leadership
+            wait = c.cfg.loop.interval_s
             try:
-                c.run_cycle()
+                if lead is not None and not lead.is_leader:
+                    if c.term is not None:
+                        c.step_down()
+                    c.reload_inventory()  # follow: serve what the leader stored
+                    wait = min(wait, lead.beat_s)
+                else:
+                    if lead is not None and c.term != lead.term:
+                        c.take_over(lead.term)  # type: ignore[arg-type]
+                    c.run_cycle()
+            except (Fenced, NotLeader) as exc:
+                log.warning("no longer leading: %s", exc)
             except Exception:  # the loop must survive a bug in one cycle
                 log.exception("control cycle crashed")
-            self._wake.wait(c.cfg.loop.interval_s)
+            self._wake.wait(wait)
             self._wake.clear()
 
     def request_stop(self) -> None:
@@ -923,10 +1076,15 @@ class Daemon:
         self.server.should_exit = True
 
     def run(self) -> int:
-        recovered = self.controller.recover()
-        for row in recovered:
-            log.warning("journal: migration %s of %s resolved as %s", row["id"], row["vm"],
-                        row["state"])
+        lead = self.controller.leadership
+        if lead is None:
+            recovered = self.controller.recover()
+            for row in recovered:
+                log.warning("journal: migration %s of %s resolved as %s", row["id"], row["vm"],
+                            row["state"])
+        else:  # elected or not, the loop takes over (recovery included) when this node leads
+            self.controller.telemetry.leader.set(0)
+            lead.on_change = lambda leading, term: self._wake.set()
         self._thread.start()
         old = {s: signal.signal(s, lambda *_: self.request_stop())
                for s in (signal.SIGTERM, signal.SIGINT)}
@@ -936,6 +1094,8 @@ class Daemon:
             self.request_stop()
             # Let the cycle in progress finish its in-flight migration and journal it.
             self._thread.join(timeout=600.0)
+            if lead is not None:  # hand over at once rather than at lease expiry
+                lead.stop(release=True)
             for s, h in old.items():
                 signal.signal(s, h)
         return 0 if not self._thread.is_alive() else 1
@@ -958,12 +1118,19 @@ def _make_server_class() -> type:
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
-            if self.started and self._daemon.on_listening is not None:
-                for server in self.servers:
-                    for sock in server.sockets:
-                        host, port = sock.getsockname()[:2]
+            if not self.started:
+                return
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    lead = self._daemon.controller.leadership
+                    if lead is not None:  # candidates once reachable, with their address
+                        if not lead.address:
+                            lead.address = f"http://{host}:{port}"
+                        lead.start()
+                    if self._daemon.on_listening is not None:
                         self._daemon.on_listening(host, port)
-                        return
+                    return
 
     return Server
 

@@ -60,7 +60,7 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
     elif cfg.cluster.inventory:
         inventory = snapshot.load(cfg.cluster.inventory,
                                   mem_overcommit=cfg.cluster.mem_overcommit)
-    store = Store(cfg.store.path)
+    store = Store(cfg.store.target)
     backend = None
     if cfg.executor.backend == "libvirt":
         backend = _libvirt_backend(cfg, inventory)
@@ -99,7 +99,7 @@ def _libvirt_backend(cfg: Any, inventory: Any) -> Any:
     except ImportError as exc:
         raise ConfigError(f"{cfg.source_path or 'config'}: [executor] backend: the libvirt "
                           f"backend cannot load ({exc}); install libvirt-python") from None
-    return create_backend(executor_config(cfg, cfg.store.path), inventory)
+    return create_backend(executor_config(cfg, cfg.store.target), inventory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,6 +135,14 @@ def run(args: argparse.Namespace) -> int:
             print("balancer: no API token configured: mutating endpoints are refused",
                   file=sys.stderr, flush=True)
 
+    from balancer.leadership import Leadership
+    from balancer.store import is_url
+
+    # Daemons sharing a PostgreSQL store elect one leader; on SQLite this one leads at once
+    # (its journal lock already keeps any other daemon off the state).
+    controller.leadership = Leadership(
+        controller.store, node=cfg.store.node, address=cfg.store.advertise or "",
+        lease_s=cfg.store.lease_s, exclusive=not is_url(cfg.store.target))
     try:
         return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
                       on_listening=listening).run()

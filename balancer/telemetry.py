@@ -65,6 +65,12 @@ class Telemetry:
             registry=registry)
         self.cycles = Counter(
             "balancer_cycles", "Control cycles run, by result", ["result"], registry=registry)
+        self.leader = Gauge(
+            "balancer_leader", "1 while this daemon leads (runs cycles and migrations), "
+            "0 while it follows", registry=registry)
+        self.term = Gauge(
+            "balancer_leader_term", "The leadership term this daemon last saw",
+            registry=registry)
 
     def set_hosts(self, util: dict[str, tuple[float, float]]) -> None:
         """Per-host (cpu, mem) utilisation; hosts gone from the inventory are removed."""

@@ -139,6 +139,11 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
                                                           "detail": "first cycle not run yet"})
         return Health(status="ready")
 
+    @app.get("/v1/leader", tags=["health"])
+    def leader() -> dict[str, Any]:
+        """This node's role (leader or follower), the term, and who leads."""
+        return controller.leader_info()
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(telemetry.render(),

@@ -33,12 +33,15 @@ Limitations
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import os
 import random
 import signal
 import sqlite3
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -100,8 +103,15 @@ class SimulatedBackend:
                  dirty_rate_mbps: float = 0.0, faults: FaultsConfig | None = None,
                  time_scale: float = 0.0, state_path: str | None = None,
                  params: ModelParams | None = None,
-                 compat: ClusterSnapshot | None = None) -> None:
+                 compat: ClusterSnapshot | None = None, shared: bool = False) -> None:
         self.seed = seed
+        # shared: several processes use the state file in turn (daemons failing over); each
+        # call re-reads the state in its transaction. fence_token: the caller's leader term,
+        # refused once a higher one was seen (fence_to), as a fencing-aware backend would.
+        self.shared = shared and bool(state_path)
+        self.fence_token: int | None = None
+        self.fence_seen = 0
+        self._mutex = threading.RLock()
         self.compat = compat
         self.refusals: list[tuple[str, str, str, str]] = []  # (vm, source, target, reason)
         self.bandwidth_mbps = bandwidth_mbps
@@ -143,10 +153,17 @@ class SimulatedBackend:
 
     # -- persistence ---------------------------------------------------------------------
     def _open(self, path: str) -> None:
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        # check_same_thread off: the daemon calls it from its loop and its executor thread;
+        # _Tx serialises the calls with a lock
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                                  check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(starts)")}
+        for col, decl in (("wall", "REAL"), ("fence", "INTEGER")):
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE starts ADD COLUMN {col} {decl}")
         if self.db.execute("SELECT 1 FROM meta WHERE key='clock'").fetchone():
             self._load()
         else:
@@ -159,6 +176,7 @@ class SimulatedBackend:
     def _load(self) -> None:
         assert self.db is not None
         db = self.db
+        self._ends = []
         self.clock = float(db.execute("SELECT value FROM meta WHERE key='clock'").fetchone()[0])
         self.hosts = dict(db.execute("SELECT name, mem_mb FROM hosts"))
         self.vms = {n: [h, c, m] for n, h, c, m in db.execute("SELECT * FROM vms")}
@@ -172,26 +190,36 @@ class SimulatedBackend:
                 heapq.heappush(self._ends, (m.end, m.token))
         self.starts = [tuple(r) for r in db.execute(  # type: ignore[misc]
             "SELECT token, vm, source, target, clock FROM starts ORDER BY seq")]
+        row = db.execute("SELECT value FROM meta WHERE key='fence'").fetchone()
+        self.fence_seen = int(row[0]) if row else 0
         self.start_counts = {}
         for st in self.starts:
             self.start_counts[st[1]] = self.start_counts.get(st[1], 0) + 1
         self._used = None
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection | None) -> None:
+        def __init__(self, db: sqlite3.Connection | None, mutex: threading.RLock) -> None:
             self.db = db
+            self.mutex = mutex
 
         def __enter__(self) -> sqlite3.Connection:
             assert self.db is not None
-            self.db.execute("BEGIN IMMEDIATE")
+            self.mutex.acquire()
+            self.outer = not self.db.in_transaction  # nested: join the outer transaction
+            if self.outer:
+                self.db.execute("BEGIN IMMEDIATE")
             return self.db
 
         def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
             assert self.db is not None
-            self.db.execute("COMMIT" if et is None else "ROLLBACK")
+            try:
+                if self.outer:
+                    self.db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.mutex.release()
 
     def _tx(self) -> SimulatedBackend._Tx:
-        return SimulatedBackend._Tx(self.db)
+        return SimulatedBackend._Tx(self.db, self._mutex)
 
     def _save_migration(self, db: sqlite3.Connection, m: _Migration) -> None:
         db.execute("INSERT OR REPLACE INTO migrations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -212,17 +240,42 @@ class SimulatedBackend:
         self._call("before")
 
     # -- protocol ------------------------------------------------------------------------
+    def _sync(self) -> Any:
+        """Shared state: the call runs in one transaction on freshly loaded state."""
+        if not self.shared or self.db is None:
+            return contextlib.nullcontext()
+        tx = self._tx()
+
+        class _Synced:
+            def __enter__(s2) -> None:  # noqa: N805
+                tx.__enter__()
+                try:
+                    self._load()
+                except BaseException:
+                    tx.__exit__(*sys.exc_info())
+                    raise
+
+            def __exit__(s2, et: Any, ev: Any, tb: Any) -> None:  # noqa: N805
+                tx.__exit__(et, ev, tb)
+
+        return _Synced()
+
     def inventory(self) -> list[VMInfo]:
+        with self._sync():
+            return self._inventory()
+
+    def _inventory(self) -> list[VMInfo]:
         self._enter()
         out = [VMInfo(n, h, c, m) for n, (h, c, m) in sorted(self.vms.items())]
         self._call("after")
         return out
 
     def locate(self, vm: str) -> str | None:
-        self._enter()
-        rec = self.vms.get(vm)
-        self._call("after")
-        return rec[0] if rec else None
+        with self._sync():
+            self._enter()
+            rec = self.vms.get(vm)
+            self._call("after")
+            return rec[0] if rec else None
 
     def _committed(self, host: str) -> float:
         """Configured memory on ``host``: its VMs plus the VMs migrating to it."""
@@ -267,12 +320,29 @@ class SimulatedBackend:
         return lacks + s.unmet_requirements(v, h)
 
     def check(self, request: MigrationRequest) -> None:
-        self._enter()
-        self._validate(request)
-        self._call("after")
+        with self._sync():
+            self._enter()
+            self._validate(request)
+            self._call("after")
+
+    def fence_to(self, token: int) -> None:
+        """A new leader's term: starts carrying a lower one are refused from now on."""
+        self.fence_token = token
+        if self.db is not None:
+            with self._tx() as db:
+                db.execute("INSERT INTO meta (key, value) VALUES ('fence', ?) ON CONFLICT (key) "
+                           "DO UPDATE SET value = max(CAST(value AS INTEGER), "
+                           "CAST(excluded.value AS INTEGER))", (str(token),))
 
     def start(self, request: MigrationRequest) -> Handle:
+        with self._sync():
+            return self._start(request)
+
+    def _start(self, request: MigrationRequest) -> Handle:
         self._enter()
+        if self.shared and self.fence_token is not None and self.fence_token < self.fence_seen:
+            raise BackendError(f"stale fencing token {self.fence_token}: term "
+                               f"{self.fence_seen} leads now", vm=request.vm)
         try:
             self._validate(request)
         except IncompatibleHost as exc:
@@ -317,8 +387,10 @@ class SimulatedBackend:
         if self.db is not None:
             with self._tx() as db:
                 self._save_migration(db, m)
-                db.execute("INSERT INTO starts (token, vm, source, target, clock) "
-                           "VALUES (?,?,?,?,?)", (token, r.vm, r.source, r.target, self.clock))
+                db.execute("INSERT INTO starts (token, vm, source, target, clock, wall, fence) "
+                           "VALUES (?,?,?,?,?,?,?)", (token, r.vm, r.source, r.target,
+                                                      self.clock, time.time(),
+                                                      self.fence_token))
         self._call("after")
         return Handle(request=request, token=token)
 
@@ -335,6 +407,10 @@ class SimulatedBackend:
         return Progress(m.status, sent, total, 0.0, error=err)
 
     def poll(self, handle: Handle) -> Progress:
+        with self._sync():
+            return self._poll(handle)
+
+    def _poll(self, handle: Handle) -> Progress:
         self._enter()
         m = self.migrations.get(handle.token)
         if m is None:
@@ -344,6 +420,10 @@ class SimulatedBackend:
         return p
 
     def cancel(self, handle: Handle) -> None:
+        with self._sync():
+            self._cancel(handle)
+
+    def _cancel(self, handle: Handle) -> None:
         self._enter()
         m = self.migrations.get(handle.token)
         if m is None:
@@ -361,6 +441,10 @@ class SimulatedBackend:
 
     def find_migration(self, vm: str) -> Handle | None:
         """The migration of ``vm`` in flight, if any (used by crash recovery)."""
+        with self._sync():
+            return self._find_migration(vm)
+
+    def _find_migration(self, vm: str) -> Handle | None:
         self._enter()
         token = self.active_by_vm.get(vm)
         out = None
@@ -374,8 +458,16 @@ class SimulatedBackend:
         return self.clock
 
     def wait(self, seconds: float) -> None:
+        if self.time_scale > 0 and seconds > 0 and self.shared:
+            time.sleep(seconds * self.time_scale)  # not holding the shared state meanwhile
+            with self._sync():
+                self._advance(seconds, sleep=False)
+        else:
+            self._advance(seconds)
+
+    def _advance(self, seconds: float, sleep: bool = True) -> None:
         self._enter()
-        if self.time_scale > 0 and seconds > 0:
+        if self.time_scale > 0 and seconds > 0 and sleep:
             time.sleep(seconds * self.time_scale)
         self.clock += max(0.0, seconds)
         due = []
