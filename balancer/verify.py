@@ -92,3 +92,30 @@ def verify(snapshot: ClusterSnapshot, placement: Placement, limits: Limits | Non
     if lim.max_moved_mem_mb is not None and moved_mem > lim.max_moved_mem_mb:
         errors.append(f"budget: {moved_mem} MiB moved, above {lim.max_moved_mem_mb} MiB")
     return errors
+
+
+def broken_rules(snapshot: ClusterSnapshot, placement: Placement | None = None
+                 ) -> dict[str, tuple[str, ...]]:
+    """The mandatory rules ``placement`` (default: the snapshot's own) breaks: name -> VMs.
+
+    The same checks as ``verify``'s rule section, as data (the service exempts the VMs of a
+    broken rule from anti-flapping: fixing a rule is never delayed).
+    """
+    pl = snapshot.placement() if placement is None else placement
+    out: dict[str, tuple[str, ...]] = {}
+    for rule in snapshot.rules:
+        if not rule.mandatory:
+            continue
+        on = [pl[snapshot.vm_index[n]] for n in rule.vms]
+        if rule.type is RuleType.AFFINITY:
+            bad = len(set(on)) > 1
+        elif rule.type is RuleType.ANTI_AFFINITY:
+            bad = len(set(on)) < len(on)
+        elif rule.type is RuleType.VM_HOST:
+            allowed = {snapshot.host_index[h] for h in rule.hosts}
+            bad = any(h not in allowed for h in on)
+        else:
+            bad = False
+        if bad:
+            out[rule.name] = tuple(rule.vms)
+    return out

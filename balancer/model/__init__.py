@@ -10,7 +10,7 @@ engine; names appear only at the edges (file formats, CLI, API).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -146,6 +146,41 @@ class ClusterSnapshot:
 
     def active_hosts(self) -> list[int]:
         return [i for i, h in enumerate(self.hosts) if h.active]
+
+    # -- edits: each returns a new snapshot (the snapshot itself never changes) -------------
+    def with_host_state(self, host: str, state: HostState) -> ClusterSnapshot:
+        i = self.host_index[host]
+        hosts = list(self.hosts)
+        hosts[i] = replace(hosts[i], state=state)
+        return replace(self, hosts=tuple(hosts))
+
+    def with_vm_on(self, vm: str, host: str) -> ClusterSnapshot:
+        """``vm`` now runs on ``host`` (a known host)."""
+        if host not in self.host_index:
+            raise KeyError(f"unknown host {host!r}")
+        i = self.vm_index[vm]
+        vms = list(self.vms)
+        vms[i] = replace(vms[i], host=host)
+        return replace(self, vms=tuple(vms))
+
+    def with_vm(self, vm: VM) -> ClusterSnapshot:
+        """``vm`` added (kept in name order)."""
+        if vm.name in self.vm_index:
+            raise KeyError(f"VM {vm.name!r} already exists")
+        if vm.host not in self.host_index:
+            raise KeyError(f"unknown host {vm.host!r}")
+        return replace(self, vms=tuple(sorted((*self.vms, vm), key=lambda v: v.name)))
+
+    def with_vms(self, vms: tuple[VM, ...]) -> ClusterSnapshot:
+        """The VMs replaced by ``vms``; rules naming a VM that is gone are dropped."""
+        names = {v.name for v in vms}
+        rules = tuple(r for r in self.rules if all(n in names for n in r.vms))
+        return replace(self, vms=tuple(sorted(vms, key=lambda v: v.name)), rules=rules)
+
+    def mem_shortfall(self, mem_overcommit: float = 1.0) -> float:
+        """MiB of configured VM memory the active hosts cannot hold together (0: they can)."""
+        active = sum(h.mem_capacity for h in self.hosts if h.active) * mem_overcommit
+        return max(0.0, sum(v.mem for v in self.vms) - active)
 
 
 # VM index -> host index, in VM order.

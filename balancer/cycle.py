@@ -1,0 +1,195 @@
+"""One control cycle's thinking: estimate demand, hold what must not move, plan, and the
+anti-flapping that decides which moves are recommended now.
+
+Description
+    ``ControlCycle.estimate`` turns the samples of every source into the snapshot the engine
+    sees (``balancer.ingest.demand``), with VMs *held* (pinned) for a reason: automation
+    disabled, or a cool-down after a move or a dismissal (``[loop] cooldown_s``; VMs on a host
+    leaving service or in a broken mandatory rule, per ``balancer.verify.broken_rules``, are
+    exempt). ``ControlCycle.plan`` solves through the injected ``plan_fn`` (same signature as
+    ``balancer.service.plan``; the service may run it in a worker process) and applies
+    anti-flapping: balancing moves (``Move.kind`` is ``MoveKind.BALANCE``, set where the
+    engine writes the reasons) are recommended only once the plan has wanted them for
+    ``imbalance_cycles`` consecutive cycles; evacuations and rule fixes are never delayed (the
+    plan is then re-solved at threshold 1 for them alone).
+Requirements
+    Sample sources; the service config.
+Limitations
+    The streak lives in memory: a new leader starts counting again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from balancer.config import ServiceConfig
+from balancer.ingest.demand import Freshness, apply_estimates, estimate
+from balancer.ingest.samples import SampleBuffer, Source
+from balancer.model import ClusterSnapshot, MoveKind, util_stats
+from balancer.service import PlanOptions, PlanResult
+from balancer.store import Store
+from balancer.telemetry import Telemetry
+from balancer.verify import broken_rules
+
+PlanFn = Callable[[ClusterSnapshot, PlanOptions], PlanResult]
+
+
+@dataclass
+class ClusterView:
+    """The last estimate of the cluster, as the API shows it."""
+
+    snapshot: ClusterSnapshot
+    freshness: Freshness
+    built: float
+    samples_seen: int
+
+
+@dataclass
+class CycleReport:
+    cycle: int
+    duration_s: float
+    solve_s: float | None
+    recommendations: list[dict[str, Any]] = field(default_factory=list)
+    executed: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    imbalance_before: float | None = None
+    imbalance_after: float | None = None
+    streak: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ControlCycle:
+    def __init__(self, cfg: ServiceConfig, store: Store, telemetry: Telemetry,
+                 push: SampleBuffer, sources: Sequence[Source], plan_fn: PlanFn) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.telemetry = telemetry
+        self.push = push
+        self.sources = list(sources)
+        self.plan_fn = plan_fn
+        self.streak = 0
+
+    # -- estimation --------------------------------------------------------------------------
+    def frame(self, now: float) -> pd.DataFrame:
+        frames = []
+        for src in self.sources:
+            f = src.frame(now)
+            if len(f):
+                frames.append(f)
+        if not frames:
+            return self.push.frame(now)
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+    def pins(self, inv: ClusterSnapshot, now: float) -> dict[str, str]:
+        """VMs held where they are, and why."""
+        pins: dict[str, str] = {}
+        for v in inv.vms:
+            if self.cfg.cluster.vm_level(v.name) == "disabled":
+                pins[v.name] = "automation disabled for this VM"
+        cd = self.cfg.loop.cooldown_s
+        if cd > 0:
+            exempt = {vm for vms in broken_rules(inv).values() for vm in vms} | {
+                v.name for v in inv.vms if not inv.hosts[inv.host_index[v.host]].active}
+            since = now - cd
+            for vm in self.store.moved_since(since):
+                if vm not in exempt:
+                    pins.setdefault(vm, f"cool-down: moved within the last {cd:g} s")
+            for vm in self.store.dismissed_since(since):
+                if vm not in exempt:
+                    pins.setdefault(vm, f"cool-down: recommendation dismissed within {cd:g} s")
+        return pins
+
+    def estimate(self, inv: ClusterSnapshot, now: float) -> ClusterView:
+        """Estimate demand from the samples and build the snapshot the engine sees."""
+        ic = self.cfg.ingest
+        est = estimate(self.frame(now), now, window_s=ic.window_s, method=ic.estimator,
+                       percentile=ic.percentile)
+        snap, fresh = apply_estimates(inv, est, now, stale_after_s=ic.stale_after_s,
+                                      pins=self.pins(inv, now))
+        view = ClusterView(snapshot=snap, freshness=fresh, built=now,
+                           samples_seen=self.push.total)
+        self.export(view)
+        return view
+
+    def export(self, view: ClusterView) -> None:
+        snap = view.snapshot
+        stats = util_stats(snap, snap.placement())
+        self.telemetry.imbalance.labels(resource="cpu").set(stats.cpu_std)
+        self.telemetry.imbalance.labels(resource="mem").set(stats.mem_std)
+        cpu = [0] * len(snap.hosts)
+        mem = [0] * len(snap.hosts)
+        for v in snap.vms:
+            h = snap.host_index[v.host]
+            cpu[h] += v.cpu_demand
+            mem[h] += v.mem_demand
+        self.telemetry.set_hosts({
+            h.name: (cpu[i] / h.cpu_capacity, mem[i] / h.mem_capacity)
+            for i, h in enumerate(snap.hosts)})
+        age = view.freshness.age
+        self.telemetry.ingestion_age.set(float("nan") if age is None else age)
+        self.telemetry.stale_vms.set(len(view.freshness.stale_vms))
+
+    # -- planning ----------------------------------------------------------------------------
+    def options(self, threshold: int | None = None) -> PlanOptions:
+        c = self.cfg.cluster
+        return PlanOptions(threshold=c.threshold if threshold is None else threshold,
+                           max_migrations=c.max_migrations, max_moved_mem_gb=c.max_moved_mem_gb,
+                           mem_overcommit=c.mem_overcommit, cpu_headroom=c.cpu_headroom,
+                           time_limit=c.time_limit_s, seed=c.seed)
+
+    def solve(self, snap: ClusterSnapshot, opts: PlanOptions) -> tuple[PlanResult, float]:
+        t = time.monotonic()
+        result = self.plan_fn(snap, opts)
+        took = time.monotonic() - t
+        self.telemetry.solve.observe(took)
+        return result, took
+
+    @staticmethod
+    def gains(result: PlanResult) -> list[float]:
+        """Per move: how much worse (CPU std + memory std) the plan would be without it."""
+        snap = result.snapshot
+        base = result.after.imbalance
+        out = []
+        for m in result.moves:
+            pl = list(result.placement)
+            pl[snap.vm_index[m.vm]] = snap.host_index[m.source]
+            out.append(round(util_stats(snap, tuple(pl)).imbalance - base, 6))
+        return out
+
+    def plan(self, view: ClusterView, report: CycleReport) -> PlanResult:
+        """The plan to recommend this cycle, anti-flapping applied; fills ``report``."""
+        for vm, why in list(view.freshness.pinned.items())[:5]:
+            report.notes.append(f"{vm} held: {why}")
+        if len(view.freshness.pinned) > 5:
+            report.notes.append(f"... {len(view.freshness.pinned) - 5} more VMs held")
+        result, report.solve_s = self.solve(view.snapshot, self.options())
+        report.imbalance_before = result.before.imbalance
+        report.imbalance_after = result.after.imbalance
+        kinds = [m.kind for m in result.moves]
+        if MoveKind.BALANCE in kinds:
+            self.streak += 1
+            need = self.cfg.loop.imbalance_cycles
+            if self.streak < need:
+                report.notes.append(f"imbalance seen {self.streak} of {need} cycles; "
+                                    "balancing moves held")
+                if any(k is not MoveKind.BALANCE for k in kinds):
+                    result, took = self.solve(view.snapshot, self.options(threshold=1))
+                    report.solve_s += took
+                else:
+                    result = dataclasses.replace(result, moves=[],
+                                                 placement=view.snapshot.placement(),
+                                                 after=result.before)
+                report.imbalance_after = result.after.imbalance
+        else:
+            self.streak = 0
+        report.streak = self.streak
+        report.notes.extend(result.notes)
+        return result
