@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import threading
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -79,9 +80,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; plugin modules are imported only for the ``command`` being run."""
     parser = _Parser(prog="balancer", description="An open, optimal DRS for KVM/QEMU clusters.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, ep in sorted(_plugin_commands().items()):
-        if name != command:
-            sub.add_parser(name, help=f"see 'balancer {name} --help'", add_help=False)
+    plugins = _plugin_commands()
+    for name, ep in sorted(plugins.items()):
+        if command in plugins and name != command:
+            # Another command runs: its module (and its imports) are not needed.
+            sub.add_parser(name, help=name, add_help=False)
             continue
         module = ep.load()
         sp = sub.add_parser(name, help=module.HELP)
@@ -123,10 +126,21 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.report import plan_table
-    from balancer.service import PlanOptions, plan
+    from balancer.service import PlanOptions
+    from balancer.solving import SolverProcess, plan_interruptible
 
-    snap = _load_snapshot(args)
-    result = plan(snap, PlanOptions(
+    # The solve runs in a worker process (Ctrl-C: best plan so far); it starts while the
+    # snapshot is read.
+    worker = SolverProcess("plan")
+    warm = threading.Thread(target=worker.start, name="solver-start", daemon=True)
+    warm.start()
+    try:
+        snap = _load_snapshot(args)
+    except BaseException:
+        warm.join()
+        worker.close()
+        raise
+    result = plan_interruptible(snap, PlanOptions(
         threshold=args.threshold,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
@@ -135,7 +149,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         solver=args.solver,
-    ))
+    ), worker=worker)
     from balancer.planner import PlannerLimits, add_waves
 
     doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))
@@ -166,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("balancer: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("BALANCER_DEBUG"):
             raise

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from balancer.logs import FORMATS, LEVELS
 
 HELP = "run the balancer service: control loop + HTTP API (/v1, /metrics)"
 
@@ -29,6 +30,17 @@ def _port(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--solver-workers must be a whole number, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"--solver-workers must be 1..64, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="service config (TOML), see configs/")
     parser.add_argument("--demo", action="store_true",
@@ -37,10 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--interval", type=float, metavar="S",
                         help="control loop interval, seconds (overrides the config)")
+    parser.add_argument("--log-level", choices=LEVELS, default="info",
+                        help="least severe log lines shown (default: info)")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="log lines on stderr as text or JSON objects (default: text)")
+    parser.add_argument("--solver-workers", type=_workers, default=2, metavar="N",
+                        help="solver worker processes (control cycles and what-ifs; "
+                             "default: 2)")
 
 
-def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
-    """Controller, app and telemetry for ``cfg`` (what ``serve`` runs; tests reuse it)."""
+def build(cfg: Any, *, registry: Any = None, plan_fn: Any = None) -> tuple[Any, Any, Any]:
+    """Controller, app and telemetry for ``cfg`` (what ``serve`` runs; tests reuse it).
+
+    ``plan_fn`` replaces in-process planning (``serve`` passes a worker-process pool)."""
     from prometheus_client import CollectorRegistry
 
     from balancer import snapshot
@@ -79,8 +100,9 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
             period_s=cfg.ingest.simulated_period_s, window_s=cfg.ingest.window_s,
             retention_s=cfg.ingest.retention_s, seed=cfg.cluster.seed))
     try:
+        extra = {} if plan_fn is None else {"plan_fn": plan_fn}
         controller = Controller(cfg, store, telemetry, sources=sources, backend=backend,
-                                inventory=inventory)
+                                inventory=inventory, **extra)
     except InputError:
         store.close()
         raise
@@ -106,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from balancer.config import demo_config, load_config
     from balancer.daemon import Daemon
     from balancer.errors import InputError
+    from balancer.logs import setup as setup_logging
+    from balancer.solving import SolverPool
 
     if args.demo == bool(args.config):
         raise InputError("serve: give --config FILE or --demo (one of them)")
@@ -126,8 +150,17 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"serve: --interval must be > 0, got {args.interval:g}")
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop,
                                                                 interval_s=args.interval))
-    logging.basicConfig(level=logging.INFO, format="balancer: %(message)s", stream=sys.stderr)
-    controller, app, _ = build(cfg)
+    setup_logging(args.log_level, args.log_format)
+    # Every solve runs in a worker process (balancer.solving): Ctrl-C and SIGTERM stop it at
+    # any moment, and API reads never wait on the solver.
+    solvers = SolverPool(args.solver_workers, start=True)
+    try:
+        controller, app, _ = build(cfg, plan_fn=solvers.plan)
+    except BaseException:
+        solvers.close()
+        if tmp is not None:
+            tmp.cleanup()
+        raise
 
     def listening(host: str, port: int) -> None:
         print(f"balancer: listening on http://{host}:{port}", file=sys.stderr, flush=True)
@@ -137,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
-                      on_listening=listening).run()
+                      on_listening=listening, stop_solves=solvers.stop_all).run()
     finally:
+        solvers.close()
         controller.close()
         if tmp is not None:
             tmp.cleanup()
