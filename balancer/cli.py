@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import threading
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -127,19 +126,10 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
 def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.report import plan_table
     from balancer.service import PlanOptions
-    from balancer.solving import SolverProcess, plan_interruptible
+    from balancer.solving import plan_interruptible
 
-    # The solve runs in a worker process (Ctrl-C: best plan so far); it starts while the
-    # snapshot is read.
-    worker = SolverProcess("plan")
-    warm = threading.Thread(target=worker.start, name="solver-start", daemon=True)
-    warm.start()
-    try:
-        snap = _load_snapshot(args)
-    except BaseException:
-        warm.join()
-        worker.close()
-        raise
+    snap = _load_snapshot(args)
+    # The solve runs in a worker process: the first Ctrl-C gives the best plan found so far.
     result = plan_interruptible(snap, PlanOptions(
         threshold=args.threshold,
         max_migrations=args.max_migrations,
@@ -149,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         solver=args.solver,
-    ), worker=worker)
+    ))
     from balancer.planner import PlannerLimits, add_waves
 
     doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))

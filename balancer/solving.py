@@ -66,17 +66,16 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 _ctx_lock = threading.Lock()
-_ctx: Any = None
 
 
-def _context() -> Any:
-    global _ctx
-    with _ctx_lock:
-        if _ctx is None:
-            ctx = mp.get_context("forkserver")
+def _context(method: str) -> Any:
+    """``forkserver`` (preloading the engine) for long-running, threaded callers; ``fork`` for
+    a single-threaded command that has already loaded what the worker needs."""
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        with _ctx_lock:
             ctx.set_forkserver_preload(PRELOAD)
-            _ctx = ctx
-        return _ctx
+    return ctx
 
 
 def _watch(stop: Any, parent: Any, local: threading.Event, done: threading.Event) -> None:
@@ -131,8 +130,11 @@ def _child(conn: Any, stop: Any) -> None:
 class SolverProcess:
     """One worker process running ``balancer.service.plan`` (see the module docstring)."""
 
-    def __init__(self, name: str = "solver") -> None:
+    def __init__(self, name: str = "solver", method: str = "forkserver") -> None:
+        if method not in ("forkserver", "fork"):
+            raise ValueError(f"start method must be forkserver or fork, got {method!r}")
         self.name = name
+        self.method = method
         self._lock = threading.Lock()  # one job at a time
         self._proc: Any = None
         self._conn: Any = None
@@ -151,7 +153,7 @@ class SolverProcess:
         if self._proc is not None and self._proc.is_alive():
             return
         self._reap()
-        ctx = _context()
+        ctx = _context(self.method)
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         stop = ctx.Event()
         proc = ctx.Process(target=_child, args=(child_conn, stop), name=self.name, daemon=True)
@@ -300,10 +302,11 @@ def plan_interruptible(snapshot: Any, options: Any = None, *, worker: SolverProc
     """``balancer plan``'s solve: in a worker; the first Ctrl-C returns the best verified plan
     found so far, a second one gives up (``KeyboardInterrupt``: the CLI exits 130).
 
-    ``worker`` may be started beforehand (the CLI starts it while it reads the snapshot)."""
+    ``worker``: a worker to use (and close) instead of a forked one."""
     import sys
 
-    worker = worker or SolverProcess("plan")
+    # The command is single-threaded and has the engine loaded: a fork is instant.
+    worker = worker or SolverProcess("plan", method="fork")
     presses = 0
 
     def on_sigint(_signum: int, _frame: Any) -> None:
