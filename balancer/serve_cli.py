@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import logging
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from balancer.logs import FORMATS, LEVELS
+
+log = logging.getLogger("balancer")
 
 HELP = "run the balancer service: control loop + HTTP API (/v1, /metrics)"
 
@@ -163,10 +165,9 @@ def run(args: argparse.Namespace) -> int:
         raise
 
     def listening(host: str, port: int) -> None:
-        print(f"balancer: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        log.info("listening on http://%s:%d", host, port)
         if not cfg.token():
-            print("balancer: no API token configured: mutating endpoints are refused",
-                  file=sys.stderr, flush=True)
+            log.warning("no API token configured: mutating endpoints are refused")
 
     try:
         return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
@@ -176,4 +177,4 @@ def run(args: argparse.Namespace) -> int:
         controller.close()
         if tmp is not None:
             tmp.cleanup()
-        print("balancer: stopped", file=sys.stderr, flush=True)
+        log.info("stopped")

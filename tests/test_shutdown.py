@@ -131,3 +131,39 @@ def test_plan_second_ctrl_c_gives_up_with_130(tmp_path: Path) -> None:
     assert not any(c in err for c in CRASH), err
     if proc.returncode == 130:
         assert out == ""
+
+
+def test_serve_logs_json_lines(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "balancer.cli", "serve", "--demo", "--port", "0",
+         "--log-format", "json", "--log-level", "info"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.stderr is not None
+    lines: list[dict] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "serve exited"
+            lines.append(json.loads(line))  # every line is one JSON object
+            if lines[-1]["msg"].startswith("listening on http://"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        lines += [json.loads(x) for x in proc.stderr.read().splitlines()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 0
+    assert all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
+    assert any(x["msg"] == "stopped" for x in lines)
+    assert any(x["level"] == "warning" and "no API token" in x["msg"] for x in lines)
+
+
+def test_serve_refuses_a_bad_log_level() -> None:
+    r = subprocess.run([sys.executable, "-m", "balancer.cli", "serve", "--demo",
+                        "--log-level", "loud"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--log-level" in r.stderr
