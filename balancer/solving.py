@@ -260,10 +260,12 @@ class SolverProcess:
 class SolverPool:
     """A fixed set of solver workers; ``plan()`` uses an idle one."""
 
-    def __init__(self, size: int = 2, *, start: bool = False) -> None:
+    def __init__(self, size: int = 2, *, start: bool = False,
+                 wall_limit: float | None = None) -> None:
         if size < 1:
             raise ValueError("a solver pool needs at least one worker")
         self.size = size
+        self.wall_limit = wall_limit  # default cap of every solve, seconds (None: none)
         self._workers = [SolverProcess(f"solver-{i}") for i in range(size)]
         self._idle: queue.SimpleQueue[SolverProcess] = queue.SimpleQueue()
         for w in self._workers:
@@ -283,7 +285,8 @@ class SolverPool:
         except queue.Empty:
             raise Busy(f"all {self.size} solver workers are busy") from None
         try:
-            return worker.plan(snapshot, options, wall_limit=wall_limit, cancelled=cancelled)
+            return worker.plan(snapshot, options, cancelled=cancelled,
+                               wall_limit=self.wall_limit if wall_limit is None else wall_limit)
         finally:
             self._idle.put(worker)
 
