@@ -125,6 +125,9 @@ def _names(where: str, item: Mapping[str, Any], key: str) -> frozenset[str]:
     """An optional list of non-empty strings (features, networks, datastores)."""
     values = _list(where, item, key, required=False)
     for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise SnapshotError(f"{where}: field '{key}' must hold non-empty strings, "
+                                f"got {_fmt(v)}")
         why = check_name(v)
         if why:
             raise SnapshotError(f"{where}: field '{key}': each entry {why}")
