@@ -72,3 +72,15 @@ def test_ctrl_c_while_the_first_cycle_solves_stops_cleanly() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_ci_runs_readme_test_command_verbatim_then_the_demo_smoke_check() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```\n(.*?)\n```", readme, re.S)
+    test_cmd = next(b for b in blocks if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines()
+    lines = ci.splitlines()
+    assert lines.index(test_cmd) < lines.index("python3 .ci/smoke_demo.py readme")
