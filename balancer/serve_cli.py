@@ -32,17 +32,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--solver-workers must be a whole number, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"--solver-workers must be 1..64, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="service config (TOML), see configs/")
     parser.add_argument("--demo", action="store_true",
@@ -55,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="least severe log lines shown (default: info)")
     parser.add_argument("--log-format", choices=FORMATS, default="text",
                         help="log lines on stderr as text or JSON objects (default: text)")
-    parser.add_argument("--solver-workers", type=_workers, default=2, metavar="N",
-                        help="solver worker processes (control cycles and what-ifs; "
-                             "default: 2)")
 
 
 def build(cfg: Any, *, registry: Any = None, plan_fn: Any = None) -> tuple[Any, Any, Any]:
@@ -155,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     # Every solve runs in a worker process (balancer.solving): Ctrl-C and SIGTERM stop it at
     # any moment, and API reads never wait on the solver.
-    solvers = SolverPool(args.solver_workers, start=True)
+    # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
+    # own cycles. Every solve is asked to stop at 90 % of [server] solve_wall_s, so that its
+    # best plan still arrives within the cap the API enforces.
+    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=True,
+                         wall_limit=0.9 * cfg.server.solve_wall_s)
     try:
         controller, app, _ = build(cfg, plan_fn=solvers.plan)
     except BaseException:
