@@ -14,6 +14,7 @@ from balancer.model import VM, HostState
 from balancer.snapshot import parse_snapshot
 from balancer.store import Store
 from balancer.verify import broken_rules
+
 from conftest import doc, host, vm
 
 
