@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
     # own cycles. Every solve is asked to stop at 90 % of [server] solve_wall_s, so that its
     # best plan still arrives within the cap the API enforces.
-    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=True,
+    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=False,
                          wall_limit=0.9 * cfg.server.solve_wall_s)
     try:
         controller, app, _ = build(cfg, plan_fn=solvers.plan)
@@ -153,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
         raise
+    # Warm the workers up only once the state is ours (a second daemon on the same journal
+    # is refused above, before any worker process exists).
+    threading.Thread(target=solvers._warm, name="solver-warm-up", daemon=True).start()
 
     def listening(host: str, port: int) -> None:
         log.info("listening on http://%s:%d", host, port)
