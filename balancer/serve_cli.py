@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import tempfile
-import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -140,12 +139,20 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop,
                                                                 interval_s=args.interval))
     setup_logging(args.log_level, args.log_format)
+    # A second daemon on the same state is refused (one line, exit 2) before any solver
+    # worker exists; the controller takes the lock for good in build().
+    from balancer.execution import JOURNAL_IN_STORE, executor_config
+    from balancer.executor.journal import JournalLock
+
+    journal = executor_config(cfg, cfg.store.target).journal.path
+    if journal not in (":memory:", JOURNAL_IN_STORE):
+        JournalLock(journal, owner="balancer serve").release()
     # Every solve runs in a worker process (balancer.solving): Ctrl-C and SIGTERM stop it at
     # any moment, and API reads never wait on the solver.
     # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
     # own cycles. Every solve is asked to stop at 90 % of [server] solve_wall_s, so that its
     # best plan still arrives within the cap the API enforces.
-    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=False,
+    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=True,
                          wall_limit=0.9 * cfg.server.solve_wall_s)
     try:
         controller, app, _ = build(cfg, plan_fn=solvers.plan)
@@ -154,9 +161,6 @@ def run(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
         raise
-    # Warm the workers up only once the state is ours (a second daemon on the same journal
-    # is refused above, before any worker process exists).
-    threading.Thread(target=solvers._warm, name="solver-warm-up", daemon=True).start()
 
     def listening(host: str, port: int) -> None:
         log.info("listening on http://%s:%d", host, port)

@@ -179,6 +179,9 @@ def main() -> int:
     ap.add_argument("--ingest-seconds", type=float, default=10.0)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--followers", action="store_true",
+                    help="also: reads on a follower of two daemons sharing PostgreSQL "
+                         "(127.0.0.1:5432; see follower_section)")
     args = ap.parse_args()
 
     rows: list[tuple[str, str, str, bool | None]] = []
@@ -283,6 +286,8 @@ def main() -> int:
             if proc.stderr is not None:
                 proc.stderr.close()
 
+    if args.followers:
+        rows += follower_section(args.rate, args.seconds)
     w = max(len(r[0]) for r in rows)
     v = max(len(r[1]) for r in rows)
     print(f"{'measure'.ljust(w)}  {'result'.ljust(v)}  {'target'.ljust(22)}  met")
@@ -290,6 +295,15 @@ def main() -> int:
         met = "-" if ok is None else "yes" if ok else "NO"
         print(f"{name.ljust(w)}  {res.ljust(v)}  {target.ljust(22)}  {met}")
     return 0 if all(r[3] is not False for r in rows) else 1
+
+
+def follower_section(rate: float, seconds: float) -> list[tuple[str, str, str, bool | None]]:
+    """High availability: GET on a *follower* (two daemons on one PostgreSQL store, the
+    leader having evacuated a host) at ``rate``/s: target p99 <= 50 ms at 200/s. The same
+    measurement as ``bench/failover.py`` (which also runs the 20 kill points)."""
+    from bench.failover import follower_reads
+
+    return follower_reads(rate, seconds)
 
 
 if __name__ == "__main__":
