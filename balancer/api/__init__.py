@@ -31,6 +31,7 @@ from balancer.api.models import (
     Recommendation,
     WhatIfRequest,
 )
+from balancer.console import mount_console
 from balancer.daemon import Conflict, Controller, NotFound, Unavailable
 from balancer.errors import BalancerError, InfeasibleError, InputError, SnapshotError
 from balancer.telemetry import Telemetry
@@ -255,4 +256,5 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
         """Migrations carried out, newest first, with outcome and error."""
         return controller.store.migrations(limit=limit, vm=vm)
 
+    mount_console(app, controller, telemetry, token=get_token)  # the web console at /ui/
     return app
