@@ -40,13 +40,20 @@ REFERENCE = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--day", default="20110303")
-    ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces" / "planetlab"))
+    ap.add_argument("--traces", default=None,
+                    help="folder holding DAY (per-VM files) or DAY.csv.gz (default: the bundled "
+                         "samples)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "beloglazov-planetlab.toml"))
     ap.add_argument("--policy", nargs="+", default=["none", "balance", "greedy", "consolidate"])
     args = ap.parse_args()
     exp = load_experiment(args.config)
     cfg = exp["cluster"]
-    tr = traces.load(f"planetlab:{Path(args.traces) / args.day}")
+    if args.traces is None:
+        tr = traces.load(f"planetlab:{args.day}")
+    else:
+        base = Path(args.traces)
+        day = base / args.day if (base / args.day).exists() else base / f"{args.day}.csv.gz"
+        tr = traces.load(f"planetlab:{day}")
     work = workload_from_trace(tr, cfg)
     seed = int(exp["replay"].get("seed", 0))
     print(f"PlanetLab {args.day}: {tr.n_vms} VMs, {cfg.hosts} hosts, {tr.steps} steps, "

@@ -27,6 +27,10 @@ from balancer.errors import InputError
 
 HELP = "replay a real trace through the balancer, policies side by side"
 
+DEMO_TRACE = "planetlab:sample"
+DEMO_STEPS = 96  # 8 hours of 5-minute steps
+DEMO_POLICIES = ("none", "consolidate")
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
 
@@ -66,9 +70,13 @@ def _nonneg_int(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, metavar="KIND:PATH",
-                   help="planetlab:DIR, bitbrains:DIR|FILE, alibaba:FILE|DIR, csv:FILE, "
-                        "parquet:FILE")
+    p.add_argument("--trace", metavar="KIND:PATH",
+                   help="planetlab:DIR|FILE, bitbrains:DIR|FILE, alibaba:FILE|DIR, csv:FILE, "
+                        "parquet:FILE; bundled samples by name: planetlab:sample, "
+                        "planetlab:20110306, bitbrains:sample, alibaba:sample")
+    p.add_argument("--demo", action="store_true",
+                   help=f"replay the bundled PlanetLab sample day (the first {DEMO_STEPS} steps "
+                        f"unless --steps; policies {' '.join(DEMO_POLICIES)} unless --policy)")
     p.add_argument("--hosts", type=_positive_int("--hosts"), metavar="N",
                    help="number of hosts (default: from --config, else sized to the trace)")
     p.add_argument("--policy", nargs="+", action="extend", metavar="P",
@@ -185,6 +193,14 @@ def run(args: argparse.Namespace) -> int:
     from simulator.cluster import Simulator, workload_from_trace
     from simulator.metrics import table
 
+    if args.demo:
+        if args.trace:
+            raise InputError("replay: give --trace or --demo, not both")
+        args.trace = DEMO_TRACE
+        args.steps = args.steps or DEMO_STEPS
+        args.policy = args.policy or list(DEMO_POLICIES)
+    if not args.trace:
+        raise InputError("replay: --trace KIND:PATH (or --demo) is required")
     exp = load_experiment(args.config) if args.config else \
         {"cluster": None, "replay": {}, "policies": {}}
     trace = traces.load(args.trace, skip_bad=args.skip_bad_rows, max_vms=args.vms)

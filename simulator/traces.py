@@ -11,9 +11,11 @@ Description
     * ``vcpus`` / ``mem_mb``: the VM's CPU size in cores and configured memory in MiB, or None
       when the trace has no sizes (PlanetLab: the simulator's documented mapping sizes them).
 
-    Formats (see each README under ``shared/traces``):
+    Formats (see ``simulator/data/traces/README.md``):
 
-    * ``planetlab:DIR`` one file per VM, one integer CPU % per line, 300 s apart (CloudSim copy).
+    * ``planetlab:DIR`` one file per VM, one integer CPU % per line, 300 s apart (CloudSim copy);
+      ``planetlab:FILE.csv[.gz]`` the same day packed as one CSV (header ``vm,t0,...``, one row
+      per VM: its file name, then its values), as bundled.
     * ``bitbrains:DIR|FILE`` GWA-T-12 CSV (``;`` + TAB separated, optionally gzipped). Rows with
       0 cores or 0 provisioned memory mean "VM absent"; duplicate timestamps are averaged;
       samples are put on a 300 s grid from the earliest timestamp (nearest slot).
@@ -24,6 +26,10 @@ Description
       ``timestamp`` in seconds (or ISO 8601), ``cpu`` in cores used, ``mem`` in MiB used.
       Optional ``vcpus`` and ``mem_mb`` columns give sizes; without them a VM's size is its
       peak use rounded up (cores to a whole number, memory to a whole GiB).
+
+    Bundled samples (``simulator/data/traces``, installed with the package) are named without a
+    path: ``planetlab:sample`` (= ``planetlab:20110303``), ``planetlab:20110306``,
+    ``bitbrains:sample`` (31 VMs), ``alibaba:sample`` (2 machines). ``bundled()`` lists them.
 
     A malformed row raises ``TraceError`` naming the file and line (``FILE:LINE: field 'x' ...``);
     with ``skip_bad=True`` such rows are skipped and counted in ``Trace.skipped``.
@@ -113,12 +119,37 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def load(spec: str, *, skip_bad: bool = False, max_vms: int | None = None) -> Trace:
-    """Load ``KIND:PATH``; ``max_vms`` keeps the first VMs in name order (files read lazily)."""
+DATA = Path(__file__).resolve().parent / "data" / "traces"
+PLANETLAB_DAYS = ("20110303", "20110306")
+SAMPLES: dict[tuple[str, str], str] = {
+    ("planetlab", "sample"): "planetlab/20110303.csv.gz",
+    **{("planetlab", d): f"planetlab/{d}.csv.gz" for d in PLANETLAB_DAYS},
+    ("bitbrains", "sample"): "bitbrains-rnd/2013-7",
+    ("alibaba", "sample"): "alibaba-v2018/machine_usage.m_1932+m_1937.csv.gz",
+}
+
+
+def bundled() -> dict[str, Path]:
+    """The bundled trace samples: spec (``KIND:NAME``) -> file or folder."""
+    return {f"{k}:{n}": DATA / rel for (k, n), rel in SAMPLES.items()}
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """``KIND:PATH`` -> (kind, path); a bundled name (``planetlab:sample``) -> its file."""
     kind, path = parse_spec(spec)
     p = Path(path)
+    if not p.exists() and (kind, path) in SAMPLES:
+        p = DATA / SAMPLES[(kind, path)]
     if not p.exists():
-        raise TraceError(f"{path}: no such file or directory")
+        names = ", ".join(n for (k, n) in SAMPLES if k == kind)
+        hint = f" (bundled {kind} samples: {names})" if names else ""
+        raise TraceError(f"{path}: no such file or directory{hint}")
+    return kind, p
+
+
+def load(spec: str, *, skip_bad: bool = False, max_vms: int | None = None) -> Trace:
+    """Load ``KIND:PATH``; ``max_vms`` keeps the first VMs in name order (files read lazily)."""
+    kind, p = resolve(spec)
     if kind == "planetlab":
         return load_planetlab(p, skip_bad=skip_bad, max_vms=max_vms)
     if kind == "bitbrains":
@@ -130,9 +161,75 @@ def load(spec: str, *, skip_bad: bool = False, max_vms: int | None = None) -> Tr
 
 # ---------------------------------------------------------------- PlanetLab
 
+def _planetlab_value(text: str) -> float:
+    """One CPU % sample -> share 0..1; ValueError with a readable message."""
+    try:
+        if not text:
+            raise ValueError
+        x = float(text)
+    except ValueError:
+        raise ValueError(f"CPU % must be a number in 0..100, got {text!r}") from None
+    if not math.isfinite(x) or not 0 <= x <= 100:
+        raise ValueError(f"CPU % must be in 0..100, got {text!r}")
+    return x / 100.0
+
+
+def _planetlab_matrix(series: list[list[float]]) -> np.ndarray:
+    steps = max(len(s) for s in series)
+    cpu = np.full((steps, len(series)), np.nan, dtype=np.float64)
+    for j, s in enumerate(series):
+        cpu[: len(s), j] = s
+    _ffill(cpu)  # a skipped sample takes the previous value (the VM did not vanish)
+    return cpu
+
+
+def load_planetlab_packed(path: Path, *, skip_bad: bool = False,
+                          max_vms: int | None = None) -> Trace:
+    """A PlanetLab day packed as one CSV (``vm,t0,...``; one row per VM), gzipped or not."""
+    import csv
+
+    names: list[str] = []
+    series: list[list[float]] = []
+    skipped = 0
+    with _open_text(path) as fh:
+        for ln, row in enumerate(csv.reader(fh), start=1):
+            if ln == 1 and row and row[0] == "vm":
+                continue
+            if not row:
+                continue
+            if max_vms is not None and len(names) >= max_vms:
+                break
+            name = row[0]
+            if not name:
+                raise _err(path, ln, "field 'vm' is empty")
+            vals: list[float] = []
+            for text in row[1:]:
+                try:
+                    vals.append(_planetlab_value(text.strip()))
+                except ValueError as exc:
+                    if not skip_bad:
+                        raise _err(path, ln, f"VM {name!r}: {exc}") from None
+                    skipped += 1
+                    vals.append(math.nan)
+            if not vals:
+                raise _err(path, ln, f"VM {name!r}: no samples")
+            names.append(name)
+            series.append(vals)
+    if not series:
+        raise TraceError(f"{path}: no VMs in this file")
+    order = sorted(range(len(names)), key=names.__getitem__)
+    names = [names[i] for i in order]
+    series = [series[i] for i in order]
+    return Trace(kind="planetlab", source=str(path), interval_s=PLANETLAB_INTERVAL,
+                 names=tuple(names), cpu_util=_planetlab_matrix(series), skipped=skipped)
+
+
 def load_planetlab(path: Path, *, skip_bad: bool = False, max_vms: int | None = None) -> Trace:
+    if path.is_file() and (path.name.endswith(".csv") or path.name.endswith(".csv.gz")):
+        return load_planetlab_packed(path, skip_bad=skip_bad, max_vms=max_vms)
     if not path.is_dir():
-        raise TraceError(f"{path}: a PlanetLab day is a directory of per-VM files")
+        raise TraceError(f"{path}: a PlanetLab day is a directory of per-VM files "
+                         "(or one packed .csv/.csv.gz)")
     files = sorted(f for f in os.listdir(path) if not f.startswith(".")
                    and f.lower() != "readme.md" and (path / f).is_file())
     if not files:
@@ -146,33 +243,18 @@ def load_planetlab(path: Path, *, skip_bad: bool = False, max_vms: int | None = 
         vals: list[float] = []
         with open(fp, encoding="utf-8", errors="replace") as fh:
             for ln, raw in enumerate(fh, start=1):
-                text = raw.strip()
                 try:
-                    if not text:
-                        raise ValueError("empty line")
-                    x = float(text)
-                    if not math.isfinite(x) or not 0 <= x <= 100:
-                        raise ValueError(f"CPU % must be in 0..100, got {text!r}")
+                    vals.append(_planetlab_value(raw.strip()))
                 except ValueError as exc:
-                    if skip_bad:
-                        skipped += 1
-                        vals.append(math.nan)
-                        continue
-                    msg = str(exc) if "CPU %" in str(exc) else \
-                        f"CPU % must be a number in 0..100, got {text!r}"
-                    raise _err(fp, ln, msg) from None
-                vals.append(x / 100.0)
+                    if not skip_bad:
+                        raise _err(fp, ln, str(exc)) from None
+                    skipped += 1
+                    vals.append(math.nan)
         if not vals:
             raise _err(fp, None, "file is empty")
         series.append(vals)
-    steps = max(len(s) for s in series)
-    cpu = np.full((steps, len(series)), np.nan, dtype=np.float64)
-    for j, s in enumerate(series):
-        cpu[: len(s), j] = s
-    # a skipped sample takes the previous value (the VM did not vanish)
-    _ffill(cpu)
     return Trace(kind="planetlab", source=str(path), interval_s=PLANETLAB_INTERVAL,
-                 names=tuple(files), cpu_util=cpu, skipped=skipped)
+                 names=tuple(files), cpu_util=_planetlab_matrix(series), skipped=skipped)
 
 
 def _ffill(a: np.ndarray) -> None:
@@ -491,5 +573,6 @@ def load_long(path: Path, kind: str, *, skip_bad: bool = False, max_vms: int | N
                  skipped=skipped)
 
 
-__all__ = ["KINDS", "Trace", "TraceError", "load", "load_alibaba", "load_bitbrains",
-           "load_long", "load_planetlab", "parse_spec"]
+__all__ = ["DATA", "KINDS", "PLANETLAB_DAYS", "Trace", "TraceError", "bundled", "load",
+           "load_alibaba", "load_bitbrains", "load_long", "load_planetlab",
+           "load_planetlab_packed", "parse_spec", "resolve"]

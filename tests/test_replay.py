@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from simulator.replay import load_experiment, policy_from_spec
 from simulator.traces import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT.parent / "shared" / "traces"
-PLANETLAB = TRACES / "planetlab" / "20110303"
+TRACES = traces.DATA  # the bundled samples (simulator/data/traces)
+PLANETLAB = "planetlab:sample"
 BELOGLAZOV = ROOT / "configs" / "beloglazov-planetlab.toml"
 
 G4 = PowerModel(table_w=(86, 89.4, 92.6, 96, 99.5, 102, 106, 108, 112, 114, 117))
@@ -150,7 +151,7 @@ def test_moves_to_an_off_host_are_refused() -> None:
 def planetlab_slice() -> tuple[object, ClusterConfig]:
     exp = load_experiment(BELOGLAZOV)
     cfg = replace(exp["cluster"], hosts=40)
-    tr = traces.load(f"planetlab:{PLANETLAB}", max_vms=60).head(steps=16)
+    tr = traces.load(PLANETLAB, max_vms=60).head(steps=16)
     return workload_from_trace(tr, cfg), cfg
 
 
@@ -164,7 +165,8 @@ def test_vm_types_follow_the_cloudsim_mapping(planetlab_slice: tuple) -> None:
     # 60 VMs, 4 types: blocks of 15
     assert list(work.vcpus[[0, 14, 15, 30, 45, 59]]) == [2.5, 2.5, 2.0, 1.0, 0.5, 0.5]
     assert list(work.mem_mb[[0, 15, 30, 45]]) == [870, 1740, 1740, 613]
-    raw = int((PLANETLAB / work.names[0]).read_text().split()[3])
+    raw = int(next(r for r in csv.reader(gzip.open(TRACES / "planetlab" / "20110303.csv.gz", "rt"))
+                   if r[0] == work.names[0])[1 + 3])
     assert work.cpu[3, 0] == round(raw / 100 * 2500)  # trace % x the VM's MIPS
 
 
@@ -238,7 +240,7 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
         load_experiment(f)
     f.write_text(BELOGLAZOV.read_text().replace("[policies.consolidate]",
                                                 "[policies.consolidate]\nmax_power_off = -1"))
-    r = cli("replay", "--trace", f"planetlab:{PLANETLAB}", "--config", str(f))
+    r = cli("replay", "--trace", PLANETLAB, "--config", str(f))
     assert r.returncode == 2 and "policies.consolidate" in r.stderr
     assert "'max_power_off'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -248,7 +250,7 @@ def test_bad_config_names_the_field(tmp_path: Path) -> None:
 
 
 def test_cli_replay_table_json_and_report(tmp_path: Path) -> None:
-    common = ["replay", "--trace", f"planetlab:{PLANETLAB}", "--config", str(BELOGLAZOV),
+    common = ["replay", "--trace", PLANETLAB, "--config", str(BELOGLAZOV),
               "--vms", "50", "--steps", "10", "--hosts", "30", "--no-progress"]
     r = cli(*common, "--policy", "none", "consolidate", "--format", "json", "--report",
             str(tmp_path / "rep"))
@@ -281,14 +283,14 @@ def test_cli_replay_table_json_and_report(tmp_path: Path) -> None:
 
 
 def test_cli_progress_goes_to_stderr() -> None:
-    r = cli("replay", "--trace", f"planetlab:{PLANETLAB}", "--vms", "10", "--steps", "3",
+    r = cli("replay", "--trace", PLANETLAB, "--vms", "10", "--steps", "3",
             "--policy", "none")
     assert r.returncode == 0, r.stderr
     assert "3/3" in r.stderr and "3/3" not in r.stdout
 
 
 def test_cli_argument_errors() -> None:
-    base = ["replay", "--trace", f"planetlab:{PLANETLAB}", "--vms", "5", "--steps", "2"]
+    base = ["replay", "--trace", PLANETLAB, "--vms", "5", "--steps", "2"]
     r = cli(*base, "--interval", "7m")
     assert r.returncode == 2 and "not a multiple of the trace step" in r.stderr
     r = cli(*base, "--interval", "soon")
@@ -308,6 +310,19 @@ def test_cli_argument_errors() -> None:
         assert "Traceback" not in res.stderr
 
 
+def test_demo_replays_the_bundled_day() -> None:
+    r = cli("replay", "--demo", "--steps", "6", "--format", "json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["trace"]["source"].endswith("planetlab/20110303.csv.gz")
+    assert doc["trace"]["vms"] == 1052 and doc["trace"]["steps"] == 6
+    assert [p["policy"] for p in doc["policies"]] == ["none", "consolidate"]
+    r = cli("replay", "--demo", "--trace", "planetlab:sample")
+    assert r.returncode == 2 and "not both" in r.stderr
+    r = cli("replay")
+    assert r.returncode == 2 and "--trace" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_other_traces_replay(tmp_path: Path) -> None:
     bb = tmp_path / "bb"
     bb.mkdir()
@@ -320,10 +335,10 @@ def test_other_traces_replay(tmp_path: Path) -> None:
     doc = json.loads(r.stdout)
     assert doc["trace"]["vms"] == 4 and doc["cluster"]["hosts"] == 3
     assert all(p["energy_kwh"] > 0 for p in doc["policies"])
-    r = cli("replay", "--trace", f"alibaba:{TRACES / 'alibaba-v2018'}", "--steps", "12",
+    r = cli("replay", "--trace", "alibaba:sample", "--steps", "12",
             "--policy", "none", "--format", "json", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["trace"]["vms"] == 8
+    assert json.loads(r.stdout)["trace"]["vms"] == 2
 
 
 def test_consolidate_powers_off_at_night_and_on_before_the_peak() -> None:

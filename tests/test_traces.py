@@ -1,7 +1,8 @@
-"""Trace loaders against the real trace files in ../shared/traces (and broken copies of them)."""
+"""Trace loaders against the bundled trace samples (simulator/data/traces) and broken copies."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import math
 import shutil
@@ -16,10 +17,31 @@ import pytest
 from simulator import traces
 from simulator.traces import TraceError
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-PLANETLAB = TRACES / "planetlab" / "20110303"
+TRACES = traces.DATA
+PLANETLAB = TRACES / "planetlab" / "20110303.csv.gz"
 BITBRAINS = TRACES / "bitbrains-rnd" / "2013-7"
 ALIBABA = TRACES / "alibaba-v2018"
+ALIBABA_USAGE = ALIBABA / "machine_usage.m_1932+m_1937.csv.gz"
+
+
+def planetlab_rows() -> list[list[str]]:
+    """The packed day as rows ``[name, v0, ..., v287]`` (header dropped)."""
+    with gzip.open(PLANETLAB, "rt", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][:2] == ["vm", "t0"] and len(rows[0]) == 289
+    return rows[1:]
+
+
+def write_planetlab_dir(tmp: Path, n: int = 3) -> list[Path]:
+    """A small fixture in the original format: one 288-line file per VM."""
+    day = tmp / "day"
+    day.mkdir()
+    out = []
+    for row in planetlab_rows()[:n]:
+        q = day / row[0]
+        q.write_text("\n".join(row[1:]) + "\n")
+        out.append(q)
+    return out
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,35 +53,56 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_planetlab_day_loads_as_files_say() -> None:
-    tr = traces.load(f"planetlab:{PLANETLAB}", max_vms=6)
-    files = sorted(p.name for p in PLANETLAB.iterdir())[:6]
-    assert tr.names == tuple(files)
+    tr = traces.load("planetlab:sample", max_vms=6)
+    rows = planetlab_rows()[:6]
+    assert tr.names == tuple(r[0] for r in rows)
+    assert tr.source == str(PLANETLAB)
     assert tr.steps == 288 and tr.interval_s == 300
     assert tr.vcpus is None and tr.mem_util is None  # no sizes, no memory in PlanetLab
-    first = [int(x) for x in (PLANETLAB / files[0]).read_text().split()]
-    assert np.allclose(tr.cpu_util[:, 0], np.array(first) / 100.0)
+    assert np.allclose(tr.cpu_util[:, 0], np.array([int(x) for x in rows[0][1:]]) / 100.0)
 
 
-def test_planetlab_whole_day_matches_readme_statistics() -> None:
-    tr = traces.load(f"planetlab:{PLANETLAB}")
-    assert tr.n_vms == 1052
-    assert round(100 * float(tr.cpu_util.mean()), 2) == 12.31  # README: mean 12.31 %
+@pytest.mark.parametrize(("day", "vms", "mean"), [("20110303", 1052, 12.31),
+                                                  ("20110306", 898, 11.44)])
+def test_planetlab_whole_day_matches_readme_statistics(day: str, vms: int, mean: float) -> None:
+    tr = traces.load(f"planetlab:{day}")
+    assert tr.n_vms == vms
+    assert round(100 * float(tr.cpu_util.mean()), 2) == mean  # README statistics
     assert any(" " in n for n in tr.names)  # names with a space load too
 
 
-def _copy_planetlab(tmp: Path, n: int = 3) -> list[Path]:
-    day = tmp / "day"
-    day.mkdir()
-    out = []
-    for p in sorted(PLANETLAB.iterdir())[:n]:
-        q = day / p.name
-        shutil.copyfile(p, q)
-        out.append(q)
-    return out
+def test_original_per_vm_files_load_like_the_packed_day(tmp_path: Path) -> None:
+    files = write_planetlab_dir(tmp_path, n=5)
+    a = traces.load(f"planetlab:{tmp_path / 'day'}")
+    b = traces.load("planetlab:sample", max_vms=5)
+    assert a.names == b.names == tuple(f.name for f in files)
+    assert np.array_equal(a.cpu_util, b.cpu_util)
+
+
+def test_bundled_samples_are_listed_and_unknown_names_say_so() -> None:
+    have = traces.bundled()
+    assert set(have) == {"planetlab:sample", "planetlab:20110303", "planetlab:20110306",
+                         "bitbrains:sample", "alibaba:sample"}
+    assert all(p.exists() for p in have.values())
+    with pytest.raises(TraceError, match=r"bundled planetlab samples: sample, 20110303"):
+        traces.load("planetlab:20110304")
+
+
+def test_packed_planetlab_bad_value_names_file_line_and_vm(tmp_path: Path) -> None:
+    rows = planetlab_rows()[:3]
+    rows[1][42] = "12x"
+    f = tmp_path / "day.csv"
+    with open(f, "w", newline="") as fh:
+        csv.writer(fh).writerows([["vm", *(f"t{k}" for k in range(288))], *rows])
+    with pytest.raises(TraceError) as exc:
+        traces.load(f"planetlab:{f}")
+    assert f"{f}:3: VM {rows[1][0]!r}" in str(exc.value) and "12x" in str(exc.value)
+    tr = traces.load(f"planetlab:{f}", skip_bad=True)
+    assert tr.skipped == 1 and tr.cpu_util[41, 1] == tr.cpu_util[40, 1]
 
 
 def test_planetlab_bad_line_names_file_and_line(tmp_path: Path) -> None:
-    files = _copy_planetlab(tmp_path)
+    files = write_planetlab_dir(tmp_path)
     lines = files[1].read_text().splitlines()
     lines[41] = "12x"
     files[1].write_text("\n".join(lines) + "\n")
@@ -69,7 +112,7 @@ def test_planetlab_bad_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_planetlab_skip_bad_counts_and_carries_forward(tmp_path: Path) -> None:
-    files = _copy_planetlab(tmp_path)
+    files = write_planetlab_dir(tmp_path)
     lines = files[1].read_text().splitlines()
     lines[41] = "150"  # out of range
     files[1].write_text("\n".join(lines) + "\n")
@@ -143,24 +186,25 @@ def test_bitbrains_directory_in_numeric_order_and_bad_row(tmp_path: Path) -> Non
 
 
 def test_alibaba_machines_resampled_to_300s() -> None:
-    tr = traces.load(f"alibaba:{ALIBABA}")
-    assert tr.names == tuple(f"m_{i}" for i in range(1932, 1940))
-    assert tr.interval_s == 300 and list(tr.vcpus) == [96.0] * 8
-    assert tr.steps == pytest.approx(691_180 / 300, abs=2)
-    df = pd.read_csv(ALIBABA / "machine_usage.m_1932-m_1939.csv.gz", header=None)
+    tr = traces.load("alibaba:sample")
+    assert tr.names == ("m_1932", "m_1937")
+    assert tr.interval_s == 300 and list(tr.vcpus) == [96.0] * 2
+    assert tr.steps == pytest.approx(691_030 / 300, abs=2)
+    assert traces.load(f"alibaba:{ALIBABA}").names == tr.names  # the folder works too
+    df = pd.read_csv(ALIBABA_USAGE, header=None)
     m = df[df[0] == "m_1937"]
     t0 = df[1].min()
     slots = (m[1] - t0) // 300
     slot = int(sorted(set(slots))[200])
     in_slot = m[slots == slot]
     assert len(in_slot) > 1  # several ~60 s samples per 300 s slot
-    assert tr.cpu_util[slot, 5] == pytest.approx(in_slot[2].mean() / 100.0)
+    assert tr.cpu_util[slot, 1] == pytest.approx(in_slot[2].mean() / 100.0)
     # m_1932 starts late: absent (NaN) before its first sample
     assert np.isnan(tr.cpu_util[0, 0]) and not np.isnan(tr.cpu_util[-1, 0])
 
 
 def test_alibaba_bad_row(tmp_path: Path) -> None:
-    src = gzip.open(ALIBABA / "machine_usage.m_1932-m_1939.csv.gz", "rt").read().splitlines()
+    src = gzip.open(ALIBABA_USAGE, "rt").read().splitlines()
     bad = src[:20]
     bad[9] = "m_1932,386920,abc,92,,,43.05,33.08,5"
     f = tmp_path / "machine_usage.csv"
