@@ -343,3 +343,137 @@ def test_root_redirects_to_the_console(demo: str) -> None:
     assert r.status_code == 307 and r.headers["location"] == "/ui/"
     assert httpx.get(f"{demo}/ui/hosts/no-such-host").status_code == 404
     assert "set-cookie" not in httpx.get(f"{demo}/ui/").headers
+
+
+def test_whatif_shows_the_plan_for_the_chosen_threshold_and_budget(demo: str,
+                                                                   context: Any) -> None:
+    page, errors = open_page(context, f"{demo}/ui/whatif")
+    pending = httpx.get(f"{demo}/v1/recommendations").json()
+    inv = httpx.get(f"{demo}/v1/cluster").json()
+    in_maintenance = {h["name"] for h in inv["hosts"] if h["state"] == "maintenance"}
+    evacuees = {v["name"] for v in inv["vms"] if v["host"] in in_maintenance}
+    page.get_by_label("Migration threshold").select_option("1")
+    page.get_by_label("Migration budget").fill("")
+    page.get_by_role("button", name="Show the plan").click()
+    page.get_by_role("status").filter(has_text="Plan ready").wait_for(timeout=60_000)
+    rows = page.locator("#wi-moves tbody tr[data-vm]")
+    # threshold 1: only mandatory moves: the host in maintenance is evacuated, no balancing
+    assert evacuees <= set(rows.evaluate_all("els => els.map(e => e.dataset.vm)"))
+    reasons = page.locator("#wi-moves tbody tr td:nth-child(4)").all_inner_texts()
+    assert reasons and not [t for t in reasons if t.startswith("balance")], reasons
+    # the engine gives no balance/migration-cost curve today: the page says so, no slider
+    assert page.locator("#wi-frontier").is_hidden()
+    assert page.locator("#wi-nofrontier").is_visible()
+    page.get_by_label("Migration threshold").select_option("5")
+    page.get_by_label("Migration budget").fill(str(len(evacuees) + 2))
+    page.get_by_role("button", name="Show the plan").click()
+    page.get_by_role("status").filter(has_text=f"Plan ready: {len(evacuees) + 2} moves")\
+        .or_(page.get_by_role("status").filter(has_text="Plan ready")).wait_for(timeout=60_000)
+    assert 0 < rows.count() <= len(evacuees) + 2
+    summary = page.locator("#wi-summary").inner_text()
+    assert "Imbalance before" in summary and "Imbalance after" in summary
+    # nothing changed
+    assert httpx.get(f"{demo}/v1/recommendations").json() == pending
+    assert errors == []
+
+
+def test_whatif_slider_walks_the_frontier_when_the_engine_gives_one(demo: str,
+                                                                    context: Any) -> None:
+    """The engine may add ``frontier`` to a plan; the page then offers a slider along it."""
+    page, errors = open_page(context, f"{demo}/ui/whatif")
+    asked: list[dict[str, Any]] = []
+
+    def fake(route: Any) -> None:
+        body = route.request.post_data_json
+        asked.append(body)
+        k = body.get("max_migrations")
+        frontier = [{"migrations": m, "imbalance": round(0.44 - 0.03 * m, 4),
+                     "moved_mem_mb": 16384 * m} for m in range(0, 11)]
+        route.fulfill(json={
+            "migrations": [{"vm": f"vm-{i:05d}", "from": "host-002", "to": "host-014",
+                            "reason": "balance: test", "mem_mb": 16384, "gain": 0.03}
+                           for i in range(10 if k is None else k)],
+            "efficacy": {"before": {"imbalance": 0.44}, "after": {"imbalance": 0.14},
+                         "migrations": 10 if k is None else k, "moved_mem_mb": 163840},
+            "solver": {"status": "FEASIBLE", "seconds": 0.5}, "frontier": frontier})
+
+    page.route("**/v1/whatif/current", fake)
+    page.get_by_role("button", name="Show the plan").click()
+    slider = page.get_by_label(re.compile("Balance against migrations"))
+    slider.wait_for()
+    assert page.locator("#wi-nofrontier").is_hidden()
+    assert slider.get_attribute("max") == "10"
+    slider.focus()
+    for _ in range(7):  # keyboard: from 10 migrations down to 3
+        page.keyboard.press("ArrowLeft")
+    assert page.locator("#wi-point").inner_text().startswith("3 migrations")
+    page.get_by_role("button", name="Show the plan at this point").click()
+    page.locator("#wi-moves tbody tr[data-vm]").nth(2).wait_for()
+    assert page.locator("#wi-moves tbody tr[data-vm]").count() == 3
+    assert asked[-1]["max_migrations"] == 3
+    assert page.get_by_label("Migration budget").input_value() == "3"
+    assert errors == []
+
+
+def test_automation_overrides_and_maintenance_from_the_console(demo: str, context: Any) -> None:
+    page, errors = open_page(context, f"{demo}/ui/automation")
+    page.on("dialog", lambda d: d.accept())
+    sign_in(page, TOKEN)
+    page.locator("#who", has_text="signed in").wait_for()
+    # cluster level and threshold
+    page.get_by_label("Automation level").select_option("partially")
+    page.locator("#cl-threshold").select_option("2")
+    page.get_by_role("button", name="Save cluster settings").click()
+    page.locator("#cur-level", has_text="partially").wait_for()
+    got = httpx.get(f"{demo}/v1/automation").json()
+    assert got["automation"] == "partially" and got["threshold"] == 2
+    # a VM override, shown in the table and by the API, then removed
+    vm = httpx.get(f"{demo}/v1/cluster").json()["vms"][0]["name"]
+    page.get_by_label("VM", exact=True).fill(vm)
+    page.get_by_label("Level", exact=True).select_option("disabled")
+    page.get_by_role("button", name="Set override").click()
+    page.locator(f"#overrides tr[data-vm='{vm}']").wait_for()
+    assert httpx.get(f"{demo}/v1/automation").json()["vm_automation"] == {vm: "disabled"}
+    page.get_by_role("button", name=f"Remove the override of {vm}").click()
+    page.locator(f"#overrides tr[data-vm='{vm}']").wait_for(state="detached")
+    assert httpx.get(f"{demo}/v1/automation").json()["vm_automation"] == {}
+    # an unknown VM is refused with the reason
+    page.get_by_label("VM", exact=True).fill("no-such-vm")
+    page.get_by_role("button", name="Set override").click()
+    page.get_by_role("status").filter(has_text="is not in the inventory").wait_for()
+    # a host into maintenance and out again; the cluster page follows
+    host = "host-015"
+    cluster, cluster_errors = open_page(context, f"{demo}/ui/")
+    page.get_by_role("button", name=f"Put {host} into maintenance").click()
+    page.locator(f"#maint tr[data-host='{host}'] td.st", has_text="maintenance").wait_for(
+        timeout=60_000)
+    states = {h["name"]: h["state"] for h in httpx.get(f"{demo}/v1/cluster").json()["hosts"]}
+    assert states[host] == "maintenance"
+    cluster.locator(f"ul.tiles[data-state='maintenance'] a[data-host='{host}']").wait_for()
+    page.get_by_role("button", name=f"Take {host} out of maintenance").click()
+    page.locator(f"#maint tr[data-host='{host}'] td.st", has_text="active").wait_for(
+        timeout=60_000)
+    cluster.locator(f"ul.tiles[data-state='active'] a[data-host='{host}']").wait_for()
+    # back to the demo's settings
+    r = httpx.put(f"{demo}/v1/automation", json={"automation": "manual", "threshold": 3},
+                  headers=AUTH)
+    assert r.status_code == 200
+    assert [e for e in errors if "status of 404" not in e] == [] and cluster_errors == []
+
+
+def test_keyboard_reaches_every_control_and_they_are_labelled(demo: str, context: Any) -> None:
+    for path in PAGES:
+        page, _ = open_page(context, f"{demo}{path}")
+        unlabelled = page.evaluate("""() => [...document.querySelectorAll(
+            'input, select, button, a[href]')].filter(e => !e.hidden && e.offsetParent !== null)
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                    && !(e.textContent || '').trim() && !e.placeholder)
+            .map(e => e.outerHTML.slice(0, 80))""")
+        assert unlabelled == [], (path, unlabelled)
+        # Tab walks the controls: the skip link first, then the navigation
+        page.locator("body").focus()
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.className") == "skip"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Cluster"
+        page.close()

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -86,12 +87,12 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
     app.include_router(automation_router(controller, get_token))
 
     def cluster_ctx(_: Request) -> dict[str, Any]:
-        return {"c": views.cluster_view(controller.cluster_state(),
+        return {"c": views.cluster_view(views.summary(controller),
                                         controller.cfg.cluster.threshold)}
 
     def host_ctx(request: Request) -> dict[str, Any]:
         name = request.path_params.get("host") or request.query_params.get("host", "")
-        return {"h": views.host_view(controller.cluster_state(), name), "name": name}
+        return {"h": views.host_view(controller, name), "name": name}
 
     def recs_ctx(_: Request) -> dict[str, Any]:
         recs = controller.store.recommendations("pending")
@@ -105,7 +106,7 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
         return {"history": controller.store.migrations(limit=50)}
 
     def automation_ctx(_: Request) -> dict[str, Any]:
-        state = controller.cluster_state()
+        state = views.summary(controller)
         c = controller.cfg.cluster
         return {"automation": c.automation, "overrides": sorted(c.vm_automation.items()),
                 "threshold": c.threshold, "max_migrations": c.max_migrations,
@@ -122,14 +123,32 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
     def render(template_: str, /, **ctx: Any) -> str:
         return env.get_template(template_).render(pages=PAGES, **ctx)
 
+    # The cluster fragment of a big cluster is the costly one: it is rendered once per
+    # estimate (the controller's view object), configuration and cycle, whoever asks.
+    memo: dict[str, Any] = {"key": None}
+    memo_lock = threading.Lock()
+
+    def render_part(name: str, request: Request) -> tuple[str, dict[str, Any]]:
+        template, fn = parts[name]
+        view_of = getattr(controller, "current_view", None)
+        if name != "cluster" or view_of is None:
+            ctx = fn(request)
+            return render(template, **ctx), ctx
+        with memo_lock:
+            view = view_of()
+            key = (id(view), view.built, id(controller.cfg),
+                   id(getattr(controller, "last_cycle", None)))
+            if memo["key"] != key:
+                ctx = fn(request)
+                memo.update(key=key, view=view, html=render(template, **ctx), ctx=ctx)
+            return memo["html"], memo["ctx"]
+
     def page(template: str, active: str, title: str, part_name: str | None = None, *,
              extra: Callable[[Request], dict[str, Any]] | None = None) -> Callable[..., Any]:
         def handler(request: Request) -> HTMLResponse:
             ctx: dict[str, Any] = {"active": active, "title": title}
             if part_name is not None:
-                t, fn = parts[part_name]
-                pctx = fn(request)
-                html = render(t, **pctx)
+                html, pctx = render_part(part_name, request)
                 ctx.update(pctx, part=Markup(html), etag=_etag(html.encode()))
             if extra is not None:
                 ctx.update(extra(request))
@@ -174,8 +193,7 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
     def part(request: Request, name: str) -> Response:
         if name not in parts:
             return Response(f"no part {name!r}", status_code=404, media_type="text/plain")
-        template, ctx = parts[name]
-        body = render(template, **ctx(request)).encode()
+        body = render_part(name, request)[0].encode()
         etag = _etag(body)
         headers = {"ETag": etag, "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
