@@ -261,13 +261,14 @@ def shoot(browser: Any, url: str, out: Path) -> None:
     snap("/ui/recommendations", "recommendations", "section.wave")
     # a migration in flight: apply the biggest move and photograph the migrations page
     recs = httpx.get(f"{url}/v1/recommendations").json()
-    rec = max(recs, key=lambda r: r["mem_mb"])
+    rec = max(recs[1:], key=lambda r: r["mem_mb"])
     page.goto(f"{url}/ui/migrations")
     page.wait_for_function("document.documentElement.dataset.ready === '1'")
     done = threading.Event()
 
     def apply() -> None:
-        httpx.post(f"{url}/v1/recommendations/{rec['id']}/apply", headers=AUTH, timeout=300)
+        r = httpx.post(f"{url}/v1/recommendations/{rec['id']}/apply", headers=AUTH, timeout=300)
+        print(f"apply {rec['vm']}: {r.status_code}", file=sys.stderr)
         done.set()
 
     # an earlier move in the history first
@@ -282,10 +283,11 @@ def shoot(browser: Any, url: str, out: Path) -> None:
     t.join()
     page.goto(f"{url}/ui/whatif")
     page.wait_for_function("document.documentElement.dataset.ready === '1'")
-    page.get_by_label("Migration budget").fill("8")
+    page.get_by_label("Migration budget").fill("20")
     page.get_by_role("button", name="Show the plan").click()
-    page.locator("#wi-moves tbody tr").first.wait_for()
-    page.get_by_role("status").filter(has_text="Plan ready").wait_for(timeout=60_000)
+    page.get_by_role("status").filter(has_text=re.compile("Plan ready|Refused")).wait_for(
+        timeout=120_000)
+    print("what-if:", page.get_by_role("status").inner_text(), file=sys.stderr)
     page.screenshot(path=str(out / "console-whatif.png"))
     print(f"wrote {out / 'console-whatif.png'}", file=sys.stderr)
     page.goto(f"{url}/ui/automation")
