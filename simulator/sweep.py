@@ -149,7 +149,8 @@ def _show(v: Any) -> str:
 
 
 def trace_label(spec: str) -> str:
-    """``planetlab:/x/20110303`` -> ``20110303`` (the day, for tables and plots)."""
+    """``planetlab:/x/20110303`` or ``planetlab:20110303`` -> ``20110303`` (the day, for tables
+    and plots)."""
     path = spec.partition(":")[2].rstrip("/")
     name = Path(path).name or path
     for ext in (".gz", ".csv", ".parquet"):
@@ -191,9 +192,13 @@ def parse_params(items: list[str]) -> list[tuple[str | None, str, list[Any]]]:
 
 
 def _abs_spec(spec: str) -> str:
+    """The spec a worker loads: a bundled sample name (``planetlab:20110303``) stays a name
+    (every worker has the package), a path is made absolute against the client's directory."""
     from simulator import traces
 
     kind, path = traces.parse_spec(spec)
+    if (kind, path) in getattr(traces, "SAMPLES", {}) and not Path(path).exists():
+        return spec
     return f"{kind}:{os.path.abspath(path)}"
 
 

@@ -348,6 +348,12 @@ def test_root_redirects_to_the_console(demo: str) -> None:
 def test_whatif_shows_the_plan_for_the_chosen_threshold_and_budget(demo: str,
                                                                    context: Any) -> None:
     page, errors = open_page(context, f"{demo}/ui/whatif")
+    # what-if is computation: refused without the token
+    page.get_by_role("button", name="Show the plan").click()
+    page.get_by_role("status").filter(has_text="Refused: what-if").wait_for()
+    errors.clear()  # (the browser logs the 401)
+    sign_in(page, TOKEN)
+    page.locator("#who", has_text="signed in").wait_for()
     pending = httpx.get(f"{demo}/v1/recommendations").json()
     inv = httpx.get(f"{demo}/v1/cluster").json()
     in_maintenance = {h["name"] for h in inv["hosts"] if h["state"] == "maintenance"}

@@ -229,14 +229,16 @@ def test_whatif_of_the_current_cluster_changes_nothing(api: tuple[httpx.Client, 
     client.post("/v1/cycle", headers=AUTH)
     before = client.get("/v1/recommendations").json()
     r = client.post("/v1/whatif/current", json={"threshold": 1})
+    assert r.status_code == 401  # computation: the token, as POST /v1/whatif
+    r = client.post("/v1/whatif/current", json={"threshold": 1}, headers=AUTH)
     assert r.status_code == 200 and r.json()["migrations"] == []  # nothing mandatory
     r = client.post("/v1/whatif/current", json={"threshold": 5, "max_migrations": 1,
-                                                "time_limit_s": 2})
+                                                "time_limit_s": 2}, headers=AUTH)
     assert r.status_code == 200
     plan = r.json()
     assert len(plan["migrations"]) == 1 and plan["migrations"][0]["gain"] > 0
     assert plan["efficacy"]["after"]["imbalance"] < plan["efficacy"]["before"]["imbalance"]
-    r = client.post("/v1/whatif/current", json={"threshold": 0})
+    r = client.post("/v1/whatif/current", json={"threshold": 0}, headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "threshold"]
     assert client.get("/v1/recommendations").json() == before
     assert client.get("/v1/auth").status_code == 401
@@ -256,3 +258,20 @@ def test_part_fragments_answer_304_when_nothing_changed(api: tuple[httpx.Client,
     changed = client.get("/ui/part/recommendations", headers={"If-None-Match": etag})
     assert changed.status_code == 200 and changed.headers["etag"] != etag
     assert client.get("/ui/part/nothing").status_code == 404
+
+
+def test_with_read_auth_the_console_is_off_and_says_why(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BALANCER_API_TOKEN", raising=False)
+    cfg = parse_config({"server": {"api_token": TOKEN, "read_auth": True},
+                        "store": {"path": str(tmp_path / "state.db")}})
+    controller, app, _ = build(cfg, registry=CollectorRegistry())
+    try:
+        with serve_in_thread(app) as url:
+            for path in ("/ui/", "/ui/part/cluster", "/ui/events", "/ui/recommendations"):
+                r = httpx.get(f"{url}{path}")
+                assert r.status_code == 401 and "read_auth" in r.text, path
+            assert httpx.get(f"{url}/v1/automation").status_code == 401
+            assert httpx.get(f"{url}/v1/automation", headers=AUTH).status_code == 200
+    finally:
+        controller.close()

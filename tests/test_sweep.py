@@ -17,11 +17,8 @@ import pytest
 pytest.importorskip("distributed")
 
 ROOT = Path(__file__).resolve().parents[1]
-# TODO(bundled traces): switch to simulator/data/traces once they land on main
-TRACES = next(p for p in (ROOT / "simulator" / "data" / "traces" / "planetlab",
-                          ROOT.parent / "shared" / "traces" / "planetlab",
-                          Path("/work/shared/traces/planetlab")) if p.exists())
-DAYS = [TRACES / "20110303", TRACES / "20110306"]
+# the bundled PlanetLab days (simulator/data/traces), by name: workers resolve them themselves
+DAYS = ["planetlab:20110303", "planetlab:20110306"]
 CONFIG = ROOT / "configs" / "beloglazov-planetlab.toml"
 BIN = Path(sys.executable).parent
 COMPARED = ("energy_kwh", "migrations", "slatah", "pdm", "slav", "esv", "moved_gb",
@@ -91,8 +88,8 @@ def sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout, cwd=ROOT)
 
 
-def replay_json(day: Path, *policies: str, steps: int) -> dict:
-    r = subprocess.run([str(BIN / "balancer"), "replay", "--trace", f"planetlab:{day}",
+def replay_json(day: str, *policies: str, steps: int) -> dict:
+    r = subprocess.run([str(BIN / "balancer"), "replay", "--trace", day,
                         "--config", str(CONFIG), "--policy", *policies, "--steps", str(steps),
                         "--format", "json", "--no-progress"], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
@@ -104,14 +101,13 @@ def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str) -> None
     steps = 5
     args = []
     for d in DAYS:
-        args += ["--trace", f"planetlab:{d}"]
+        args += ["--trace", d]
     r = sweep(*args, "--policy", "none", "--policy", "consolidate", "--config", str(CONFIG),
               "--steps", str(steps), "--scheduler", cluster, "--format", "json")
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)["runs"]
-    assert [(Path(x["trace"].split(":", 1)[1]).name, x["policy"]) for x in runs] == [
-        ("20110303", "none"), ("20110303", "consolidate"),
-        ("20110306", "none"), ("20110306", "consolidate")]
+    assert [(x["trace"], x["policy"]) for x in runs] == [
+        (DAYS[0], "none"), (DAYS[0], "consolidate"), (DAYS[1], "none"), (DAYS[1], "consolidate")]
     for x in runs:
         assert x["params"] == {} and x["attempts"] == 1 and x["seconds"] > 0
     # the four runs were spread over both workers of the cluster
@@ -121,7 +117,7 @@ def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str) -> None
     for d in DAYS:
         serial = {p["policy"]: p for p in replay_json(d, "none", "consolidate",
                                                       steps=steps)["policies"]}
-        for x in (x for x in runs if x["trace"].endswith(d.name)):
+        for x in (x for x in runs if x["trace"] == d):
             want = serial[x["policy"]]
             assert {k: x[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, x["policy"]
     cons = [x for x in runs if x["policy"] == "consolidate"]
@@ -131,7 +127,7 @@ def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str) -> None
 def test_param_values_are_runs_and_match_a_policy_file(cluster: str, tmp_path: Path) -> None:
     pol = tmp_path / "cons.toml"
     pol.write_text('policy = "consolidate"\n[args]\ntarget_util = 0.75\n')
-    r = sweep("--trace", f"planetlab:{DAYS[0]}", "--policy", "consolidate",
+    r = sweep("--trace", DAYS[0], "--policy", "consolidate",
               "--param", "target_util=0.75,0.9", "--config", str(CONFIG), "--steps", "4",
               "--scheduler", cluster, "--format", "json")
     assert r.returncode == 0, r.stderr
@@ -143,7 +139,7 @@ def test_param_values_are_runs_and_match_a_policy_file(cluster: str, tmp_path: P
 
 
 def test_table_compares_policies_across_days(cluster: str) -> None:
-    r = sweep("--trace", f"planetlab:{DAYS[0]}", "--trace", f"planetlab:{DAYS[1]}",
+    r = sweep("--trace", DAYS[0], "--trace", DAYS[1],
               "--policy", "none", "--policy", "balance", "--config", str(CONFIG),
               "--steps", "2", "--scheduler", cluster)
     assert r.returncode == 0, r.stderr
@@ -158,7 +154,7 @@ def test_table_compares_policies_across_days(cluster: str) -> None:
 
 def test_a_failing_run_is_retried_once_and_reported(cluster: str, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-day"
-    r = sweep("--trace", f"planetlab:{DAYS[0]}", "--trace", f"planetlab:{missing}",
+    r = sweep("--trace", DAYS[0], "--trace", f"planetlab:{missing}",
               "--policy", "none", "--config", str(CONFIG), "--steps", "2",
               "--scheduler", cluster, "--format", "json")
     assert r.returncode == 1
@@ -191,8 +187,8 @@ print(json.dumps(sweep.execute(c, [0, 1, 2], flaky, progress=False)))
 
 
 def test_ctrl_c_cancels_the_runs_and_exits_130(cluster: str) -> None:
-    p = subprocess.Popen([str(BIN / "balancer"), "sweep", "--trace", f"planetlab:{DAYS[0]}",
-                          "--trace", f"planetlab:{DAYS[1]}", "--policy", "balance",
+    p = subprocess.Popen([str(BIN / "balancer"), "sweep", "--trace", DAYS[0],
+                          "--trace", DAYS[1], "--policy", "balance",
                           "--policy", "consolidate", "--config", str(CONFIG),
                           "--scheduler", cluster, "--format", "json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -226,13 +222,13 @@ def test_ctrl_c_cancels_the_runs_and_exits_130(cluster: str) -> None:
 def test_bad_input_is_one_line_exit_2() -> None:
     for args, needle in (
             (["--trace", "nope:/x"], "--trace: kind 'nope' is unknown"),
-            (["--trace", f"planetlab:{DAYS[0]}", "--param", "x"], "--param: expected NAME="),
-            (["--trace", f"planetlab:{DAYS[0]}", "--policy", "none", "--param",
+            (["--trace", DAYS[0], "--param", "x"], "--param: expected NAME="),
+            (["--trace", DAYS[0], "--policy", "none", "--param",
               "target_util=0.8"], "--param target_util: no swept policy has this field"),
-            (["--trace", f"planetlab:{DAYS[0]}", "--policy", "consolidate", "--param",
+            (["--trace", DAYS[0], "--policy", "consolidate", "--param",
               "target_util=7"], "target_util"),
-            (["--trace", f"planetlab:{DAYS[0]}", "--scheduler", "http://x"], "--scheduler"),
-            (["--trace", f"planetlab:{DAYS[0]}", "--policy", "nosuch"], "'nosuch' is unknown"),
+            (["--trace", DAYS[0], "--scheduler", "http://x"], "--scheduler"),
+            (["--trace", DAYS[0], "--policy", "nosuch"], "'nosuch' is unknown"),
     ):
         r = sweep(*args, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
@@ -241,7 +237,7 @@ def test_bad_input_is_one_line_exit_2() -> None:
 
 
 def test_embedded_local_cluster_by_default() -> None:
-    r = sweep("--trace", f"planetlab:{DAYS[0]}", "--trace", f"planetlab:{DAYS[1]}",
+    r = sweep("--trace", DAYS[0], "--trace", DAYS[1],
               "--policy", "none", "--config", str(CONFIG), "--steps", "2", "--format", "json")
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)["runs"]

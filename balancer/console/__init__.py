@@ -8,8 +8,9 @@
   console's script swaps them in, htmx-style, and gets ``304`` when nothing changed);
 - ``/ui/events``: the executor's migration events as server-sent events (``balancer.events``);
 - ``/ui/static/...``: the stylesheet and the script (no CDN: the console works air-gapped);
-- the small JSON API the console needs beyond ``/v1`` (``balancer.console.api``): automation
-  level and per-VM overrides, the what-if plan of the current cluster, a token check.
+- the JSON endpoints the console needs beyond the core API are in ``balancer.api.automation``
+  (automation level and per-VM overrides, the what-if plan of the current cluster, a token
+  check).
 
 Templates and static files are package data (``balancer/console/templates``, ``static``).
 Mutations go through the JSON API with ``Authorization: Bearer``; the browser keeps the token in
@@ -36,7 +37,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from balancer.console import views
-from balancer.console.api import automation_router, restore_automation
 from balancer.errors import BalancerError
 
 log = logging.getLogger("balancer.console")
@@ -49,6 +49,10 @@ PAGES = (("cluster", "/ui/", "Cluster"), ("recommendations", "/ui/recommendation
 # and is sent what is in flight again. Bounded streams let the server stop promptly.
 STREAM_S = 25.0
 KEEPALIVE_S = 10.0
+READ_AUTH_PAGE = ("<!doctype html><html lang=en><meta charset=utf-8><title>balancer</title>"
+                  "<p>This service requires the API token for reads (<code>[server] "
+                  "read_auth</code>), which a browser cannot send when it opens a page: the "
+                  "console is off. Use the API with <code>Authorization: Bearer</code>.</p>")
 
 
 def _env() -> Environment:
@@ -75,16 +79,22 @@ def _ago(age: float | None) -> str:
     return f"{age / 3600:.1f} h ago"
 
 
-def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
-                  token: Callable[[], str | None] | None = None) -> None:
-    """Serve the console at ``/ui/`` on ``app`` (``/`` redirects there)."""
+def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
+    """Serve the console at ``/ui/`` on ``app`` (``/`` redirects there).
+
+    With ``[server] read_auth`` on (``app.state.api.read_auth``), reads need the bearer token,
+    which a browser cannot send when it navigates: the console's pages, fragments and event
+    stream then answer 401 with a short explanation instead of showing the cluster.
+    """
+    from balancer.api.automation import restore
+
     env = _env()
     bus = telemetry.events
-    get_token = token or controller.cfg.token
-    restore_automation(controller)
+    settings = getattr(app.state, "api", None)
+    read_auth = bool(getattr(settings, "read_auth", False))
+    restore(controller)
     static = resources.files("balancer.console") / "static"
     app.mount("/ui/static", StaticFiles(directory=str(static)), name="console-static")
-    app.include_router(automation_router(controller, get_token))
 
     def cluster_ctx(_: Request) -> dict[str, Any]:
         return {"c": views.cluster_view(views.summary(controller),
@@ -146,6 +156,8 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
     def page(template: str, active: str, title: str, part_name: str | None = None, *,
              extra: Callable[[Request], dict[str, Any]] | None = None) -> Callable[..., Any]:
         def handler(request: Request) -> HTMLResponse:
+            if read_auth:
+                return HTMLResponse(READ_AUTH_PAGE, status_code=401)
             ctx: dict[str, Any] = {"active": active, "title": title}
             if part_name is not None:
                 html, pctx = render_part(part_name, request)
@@ -191,6 +203,8 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
 
     @app.get("/ui/part/{name}", include_in_schema=False)
     def part(request: Request, name: str) -> Response:
+        if read_auth:
+            return Response(READ_AUTH_PAGE, status_code=401, media_type="text/html")
         if name not in parts:
             return Response(f"no part {name!r}", status_code=404, media_type="text/plain")
         body = render_part(name, request)[0].encode()
@@ -201,7 +215,9 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any, *,
         return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/ui/events", include_in_schema=False)
-    async def events(request: Request) -> StreamingResponse:
+    async def events(request: Request) -> Response:
+        if read_auth:
+            return Response(READ_AUTH_PAGE, status_code=401, media_type="text/html")
         return StreamingResponse(_stream(request, bus, controller.stopping),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
