@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from balancer.api import (
     cluster,
     cycle,
+    docs,
     health,
     history,
     hosts,
@@ -66,7 +67,7 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
         clock=clock,
         solver=SolverGate(max_concurrent_solves or server.max_concurrent_solves,
                           solve_wall_s or server.solve_wall_s))
-    app = FastAPI(title="balancer", version="1",
+    app = FastAPI(title="balancer", version="1", docs_url=None, redoc_url=None,
                   description="An open, optimal DRS for KVM/QEMU clusters: cluster state, "
                               "recommendations, what-if plans, maintenance and placement.\n\n"
                               "Every error answers `{\"detail\": [{\"loc\", \"msg\", "
@@ -91,6 +92,7 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
             if level is not None:
                 table.append((route.path_regex, set(route.methods), level))
 
+    docs.install(app)  # /docs and /redoc from local assets
     app.add_middleware(Gate, table=table, token=settings.token,
                        read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes)
     return app
