@@ -3,11 +3,13 @@ Retry-After when none is free) and capped in wall time (503), on a real uvicorn 
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -100,6 +102,15 @@ def test_a_solve_past_the_wall_cap_answers_503_and_keeps_its_slot(
             r = httpx.post(f"{url}/v1/whatif", json={"snapshot": doc}, headers=AUTH,
                            timeout=30)
             assert r.status_code == 429
+            # ... and refused before its body is read: only the headers are sent here.
+            u = urlsplit(url)
+            with socket.create_connection((u.hostname, u.port), timeout=5) as sock:
+                sock.sendall(f"POST /v1/whatif HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                             f"Authorization: Bearer {TOKEN}\r\n"
+                             "Content-Type: application/json\r\n"
+                             "Content-Length: 5000000\r\n\r\n".encode())
+                head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 429") and b"retry-after" in head.lower()
             release.set()
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:

@@ -34,7 +34,7 @@ from balancer.api import (
     whatif,
 )
 from balancer.api.admission import SolverGate
-from balancer.api.deps import READ_AUTH, ApiSettings, route_level
+from balancer.api.deps import READ_AUTH, ApiSettings, route_level, takes_solver_slot
 from balancer.api.errors import install_handlers, responses, snapshot_loc
 from balancer.api.middleware import READ, Gate
 
@@ -89,10 +89,12 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
             app.include_router(module.router)
         for route in module.router.routes:
             level = route_level(route) or (READ if read_module else None)
-            if level is not None:
-                table.append((route.path_regex, set(route.methods), level))
+            solves = takes_solver_slot(route)
+            if level is not None or solves:
+                table.append((route.path_regex, set(route.methods), level, solves))
 
     docs.install(app)  # /docs and /redoc from local assets
     app.add_middleware(Gate, table=table, token=settings.token,
-                       read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes)
+                       read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes,
+                       solver_full=settings.solver.full)
     return app

@@ -52,33 +52,45 @@ async def _send_error(send: Send, status: int, msg: str, loc: list[Any], type_: 
 class Gate:
     """ASGI middleware: token check (before the body), then a bounded body read."""
 
-    def __init__(self, app: ASGIApp, *, table: list[tuple[re.Pattern[str], set[str], str]],
-                 token: Callable[[], str | None], read_auth: bool, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *,
+                 table: list[tuple[re.Pattern[str], set[str], str | None, bool]],
+                 token: Callable[[], str | None], read_auth: bool, max_body_bytes: int,
+                 solver_full: Callable[[], int | None] = lambda: None) -> None:
         self.app = app
-        self.table = table  # (path regex, methods, level) of every route that has a level
+        # (path regex, methods, token level, takes a solver slot) of the routes that matter
+        self.table = table
         self.token = token
         self.read_auth = read_auth
         self.max_body_bytes = max_body_bytes
+        self.solver_full = solver_full  # Retry-After seconds when every slot is busy, or None
 
-    def _needs_token(self, scope: Scope) -> bool:
+    def _route(self, scope: Scope) -> tuple[bool, bool]:
+        """(needs the token, takes a solver slot) for this request."""
         path, method = scope.get("path", ""), scope.get("method", "")
-        for regex, methods, level in self.table:
+        for regex, methods, level, solves in self.table:
             if method in methods and regex.match(path):
-                return level == WRITE or (level == READ and self.read_auth)
-        return False  # 404/405 come from the router; nothing is done for them
+                return level == WRITE or (level == READ and self.read_auth), solves
+        return False, False  # 404/405 come from the router; nothing is done for them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self._needs_token(scope):
+        needs_token, solves = self._route(scope)
+        if needs_token:
             auth = headers.get(b"authorization")
             err = token_error(self.token(), auth.decode("latin-1") if auth else None)
             if err:
                 status, msg, type_ = err
                 extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
                 await _send_error(send, status, msg, ["header", "authorization"], type_, extra)
+                return
+        if solves:
+            retry = self.solver_full()
+            if retry is not None:  # refused before the body is read or parsed
+                await _send_error(send, 429, "all solver slots are busy; retry later", [],
+                                  "busy", [(b"retry-after", str(retry).encode())])
                 return
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")
