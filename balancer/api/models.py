@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from balancer.model import Automation, HostState, RuleType
 from balancer.snapshot import (
@@ -30,6 +30,18 @@ def _name(value: str) -> str:
     return value
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer: 2.0 is 2; 2.5, true and "2" are not (strict mode refuses them)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+# Constraints before the validator (pydantic renders them as JSON Schema's minimum/maximum).
+Threshold = Annotated[int, Field(ge=1, le=5), BeforeValidator(_whole)]
+Budget = Annotated[int, Field(ge=0, le=100_000), BeforeValidator(_whole)]
+VCPUs = Annotated[int, Field(ge=1, le=int(MAX_VCPUS)), BeforeValidator(_whole)]
+MemMB = Annotated[int, Field(ge=1, le=int(MAX_MEM_MB)), BeforeValidator(_whole)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME,
                             json_schema_extra={"pattern": NAME_PATTERN}),
                  AfterValidator(_name)]
@@ -121,15 +133,15 @@ class MetricsAccepted(BaseModel):
 
 class WhatIfRequest(_In):
     snapshot: dict[str, Any] = Field(json_schema_extra=snapshot_schema())
-    threshold: int = Field(3, ge=1, le=5)
-    max_migrations: int | None = Field(None, ge=0, le=100_000)
+    threshold: Threshold = 3
+    max_migrations: Budget | None = None
     time_limit_s: float | None = Field(None, gt=0, le=30)
 
 
 class PlacementRequest(_In):
     name: Name
-    vcpus: int = Field(ge=1, le=int(MAX_VCPUS))
-    mem_mb: int = Field(ge=1, le=int(MAX_MEM_MB))
+    vcpus: VCPUs
+    mem_mb: MemMB
     cpu_demand: float | None = Field(None, ge=0, le=MAX_VCPUS,
                                      description="expected cores used (default: vcpus)")
     mem_demand_mb: float | None = Field(None, ge=0, le=MAX_MEM_MB,
