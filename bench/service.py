@@ -167,6 +167,37 @@ def wrk_paced(url: str, rate: float, seconds: float, tmp: Path, connections: int
     return achieved, lat, errors
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hostile_bodies(url: str, pid: int) -> list[tuple[str, str, str, bool | None]]:
+    """A 48 MB body without a token, and a 20 MB one with it: refused before being read."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    big = b'{"samples": [' + b'{"ts": 1.7e9, "vm": "x", "cpu_cores": 1, "mem_mb": 1},' * 900_000
+    big = big[:48 * 1024 * 1024]
+    for label, body, headers, want in (
+            ("48 MB POST /v1/metrics without a token", big, {}, 401),
+            ("20 MB POST /v1/metrics with the token", big[:20 * 1024 * 1024], AUTH, 413)):
+        before = rss_mb(pid)
+        t = time.perf_counter()
+        try:
+            r = httpx.post(f"{url}/v1/metrics", content=body, timeout=60,
+                           headers={**headers, "Content-Type": "application/json"})
+            status = str(r.status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        took = time.perf_counter() - t
+        grew = rss_mb(pid) - before
+        rows.append((label, f"{status} in {took * 1000:.0f} ms (whole upload included), "
+                            f"server RSS {grew:+.0f} MB", f"{want}, body not parsed",
+                     status == str(want) and grew < 20))
+    return rows
+
+
 def whatif_storm(url: str, args: argparse.Namespace, tmp: Path
                  ) -> list[tuple[str, str, str, bool | None]]:
     """48 clients post what-ifs of the demo cluster back to back (none honours Retry-After;
@@ -313,6 +344,7 @@ def main() -> int:
             # 4. 48 concurrent what-ifs (the demo cluster) while reads go on: the solver slots
             # ([server] max_concurrent_solves, default 2) admit a few, the rest get 429.
             rows.extend(whatif_storm(url, args, Path(tmp)))
+            rows.extend(hostile_bodies(url, proc.pid))
 
             # 3. ingestion at a constant sample rate
             batch = 1000
