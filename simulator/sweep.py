@@ -480,6 +480,11 @@ def _grid(head: list[str], rows: list[list[str]], left: int = 1) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"
 
 
+def spread_cell(stats: tuple[float, float, float], kind: str) -> str:
+    lo, med, hi = stats
+    return f"{_fmt(med, kind)} ({_fmt(lo, kind)} .. {_fmt(hi, kind)})"
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     head = ["trace", "policy", *[lab for lab, _, _ in COMPARE], "worker", "seconds"]
     rows = []
@@ -498,10 +503,10 @@ def table(runs: list[dict[str, Any]]) -> str:
         out += f"{r[0]}  {r[1]}  {r[2]}\n"
     sp = spread(runs)
     if sp:
-        out += "\nspread over traces per policy (min / median / max):\n"
-        head2 = ["policy", "traces", *[lab for lab, _, _ in COMPARE]]
-        rows2 = [[name, str(n), *[" / ".join(_fmt(x, kind) for x in stats[k])
-                                  for _, k, kind in COMPARE]] for name, stats, n in sp]
+        out += "\nspread over traces per policy: median (min .. max)\n"
+        head2 = ["metric", *[f"{name} [{n}]" for name, _, n in sp]]
+        rows2 = [[lab, *[spread_cell(stats[k], kind) for _, stats, _ in sp]]
+                 for lab, k, kind in COMPARE]
         out += _grid(head2, rows2)
     return out
 
