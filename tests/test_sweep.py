@@ -187,7 +187,7 @@ def test_retry_recovers_a_transient_failure(cluster: str, tmp_path: Path) -> Non
     """The client side of the retry, with a task that fails on its first attempt only."""
     out = _client_script(cluster, f"""
 import cloudpickle, json, pathlib
-from simulator import sweep
+from balancer import tasks
 marker = pathlib.Path({str(tmp_path)!r})
 def flaky(n):
     m = marker / f"tried-{{n}}"
@@ -195,7 +195,7 @@ def flaky(n):
         m.write_text("x")
         raise OSError("transient")
     return {{"value": n * 10}}
-print(json.dumps(sweep.execute(c, [0, 1, 2], flaky, progress=False)))
+print(json.dumps(tasks.execute(c, [0, 1, 2], flaky, progress=False)))
 """)
     res = json.loads(out.strip().splitlines()[-1])
     assert res == [{"value": 0, "attempts": 1}, {"value": 10, "attempts": 2},
