@@ -161,10 +161,11 @@ def test_table_compares_policies_across_days(cluster: str) -> None:
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith("4 runs on 2 workers")
-    assert "spread over traces per policy (min / median / max)" in out
+    assert "spread over traces per policy: median (min .. max)" in out
     spread = out.split("spread over traces")[1].splitlines()
-    none_row = next(line for line in spread if line.startswith("none "))
-    assert none_row.split()[1] == "2"  # two traces behind each policy's spread
+    assert spread[1].split() == ["metric", "none", "[2]", "balance", "[2]"]  # 2 traces each
+    energy = next(line for line in spread if line.startswith("energy kWh"))
+    assert energy.count(" .. ") == 2
     assert "20110303" in out and "20110306" in out
 
 
