@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from balancer.config import ServiceConfig
+from balancer.events import migration_event
 from balancer.executor.base import Backend, BackendError
 from balancer.executor.config import ExecutorConfig as ExecConfig
 from balancer.executor.config import JournalConfig, LimitsConfig
@@ -164,7 +165,8 @@ class PlanExecutor:
             plan_id = plan_fingerprint(waves)
             done: set[int] = set()
 
-            def on_event(kind: str, e: Entry, _: Any) -> None:
+            def on_event(kind: str, e: Entry, progress: Any) -> None:
+                self.telemetry.events.publish(migration_event(kind, e, progress))  # console
                 if kind in ("start", "resume"):
                     log.info("migration %s: %s %s -> %s %s (attempt %d, %s MiB)",
                              rows.get(e.id, "?") if e.plan_id == plan_id else "?", e.vm,
