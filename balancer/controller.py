@@ -29,14 +29,8 @@ from typing import Any
 from balancer.config import ServiceConfig
 from balancer.cycle import ClusterView, ControlCycle, CycleReport, PlanFn
 from balancer.errors import BalancerError, InfeasibleError, InputError
-from balancer.execution import (
-    JOURNAL_IN_STORE,
-    PlanExecutor,
-    executor_config,
-    simulated_backend,
-)
+from balancer.execution import PlanExecutor, executor_config, simulated_backend
 from balancer.executor.base import Backend, BackendError
-from balancer.executor.journal import JournalLock
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.inventory import Inventory
 from balancer.leadership import Leadership
@@ -80,11 +74,8 @@ class Controller:
         self._lock = threading.RLock()  # the view
         self._cycle_lock = threading.Lock()  # one cycle (or maintenance plan) at a time
         self.exec_cfg = executor_config(cfg, store.path)
-        # One daemon per journal file: held from the start (before anything is written),
-        # whether or not a backend is set yet. In PostgreSQL leadership is the lock.
-        jp = self.exec_cfg.journal.path
-        self.journal_lock = None if jp in (":memory:", JOURNAL_IN_STORE) else \
-            JournalLock(jp, owner="balancer serve")
+        # One daemon per journal file: `balancer serve` holds the journal's lock (JournalLock)
+        # for its lifetime; in PostgreSQL leadership is the lock.
         self.view: ClusterView | None = None
         self.backend: Backend | None = None
         self.executor: PlanExecutor | None = None
@@ -104,6 +95,18 @@ class Controller:
         self.telemetry.leader.set(1 if leadership is None else 0)
 
     # -- parts ---------------------------------------------------------------------------
+    @property
+    def cfg(self) -> ServiceConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, value: ServiceConfig) -> None:
+        """A new config (the API changes automation levels) reaches the cycle too."""
+        self._cfg = value
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None:
+            cycle.cfg = value
+
     @property
     def inventory(self) -> ClusterSnapshot | None:
         return self.inv.snapshot
@@ -139,8 +142,6 @@ class Controller:
                 closer()
         if self.executor is not None:
             self.executor.close()
-        if self.journal_lock is not None:
-            self.journal_lock.release()
         self.store.close()
 
     # -- leadership ------------------------------------------------------------------------

@@ -168,14 +168,14 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop,
                                                                 interval_s=args.interval))
     setup_logging(args.log_level, args.log_format)
-    # A second daemon on the same state is refused (one line, exit 2) before any solver
-    # worker exists; the controller takes the lock for good in build().
+    # One daemon per journal: a second one on the same state is refused (one line, exit 2)
+    # before any solver worker exists or anything is written; held until this one exits.
     from balancer.execution import JOURNAL_IN_STORE, executor_config
     from balancer.executor.journal import JournalLock
 
     journal = executor_config(cfg, cfg.store.target).journal.path
-    if journal not in (":memory:", JOURNAL_IN_STORE):
-        JournalLock(journal, owner="balancer serve").release()
+    held = None if journal in (":memory:", JOURNAL_IN_STORE) else \
+        JournalLock(journal, owner="balancer serve")
     # Every solve runs in a worker process (balancer.solving): Ctrl-C and SIGTERM stop it at
     # any moment, and API reads never wait on the solver.
     # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         controller, app, _ = build(cfg, plan_fn=solvers.plan)
     except BaseException:
         solvers.close()
+        if held is not None:
+            held.release()
         if tmp is not None:
             tmp.cleanup()
         raise
@@ -216,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         solvers.close()
         controller.close()
+        if held is not None:
+            held.release()
         if tmp is not None:
             tmp.cleanup()
         log.info("stopped")
