@@ -46,7 +46,7 @@ class LeaderInfo(BaseModel):
     leader: LeaderRef | None
 
 
-@router.get("/v1/leader", response_model=LeaderInfo, dependencies=[READ_AUTH])
+@router.get("/v1/leader", response_model=LeaderInfo)
 def leader(controller: ControllerDep) -> Any:
     """This node's role (leader or follower), the leadership term, and who leads (daemons
     sharing a PostgreSQL store elect one; see docs/service.md)."""
