@@ -59,9 +59,12 @@ def _nonneg_int(name: str):  # noqa: ANN202
 
 
 def _threshold(text: str) -> int:
-    if text not in {"1", "2", "3", "4", "5"}:
-        raise argparse.ArgumentTypeError(f"--threshold must be 1, 2, 3, 4 or 5, got {text!r}")
-    return int(text)
+    from policies.balance import Threshold
+
+    try:
+        return Threshold.parse(text, "--threshold")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _plugin_commands() -> dict[str, Any]:
@@ -98,7 +101,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "(default: no limit)")
     p.add_argument("--max-moved-mem-gb", type=_nonneg_float("--max-moved-mem-gb"), metavar="G",
                    help="at most G GiB of configured VM memory moved (default: no limit)")
-    p.add_argument("--threshold", type=_threshold, default=3,
+    p.add_argument("--threshold", type=_threshold, default=None,
                    help="migration threshold 1 (mandatory moves only) .. 5 (most aggressive); "
                    "sets the price a move's balance gain must pay (default: 3)")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), metavar="S",
@@ -142,8 +145,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.service import PlanOptions, plan
 
     snap = _load_snapshot(args)
+    given = {} if args.threshold is None else {"threshold": args.threshold}
     result = plan(snap, PlanOptions(
-        threshold=args.threshold,
+        **given,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
         mem_overcommit=args.mem_overcommit,

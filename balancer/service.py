@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from balancer.errors import SolverError
+from balancer.errors import InputError, SolverError
 from balancer.model import ClusterSnapshot, Move, Placement, UtilStats, util_stats
 from balancer.model.problem import Problem, unit_placement, vm_placement
 from balancer.solver import EngineOptions, Status, solve
@@ -21,17 +21,29 @@ from balancer.solver.gains import Imbalance, drop_unpaid, forced_units, moved_un
 from balancer.solver.greedy import greedy
 from balancer.solver.objective import Evaluator
 from balancer.verify import Limits, verify
-from policies import build_problem
+from policies import Policy, build_problem
+from policies.balance import Balance, BalanceArgs, Threshold
+from policies.budget import Budget, BudgetArgs
+from policies.capacity import Capacity, CapacityArgs
+from policies.compatibility import Compatibility
+from policies.evacuation import Evacuation
+from policies.rules import Rules
 
 
 @dataclass(frozen=True)
 class PlanOptions:
-    threshold: int = 3
+    """Everything a plan depends on besides the snapshot: a plain, picklable, frozen value.
+
+    Validated once, here: ``threshold`` becomes a ``Threshold`` and the policy arguments are
+    checked by building them (``policies()``), so a bad value fails at construction with the
+    field named. The same argument objects give the verifier its limits (``limits()``)."""
+
+    threshold: int = Threshold.DEFAULT
     max_migrations: int | None = None
     max_moved_mem_gb: float | None = None
     mem_overcommit: float = 1.0
     cpu_headroom: float = 0.1
-    time_limit: float | None = None  # None: scales with the cluster (see auto_time_limit)
+    time_limit: float | None = None  # wall-clock safety stop; None: auto_time_limit
     seed: int = 0
     max_iterations: int | None = None
     max_dtime: float | None = None
@@ -41,21 +53,46 @@ class PlanOptions:
     effort: float = 1.0  # multiplies the automatic effort
     fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", Threshold(self.threshold))
+        if self.solver not in ("cpsat", "greedy"):
+            raise InputError(f"solver: must be 'cpsat' or 'greedy', got {self.solver!r}")
+        self.capacity_args()
+        self.budget_args()
+        self.balance_args()
+
+    def capacity_args(self) -> CapacityArgs:
+        return CapacityArgs(mem_overcommit=self.mem_overcommit, cpu_headroom=self.cpu_headroom)
+
+    def balance_args(self) -> BalanceArgs:
+        return BalanceArgs(threshold=self.threshold, fixed_cost_mb=self.fixed_cost_mb)
+
+    def budget_args(self) -> BudgetArgs:
+        return BudgetArgs(max_migrations=self.max_migrations,
+                          max_moved_mem_gb=self.max_moved_mem_gb)
+
+    def policies(self) -> list[Policy]:
+        """The policy objects of a plan, built directly (in ``DEFAULT_POLICIES`` order)."""
+        return [Capacity(self.capacity_args()), Evacuation(), Compatibility(), Rules(),
+                Balance(self.balance_args()), Budget(self.budget_args())]
+
     def policy_config(self) -> dict[str, dict[str, Any]]:
+        """The same arguments as a registry config (for callers that build by name)."""
         return {
             "capacity": {"mem_overcommit": self.mem_overcommit, "cpu_headroom": self.cpu_headroom},
-            "balance": {"threshold": self.threshold, "fixed_cost_mb": self.fixed_cost_mb},
+            "balance": {"threshold": int(self.threshold), "fixed_cost_mb": self.fixed_cost_mb},
             "budget": {"max_migrations": self.max_migrations,
                        "max_moved_mem_gb": self.max_moved_mem_gb},
         }
 
     def limits(self) -> Limits:
+        """The verifier's limits, from the same argument objects the policies use."""
+        cap, budget = self.capacity_args(), self.budget_args()
         return Limits(
-            mem_overcommit=self.mem_overcommit,
-            cpu_headroom=self.cpu_headroom,
-            max_migrations=self.max_migrations,
-            max_moved_mem_mb=None if self.max_moved_mem_gb is None
-            else int(self.max_moved_mem_gb * 1024),
+            mem_overcommit=cap.mem_overcommit,
+            cpu_headroom=cap.cpu_headroom,
+            max_migrations=budget.max_migrations,
+            max_moved_mem_mb=budget.max_moved_mem_mb,
         )
 
 
@@ -194,7 +231,7 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
     """
     opts = options or PlanOptions()
     t0 = time.monotonic()
-    problem = build_problem(snapshot, opts.policy_config())
+    problem = build_problem(snapshot, policies=opts.policies())
     ev = Evaluator(problem)
     if opts.solver == "greedy":
         unit_hosts = greedy(problem, ev, should_stop=None if stop is None else stop.is_set)
