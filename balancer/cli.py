@@ -78,9 +78,22 @@ def _plugin_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group="balancer.commands")}
 
 
+def version() -> str:
+    """The installed distribution's version: one place, ``[project] version`` in pyproject."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("balancer")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; plugin modules are imported only for the ``command`` being run."""
     parser = _Parser(prog="balancer", description="An open, optimal DRS for KVM/QEMU clusters.")
+    parser.add_argument("--version", action="version", version=f"balancer {version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, ep in sorted(_plugin_commands().items()):
         if name != command:

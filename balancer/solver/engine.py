@@ -209,6 +209,7 @@ class _Search:
     def _solver(self, dtime: float | None, wall: float | None = None) -> cp_model.CpSolver:
         s = cp_model.CpSolver()
         prm = s.parameters
+        prm.catch_sigint_signal = False  # CP-SAT would reset SIGINT to SIG_DFL after a solve
         prm.num_workers = self.o.workers
         prm.random_seed = self.o.seed
         prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
@@ -440,6 +441,7 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
         model.ClearAssumptions()
         model.AddAssumptions([model.GetBoolVarFromProtoIndex(i) for i in assumed])
         solver = cp_model.CpSolver()
+        solver.parameters.catch_sigint_signal = False  # keep the caller's SIGINT handler
         solver.parameters.num_workers = 1
         solver.parameters.max_time_in_seconds = max(0.2, min(left(), opts.time_limit / 4))
         solver.parameters.max_deterministic_time = 10.0
