@@ -134,6 +134,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "baseline, one best move at a time")
     p.add_argument("--format", choices=["json", "table"], default="json",
                    help="json for tools (default), table for people")
+    p.add_argument("--effort", type=_positive_float("--effort"), default=1.0, metavar="X",
+                   help="search effort, a multiple of the default (deterministic units: "
+                   "model size built; default: 1)")
+    p.add_argument("--frontier", action="store_true",
+                   help="the whole balance / migration-cost curve instead of one plan: one "
+                   "verified plan per price per MiB moved, sorted by memory moved (budgets and "
+                   "threshold do not apply)")
+    p.add_argument("--points", type=_nonneg_int("--points"), default=8, metavar="N",
+                   help="with --frontier: number of points (prices) on the curve (default: 8)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="with --frontier: also draw the curve into this PNG file")
     return parser
 
 
@@ -153,13 +164,34 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
     return snapshot.load(args.snapshot, mem_overcommit=args.mem_overcommit)
 
 
+def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
+    from balancer.report import frontier_plot, frontier_table
+    from balancer.service import frontier
+
+    result = frontier(snap, options, points=args.points)
+    if args.plot:
+        frontier_plot(result, args.plot)
+    if args.format == "json":
+        json.dump(result.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(frontier_table(result))
+        if args.plot:
+            sys.stdout.write(f"plot: {args.plot}\n")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.report import plan_table
     from balancer.service import PlanOptions, plan
 
+    if not args.frontier and (args.plot or args.points != 8):
+        raise InputError("plan: --points and --plot go with --frontier")
+    if args.frontier and args.points < 1:
+        raise InputError("plan: --points must be >= 1")
     snap = _load_snapshot(args)
     given = {} if args.threshold is None else {"threshold": args.threshold}
-    result = plan(snap, PlanOptions(
+    options = PlanOptions(
         **given,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
@@ -168,7 +200,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         solver=args.solver,
-    ))
+        effort=args.effort,
+    )
+    if args.frontier:
+        return _frontier(snap, options, args)
+    result = plan(snap, options)
     from balancer.planner import PlannerLimits, add_waves
 
     doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))

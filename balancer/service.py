@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,14 @@ from balancer.errors import InputError, SolverError
 from balancer.model import ClusterSnapshot, Move, Placement, UtilStats, util_stats
 from balancer.model.problem import Problem, unit_placement, vm_placement
 from balancer.solver import EngineOptions, Status, solve
+from balancer.solver.engine import curve
 from balancer.solver.gains import Imbalance, drop_unpaid, forced_units, moved_units, own_gains
 from balancer.solver.greedy import greedy
 from balancer.solver.objective import Evaluator
+from balancer.solver.price import frontier_prices, reprice
 from balancer.verify import Limits, verify
 from policies import Policy, build_problem
-from policies.balance import Balance, BalanceArgs, Threshold
+from policies.balance import PRICE_PER_MIB, Balance, BalanceArgs, Threshold
 from policies.budget import Budget, BudgetArgs
 from policies.capacity import Capacity, CapacityArgs
 from policies.compatibility import Compatibility
@@ -246,7 +248,9 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
             max_work = auto_work(snapshot, opts.effort)
         result = solve(problem, EngineOptions(
             time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
-            max_dtime=opts.max_dtime, max_work=max_work), ev, stop=stop)
+            max_dtime=opts.max_dtime, max_work=max_work,
+            price=PRICE_PER_MIB.get(int(opts.threshold)), fixed_cost_mb=opts.fixed_cost_mb),
+            ev, stop=stop)
         if result.status is Status.NO_SOLUTION_IN_TIME:
             if result.stopped_by == "stop":
                 raise SolverError("stopped before a feasible plan was found")
@@ -297,3 +301,98 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
         notes=problem.notes,
         eligibility={snapshot.vms[v].name: why for v, why in sorted(problem.eligibility.items())},
     )
+
+
+@dataclass
+class FrontierPoint:
+    price: float  # per MiB moved, in the thresholds' units (policies.balance.PRICE_PER_MIB)
+    plan: PlanResult
+    bound: int  # lower bound on the objective at this price
+    objective: int
+
+    def to_dict(self) -> dict[str, Any]:
+        a = self.plan.after
+        return {
+            "price": round(self.price, 3),
+            "moved_mem_gb": round(self.plan.moved_mem / 1024, 3),
+            "moves": len(self.plan.moves),
+            "imbalance": a.imbalance,
+            "cpu_std": a.cpu_std,
+            "mem_std": a.mem_std,
+            "objective": self.objective,
+            "bound": self.bound,
+            "gap": (0.0 if self.objective <= 0
+                    else round((self.objective - self.bound) / self.objective, 6)),
+            "migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "reason": m.reason,
+                            "mem_mb": m.mem} for m in self.plan.moves],
+        }
+
+
+@dataclass
+class FrontierResult:
+    snapshot: ClusterSnapshot
+    before: UtilStats
+    points: list[FrontierPoint]  # sorted by memory moved
+    solver: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before.as_dict(),
+                "frontier": [p.to_dict() for p in self.points],
+                "solver": self.solver}
+
+
+FRONTIER_HIGH = 300_000.0  # price per MiB of the frontier's first point (3x threshold 2's)
+FRONTIER_LOW = 10.0  # and of its last (a tenth of threshold 5's)
+
+
+def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, points: int = 8,
+             stop: threading.Event | None = None) -> FrontierResult:
+    """The balance / migration-cost curve: ``points`` verified plans, one per price per MiB
+    moved (geometric from ``FRONTIER_HIGH`` to ``FRONTIER_LOW``), from one search that
+    warm-starts each point from the one before; sorted by memory moved.
+
+    ``options`` gives the constraints (capacity, budgets are ignored: the curve is what a
+    budget would pick from), the seed and the effort (twice a plan's, shared between the
+    points); its threshold is not used (each point has its own price).
+    """
+    if points < 1:
+        raise InputError(f"points: must be >= 1, got {points}")
+    opts = options or PlanOptions()
+    t0 = time.monotonic()
+    free = replace(opts, max_migrations=None, max_moved_mem_gb=None, threshold=5)
+    problem = build_problem(snapshot, policies=free.policies())
+    ev = Evaluator(problem)
+    time_limit = opts.time_limit or 2 * auto_time_limit(snapshot)
+    max_work = opts.max_work
+    if max_work is None and opts.max_iterations is None and opts.max_dtime is None:
+        max_work = 2 * auto_work(snapshot, opts.effort)
+    prices = frontier_prices(points, FRONTIER_HIGH, FRONTIER_LOW)
+    pts, stopped_by = curve(problem, prices, EngineOptions(
+        time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
+        max_dtime=opts.max_dtime, max_work=max_work, fixed_cost_mb=opts.fixed_cost_mb),
+        ev, stop=stop)
+    out = []
+    limits = free.limits()
+    for cp in pts:
+        _, evp = reprice(problem, ev, cp.price, opts.fixed_cost_mb)
+        hosts, _undone, room = drop_unpaid(problem, evp, cp.unit_hosts)
+        placement = vm_placement(problem, [int(h) for h in hosts])
+        errors = verify(snapshot, placement, limits)
+        if errors:
+            raise SolverError("internal error: frontier plan failed verification: "
+                              + "; ".join(errors[:5]))
+        obj = evp.objective(hosts)
+        result = PlanResult(
+            snapshot=snapshot, placement=placement,
+            moves=explain_moves(problem, placement, evp, room),
+            before=util_stats(snapshot, snapshot.placement()),
+            after=util_stats(snapshot, placement),
+            solver={"price": cp.price}, notes=problem.notes)
+        out.append(FrontierPoint(price=cp.price, plan=result, bound=min(cp.bound, obj),
+                                 objective=obj))
+    out.sort(key=lambda p: (p.plan.moved_mem, -p.price))
+    return FrontierResult(
+        snapshot=snapshot, before=util_stats(snapshot, snapshot.placement()), points=out,
+        solver={"name": "cpsat-lns-price-curve", "points": len(out),
+                "seconds": round(time.monotonic() - t0, 3), "stopped_by": stopped_by,
+                "seed": opts.seed, "time_limit": time_limit, "max_work": max_work})

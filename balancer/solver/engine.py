@@ -31,20 +31,23 @@ Limitations
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from balancer.errors import InfeasibleError
-from balancer.model import Placement, util_stats
+from balancer.model import Placement
 from balancer.model.problem import Problem, vm_placement
 from balancer.solver import cpsat
+from balancer.solver import price as price_mod
 from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
 from balancer.solver.objective import Evaluator
+from balancer.solver.price import Priced, best_within, measure, reprice, search_budget
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,9 @@ class EngineOptions:
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
     greedy_cells: int | None = 400_000_000  # (VM, host) pairs the greedy hint may score
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
+    price: float | None = None  # the threshold's price per MiB (budgets are searched by price)
+    fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
+    price_steps: int = 6  # bisection steps of the price search
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
 
 
@@ -352,8 +358,11 @@ class _Search:
             shares.append((time.monotonic() - self.t0) / self.o.time_limit)
         return max(shares)
 
-    def lns(self, inc: np.ndarray, inc_obj: int, until: float) -> tuple[np.ndarray, int, int]:
-        """Improve ``inc`` until ``until`` of the effort is spent.
+    def lns(self, inc: np.ndarray, inc_obj: int, until: float | None,
+            work_until: int | None = None, iterations_until: int | None = None,
+            ) -> tuple[np.ndarray, int, int]:
+        """Improve ``inc`` until ``until`` of the effort is spent (or ``work_until`` units
+        of work are done, or the search converges).
 
         Returns (placement, objective, improvements)."""
         p, ev = self.p, self.ev
@@ -361,7 +370,9 @@ class _Search:
         k_max = max(2, min(self.o.max_neighbourhood_hosts, len(p.balanced)))
         patience = max(8, len(p.balanced) // 2)
         improvements = 0
-        while not self.exhausted() and self.effort() < until:
+        while (not self.exhausted() and (until is None or self.effort() < until)
+               and (work_until is None or self.work < work_until)
+               and (iterations_until is None or self.iterations < iterations_until)):
             cand, optimal = self.lns_step(inc, k)
             self.iterations += 1
             improved = False
@@ -383,13 +394,16 @@ class _Search:
                 break
         return inc, inc_obj, improvements
 
-    def project(self, free_inc: np.ndarray) -> np.ndarray | None:
+    def project(self, free_inc: np.ndarray, price: float | None = None,
+                fixed_mb: float = 0.0) -> np.ndarray | None:
         """The best subset of ``free_inc``'s moves within the budgets.
 
         A greedy trim gives a feasible start; one CP-SAT model over the moved units (each may
-        stay or go back) improves on it.
+        stay or go back) improves on it, with moves priced at ``price`` per MiB when given.
         """
         p, ev = self.p, self.ev
+        if price is not None:
+            p, ev = reprice(p, ev, price, fixed_mb, keep_budget=True)
         trimmed = trim_to_budget(p, ev, free_inc)
         if trimmed is None:
             return None
@@ -406,13 +420,6 @@ class _Search:
             if ev.objective(out) < ev.objective(trimmed):
                 return out
         return trimmed
-
-
-def _budget_binds(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> bool:
-    """The placement spends (nearly) all of a budget: every migration, or 98 % of the memory."""
-    migrations, moved_mem = ev.moved(unit_hosts)
-    return ((problem.max_migrations is not None and migrations >= problem.max_migrations)
-            or (problem.max_moved_mem is not None and moved_mem >= 0.98 * problem.max_moved_mem))
 
 
 def explain_infeasible(problem: Problem, opts: EngineOptions,
@@ -462,6 +469,55 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
         if still:
             core = sorted(set(smaller) & set(trial)) or trial
     return sorted(sub.assumptions[i] for i in core)
+
+
+def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
+                     ) -> tuple[np.ndarray, int, int]:
+    """A budgeted plan by price search (``balancer.solver.price``); returns (placement,
+    objective, improvements). The plan kept is the one within the budget with the lowest
+    imbalance (CPU std + memory std) among: the price search's plans, their repairs, the
+    fill of the best of them with the budget in force, and the greedy answer."""
+    ev = s.ev
+    assert opts.price is not None
+    fixed_mb = opts.fixed_cost_mb
+    # a. the unbudgeted engine at the threshold's own price
+    p0, ev0 = reprice(problem, ev, opts.price, fixed_mb)
+    s.p, s.ev = p0, ev0
+    free, _, _ = s.lns(inc, ev0.objective(inc), until=opts.budget_explore * 0.5)
+    s.p, s.ev = problem, ev
+    cands: list[Priced] = [measure(problem, ev, opts.price, inc)]
+    if g_obj is not None:
+        cands.append(measure(problem, ev, math.inf, g))
+    first = measure(problem, ev, opts.price, free)
+    if first.within_budget:
+        cands.append(first)
+    else:
+        # b. the price that fits, by bisection; c. each over-budget plan repaired
+        start = best_within(cands)
+        if opts.max_work:
+            step_work = max(1, int(0.6 * (opts.max_work - s.work) / max(1, opts.price_steps)))
+        else:
+            step_work = max(1, s.work // 4)
+        cands += search_budget(s, problem, start.unit_hosts if start else inc, free, opts.price,
+                               fixed_mb, opts.price_steps, step_work)
+    best = best_within(cands)
+    assert best is not None  # the incumbent fits
+    stats["price_points"] = len(cands)
+    stats["price"] = best.price if math.isfinite(best.price) else None
+    stats["greedy_kept"] = not math.isfinite(best.price)
+    # d. fill what is left of the budget, the budget in force, at the price found
+    fill_price = best.price if math.isfinite(best.price) else opts.price
+    pf, evf = reprice(problem, ev, fill_price, fixed_mb, keep_budget=True)
+    s.p, s.ev = pf, evf
+    filled, _, n = s.lns(best.unit_hosts, evf.objective(best.unit_hosts), until=1.0)
+    s.p, s.ev = problem, ev
+    m = measure(problem, ev, fill_price, filled)
+    if m.within_budget and m.imbalance < best.imbalance:
+        best = m
+        stats["greedy_kept"] = False
+    out = best.unit_hosts
+    return out, ev.objective(out), n + 1
 
 
 def first_cause(problem: Problem, ev: Evaluator | None = None) -> str | None:
@@ -615,33 +671,12 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
     # 3. large neighbourhood search
     if status is not Status.OPTIMAL and s.movable:
         has_budget = problem.max_migrations is not None or problem.max_moved_mem is not None
-        if has_budget:
-            # Spend the budget where it buys most: balance without it first, then keep the
-            # best subset of those moves that fits (one exact CP-SAT model over the moved
-            # units), then search on with the budget in force.
-            relaxed = replace(problem, max_migrations=None, max_moved_mem=None)
-            s.p = relaxed
-            free_inc, _, _ = s.lns(inc, inc_obj, until=opts.budget_explore)
-            s.p = problem
-            proj = s.project(free_inc)
-            if proj is not None:
-                p_obj = ev.objective(proj)
-                if p_obj < inc_obj:
-                    inc, inc_obj = proj, p_obj
-                    improvements += 1
-        inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
-        improvements += n
-        if has_budget and g_obj is not None and _budget_binds(problem, ev, inc):
-            # When the budget binds, the question is which moves within it balance best, so
-            # the plan is judged by the measure plans are judged by (CPU std + memory std), and
-            # the greedy answer — also within the budget — wins if it balances better. The
-            # balance term matches that measure only to first order (docs/engine.md).
-            snap = problem.snapshot
-            here = util_stats(snap, vm_placement(problem, [int(h) for h in inc])).imbalance
-            there = util_stats(snap, vm_placement(problem, [int(h) for h in g])).imbalance
-            if there < here - 1e-9:
-                inc, inc_obj = g, g_obj
-                stats["greedy_kept"] = True
+        if has_budget and not problem.only_mandatory and opts.price is not None:
+            inc, inc_obj, n = _budget_by_price(s, problem, opts, inc, inc_obj, g, g_obj, stats)
+            improvements += n
+        else:
+            inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
+            improvements += n
 
     seconds = time.monotonic() - s.t0
     stats["dtime"] = round(s.dtime, 3)
@@ -670,3 +705,68 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
         stats=stats,
     )
 
+
+
+@dataclass
+class CurvePoint:
+    price: float  # per MiB moved (objective units / WEIGHT_ONE)
+    unit_hosts: np.ndarray
+    objective: int  # at this price
+    bound: int  # a lower bound on the objective at this price (see ``lower_bound``)
+
+
+def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = None,
+          ev: Evaluator | None = None, stop: threading.Event | None = None,
+          ) -> tuple[list[CurvePoint], str]:
+    """The balance / migration-cost curve: one plan per price (per MiB moved), from the
+    highest price to the lowest, each point's search warm-started from the plan before it
+    (a lower price only adds moves that now pay). The effort (``max_work`` or
+    ``max_iterations``) is shared evenly between the points. Returns (points, stopped_by).
+    """
+    opts = opts or EngineOptions()
+    s = _Search(problem, opts, ev, stop)
+    try:
+        ev = s.ev
+        start = initial_unit_hosts(problem)
+        inc = start
+        if mandatory_violations(problem, ev, start):
+            inc = greedy(problem, ev, max_cells=0)  # the forced moves only
+        if mandatory_violations(problem, ev, inc):
+            fixed, infeasible = s.repair_model(start.copy())
+            if fixed is None:
+                if infeasible:
+                    raise infeasible_error(problem, opts, ev, stop)
+                return [], s.stopped_by or "wall_clock"
+            inc = fixed
+        points: list[CurvePoint] = []
+        n = len(prices)
+        for i, price in enumerate(sorted(prices, reverse=True)):
+            if opts.max_work:
+                target = opts.max_work * (i + 1) // n
+            else:
+                target = s.work + max(1, s.work // max(1, i))
+            if not s.interrupted() and s.movable:
+                inc = price_mod.improve_at(s, problem, price, opts.fixed_cost_mb, inc,
+                                           max(0, target - s.work), iterations=(
+                                               None if opts.max_iterations is None
+                                               else opts.max_iterations * (i + 1) // n))
+            _, evp = reprice(problem, ev, price, opts.fixed_cost_mb)
+            obj = evp.objective(inc)
+            points.append(CurvePoint(price, inc.copy(), obj, min(obj, lower_bound(
+                problem, evp, inc))))
+        stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
+        return points, stopped_by
+    finally:
+        s.watcher.close()
+
+
+def lower_bound(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> int:
+    """A valid lower bound on the objective: the forced moves' cheapest cost plus the balance
+    term of the fluid relaxation (load divisible, every host's deviation zero is reachable),
+    which is zero, plus the should-rule penalties that no placement can avoid (none assumed).
+    Honest but weak; the whole-model solve reports CP-SAT's own bound instead."""
+    return sum(
+        min(sum(int(ev.move_cost[v]) for v in problem.units[u].members if ev.start[v] != h)
+            for h in problem.units[u].candidates)
+        for u in range(len(problem.units))
+        if not problem.units[u].pinned and u in problem.mandatory_reason)
