@@ -78,12 +78,18 @@ class EngineOptions:
     full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
     max_neighbourhood_hosts: int = 6
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
-    greedy_cells: int | None = 400_000_000  # (VM, host) pairs the greedy hint may score
+    greedy_cells: int | None = 50_000_000  # (VM, host) pairs the greedy hint may score
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
     price: float | None = None  # the threshold's price per MiB (budgets are searched by price)
     fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
     price_steps: int = 6  # bisection steps of the price search
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
+    # decomposition (large clusters): disjoint host groups solved side by side
+    decompose_min_hosts: int = 96  # balanced hosts from which the decomposition runs
+    group_hosts: int = 8  # hosts per group
+    group_dtime: float = 0.3  # deterministic-time limit of one group's model
+    decompose_rounds: int = 3  # rounds, each with a different grouping
+    threads: int = 2  # group models solved at once (CP-SAT releases the GIL while solving)
 
 
 @dataclass
@@ -127,7 +133,7 @@ class _Watcher:
     def __init__(self, stop: threading.Event | None) -> None:
         self.stop = stop
         self.lock = threading.Lock()
-        self.current: cp_model.CpSolver | None = None
+        self.current: set[cp_model.CpSolver] = set()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
         if stop is not None:
@@ -140,8 +146,8 @@ class _Watcher:
         while not self.done.is_set():
             if self.stop.wait(0.05):
                 with self.lock:
-                    if self.current is not None:
-                        self.current.StopSearch()
+                    for solver in self.current:
+                        solver.StopSearch()
                 if self.done.wait(0.05):
                     return
 
@@ -151,12 +157,12 @@ class _Watcher:
         with self.lock:
             if self.stop.is_set():
                 return cp_model.UNKNOWN
-            self.current = solver
+            self.current.add(solver)
         try:
             return solver.Solve(model)
         finally:
             with self.lock:
-                self.current = None
+                self.current.discard(solver)
 
     def close(self) -> None:
         self.done.set()
@@ -218,6 +224,9 @@ class _Search:
         prm.catch_sigint_signal = False  # CP-SAT would reset SIGINT to SIG_DFL after a solve
         prm.num_workers = self.o.workers
         prm.random_seed = self.o.seed
+        # small sub-models: probing and symmetry detection cost more than they save
+        prm.cp_model_probing_level = 0
+        prm.symmetry_level = 0
         prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
         caps = [] if dtime is None else [dtime]
         if self.o.max_dtime is not None:
@@ -343,6 +352,84 @@ class _Search:
             return cpsat.read_solution(sub, solver, inc), status == cp_model.OPTIMAL
         return None, False
 
+
+    def groups(self, inc: np.ndarray, rnd: int) -> list[list[int]]:
+        """Disjoint groups of ``group_hosts`` balanced hosts, each with hosts from the whole
+        range of deviations (dealt in snake order over the hosts sorted by deviation), so that
+        each group's load is close to its share of the cluster's and balancing inside the
+        groups balances the cluster. Round 0 sorts by total deviation, odd rounds by CPU minus
+        memory deviation (pairing CPU-heavy with memory-heavy hosts), even rounds by a seeded
+        random key mixed with the total deviation."""
+        ev = self.ev
+        cpu, memd, _ = ev.loads(inc)
+        bal = np.array(self.p.balanced, dtype=np.int64)
+        dc = (cpu[bal] - ev.target_cpu[bal]) / ev.cpu_cap[bal]
+        dm = (memd[bal] - ev.target_mem[bal]) / ev.mem_cap[bal]
+        if rnd == 0:
+            key = dc + dm
+        elif rnd % 2 == 1:
+            key = dc - dm
+        else:
+            key = dc + dm + self.rng.normal(0.0, float(np.std(dc + dm)) + 1e-9, len(bal))
+        order = bal[np.argsort(-key, kind="stable")]
+        n_groups = max(1, len(bal) // self.o.group_hosts)
+        out: list[list[int]] = [[] for _ in range(n_groups)]
+        for i, h in enumerate(order.tolist()):
+            lap, pos = divmod(i, n_groups)
+            out[pos if lap % 2 == 0 else n_groups - 1 - pos].append(int(h))
+        return [sorted(g) for g in out if len(g) >= 2]
+
+    def decompose(self, inc: np.ndarray, inc_obj: int) -> tuple[np.ndarray, int, int]:
+        """Balance disjoint host groups side by side, a few rounds with different groupings.
+
+        Each group's model frees the movable units on its hosts, with the group's hosts as
+        candidates; the groups share no host, so their answers combine (kept only if the whole
+        objective drops). Models are built in order and solved by ``threads`` threads, each
+        solve deterministic, so the result does not depend on scheduling.
+        Returns (placement, objective, improvements)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        p, ev = self.p, self.ev
+        improvements = 0
+        with ThreadPoolExecutor(max_workers=max(1, self.o.threads)) as pool:
+            for rnd in range(self.o.decompose_rounds):
+                if self.exhausted():
+                    break
+                subs = []
+                for hosts in self.groups(inc, rnd):
+                    hs = set(hosts)
+                    free = self.movable_arr[np.isin(inc[self.movable_arr], hosts)].tolist()
+                    if not free:
+                        continue
+                    cands = {u: sorted((set(p.units[u].candidates) & hs) | {int(inc[u])})
+                             for u in free}
+                    sub = cpsat.build(p, ev, inc, free, cands)
+                    proto = sub.model.Proto()
+                    self.work += len(proto.variables) + len(proto.constraints)
+                    subs.append(sub)
+
+                def run(sub: cpsat.SubModel) -> tuple[int, cp_model.CpSolver]:
+                    solver = self._solver(self.o.group_dtime)
+                    return self.watcher.solve(solver, sub.model), solver
+
+                results = list(pool.map(run, subs))
+                cand = inc.copy()
+                for sub, (status, solver) in zip(subs, results, strict=True):
+                    self.dtime += solver.ResponseProto().deterministic_time
+                    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                        for u in sub.free:
+                            for h in sub.cands[u]:
+                                if solver.BooleanValue(sub.x[u, h]):
+                                    cand[u] = h
+                                    break
+                self.iterations += 1
+                c_obj = ev.objective(cand)
+                log.debug("decompose round %d: %d groups obj %d -> %d", rnd, len(subs),
+                          inc_obj, c_obj)
+                if c_obj < inc_obj and not mandatory_violations(p, ev, cand):
+                    inc, inc_obj = cand, c_obj
+                    improvements += 1
+        return inc, inc_obj, improvements
 
     def effort(self) -> float:
         """Share of the effort spent so far, in deterministic units (LNS steps, CP-SAT
@@ -675,6 +762,9 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
             inc, inc_obj, n = _budget_by_price(s, problem, opts, inc, inc_obj, g, g_obj, stats)
             improvements += n
         else:
+            if len(problem.balanced) >= opts.decompose_min_hosts:
+                inc, inc_obj, n = s.decompose(inc, inc_obj)
+                improvements += n
             inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
             improvements += n
 
