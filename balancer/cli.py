@@ -95,9 +95,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"balancer {version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, ep in sorted(_plugin_commands().items()):
-        if name != command:
-            sub.add_parser(name, help=f"see 'balancer {name} --help'", add_help=False)
+    plugins = _plugin_commands()
+    for name, ep in sorted(plugins.items()):
+        if command in plugins and name != command:
+            # Another command runs: its module (and its imports) are not needed.
+            sub.add_parser(name, help=name, add_help=False)
             continue
         module = ep.load()
         sp = sub.add_parser(name, help=module.HELP)
@@ -183,7 +185,8 @@ def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.report import plan_table
-    from balancer.service import PlanOptions, plan
+    from balancer.service import PlanOptions
+    from balancer.solving import plan_interruptible
 
     if not args.frontier and (args.plot or args.points != 8):
         raise InputError("plan: --points and --plot go with --frontier")
@@ -204,7 +207,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if args.frontier:
         return _frontier(snap, options, args)
-    result = plan(snap, options)
+    # The solve runs in a worker process: the first Ctrl-C gives the best plan found so far.
+    result = plan_interruptible(snap, options)
     from balancer.planner import PlannerLimits, add_waves
 
     doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("balancer: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("BALANCER_DEBUG"):
             raise
