@@ -126,6 +126,9 @@ def mandatory_violations(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray
     return out
 
 
+NOT_SOLVED = -1  # the stop event was set before the solve began
+
+
 class _Watcher:
     """Stops the CP-SAT solve in progress when ``stop`` is set (a small thread per engine
     run; ``close`` joins it)."""
@@ -156,7 +159,7 @@ class _Watcher:
             return solver.Solve(model)
         with self.lock:
             if self.stop.is_set():
-                return cp_model.UNKNOWN
+                return NOT_SOLVED
             self.current.add(solver)
         try:
             return solver.Solve(model)
@@ -241,6 +244,9 @@ class _Search:
         proto = sub.model.Proto()
         self.work += len(proto.variables) + len(proto.constraints)
         status = self.watcher.solve(solver, sub.model)
+        if status == NOT_SOLVED:
+            self._stopped("stop")
+            return cp_model.UNKNOWN, solver
         self.dtime += solver.ResponseProto().deterministic_time
         if status == cp_model.UNKNOWN or status == cp_model.FEASIBLE:
             # a wall-clock or stop-event cut is not reproducible: say which one fired
@@ -415,6 +421,9 @@ class _Search:
                 results = list(pool.map(run, subs))
                 cand = inc.copy()
                 for sub, (status, solver) in zip(subs, results, strict=True):
+                    if status == NOT_SOLVED:
+                        self._stopped("stop")
+                        continue
                     self.dtime += solver.ResponseProto().deterministic_time
                     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                         for u in sub.free:
