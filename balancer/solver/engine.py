@@ -85,7 +85,9 @@ class EngineOptions:
     price_steps: int = 6  # bisection steps of the price search
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
     # decomposition (large clusters): disjoint host groups solved side by side
-    decompose_min_hosts: int = 96  # balanced hosts from which the decomposition runs
+    # balanced hosts from which the decomposition runs; None: never (the default: measured
+    # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
+    decompose_min_hosts: int | None = None
     group_hosts: int = 8  # hosts per group
     group_dtime: float = 0.3  # deterministic-time limit of one group's model
     decompose_rounds: int = 3  # rounds, each with a different grouping
@@ -771,7 +773,8 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
             inc, inc_obj, n = _budget_by_price(s, problem, opts, inc, inc_obj, g, g_obj, stats)
             improvements += n
         else:
-            if len(problem.balanced) >= opts.decompose_min_hosts:
+            if (opts.decompose_min_hosts is not None
+                    and len(problem.balanced) >= opts.decompose_min_hosts):
                 inc, inc_obj, n = s.decompose(inc, inc_obj)
                 improvements += n
             inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
