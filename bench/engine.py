@@ -41,6 +41,10 @@ GENERATORS = {"generate": generate, "skewed": generate_skewed}
 def run_plan(path: Path, *args: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
+    # a generous wall-clock safety stop, so that the search ends on its deterministic effort
+    # even on a loaded machine (the plan then does not depend on the load; "stopped_by" says)
+    if "--time-limit" not in args:
+        args = (*args, "--time-limit", "900")
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "balancer.cli",
                            "plan", str(path), "--format", "json", *args],
                           capture_output=True, text=True)
