@@ -428,6 +428,14 @@ KEY_DOCS: dict[str, str] = {
     "server.api_token": "bearer token for mutating endpoints; BALANCER_API_TOKEN and the "
                         "systemd credential $CREDENTIALS_DIRECTORY/api_token win over it. "
                         "None: mutating endpoints are refused. Prefer the credential.",
+    "server.read_auth": "reads (/v1 GETs, /metrics) need the token too (Prometheus then "
+                        "scrapes with the bearer token)",
+    "server.max_body_mb": "request bodies above this many MB get 413",
+    "server.max_concurrent_solves": "solves requested over HTTP at once (what-if, placement, "
+                                    "cycle, maintenance); more get 429",
+    "server.solve_wall_s": "wall-clock cap of a solve requested over HTTP, seconds (then 503)",
+    "server.tls_cert": "PEM certificate chain: serve HTTPS (with tls_key)",
+    "server.tls_key": "PEM private key for tls_cert",
     "loop.interval_s": "seconds between control cycles",
     "loop.imbalance_cycles": "cycles an imbalance must persist before balancing moves",
     "loop.cooldown_s": "seconds a moved or dismissed VM is held for balance",
@@ -470,6 +478,8 @@ KEY_DOCS: dict[str, str] = {
 # Shown (commented out) for keys whose default is unset.
 KEY_EXAMPLES: dict[str, str] = {
     "server.api_token": '"change-me"',
+    "server.tls_cert": '"/etc/balancer/tls/cert.pem"',
+    "server.tls_key": '"/etc/balancer/tls/key.pem"',
     "cluster.max_migrations": "10",
     "cluster.max_moved_mem_gb": "256.0",
     "cluster.inventory": '"/etc/balancer/inventory.json"',

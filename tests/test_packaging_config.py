@@ -66,6 +66,8 @@ def test_the_commented_out_examples_are_valid_too(tmp_path: Path) -> None:
     text = example_config().replace('"/etc/balancer/inventory.json"', '"inventory.json"')
     text = text.replace('"/etc/balancer/executor.toml"', '"executor.toml"')
     for key in KEY_EXAMPLES:
+        if key.startswith("server.tls_"):  # needs a real certificate (tests/test_api_*)
+            continue
         name = key.split(".")[1]
         text = re.sub(rf"^# ({name} = )", r"\1", text, flags=re.M)
     text = text.replace('# vm-042 = "disabled"', 'vm-042 = "disabled"')
