@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
     def listening(host: str, port: int) -> None:
         print(f"balancer: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        from balancer import sdnotify
+
+        sdnotify.notify("READY=1", f"STATUS=serving on http://{host}:{port}")  # Type=notify
         if not cfg.token():
             print("balancer: no API token configured: mutating endpoints are refused",
                   file=sys.stderr, flush=True)
