@@ -473,6 +473,7 @@ class Controller:
         age = view.freshness.age
         self.telemetry.ingestion_age.set(float("nan") if age is None else age)
         self.telemetry.stale_vms.set(len(view.freshness.stale_vms))
+        self.telemetry.vms.set(len(snap.vms))
 
     def current_view(self) -> ClusterView:
         with self._lock:
