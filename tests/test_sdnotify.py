@@ -41,10 +41,10 @@ def recv(sock: socket.socket, timeout: float) -> list[str] | None:
 
 @contextmanager
 def serve(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    base = {k: v for k, v in os.environ.items() if k != "BALANCER_API_TOKEN"}
     proc = subprocess.Popen([sys.executable, "-m", "balancer.cli", "serve", "--demo", "--port",
                              "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**{k: v for k, v in os.environ.items() if k != "BALANCER_API_TOKEN"},
-                                 "PYTHONUNBUFFERED": "1", **env})
+                            env={**base, "PYTHONUNBUFFERED": "1", **env})
     try:
         yield proc
     finally:
