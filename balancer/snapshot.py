@@ -383,6 +383,8 @@ def _check_cpu(snapshot: ClusterSnapshot, hosts: list[Host], vms: list[VM]) -> N
 
 
 def loads(text: str, *, source: str = "snapshot", mem_overcommit: float = 1.0) -> ClusterSnapshot:
+    if not text.strip():
+        raise SnapshotError(f"{source}: empty input (expected a snapshot v1 JSON document)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
