@@ -84,3 +84,12 @@ def test_ci_runs_readme_test_command_verbatim_then_the_demo_smoke_check() -> Non
     assert test_cmd in ci.splitlines()
     lines = ci.splitlines()
     assert lines.index(test_cmd) < lines.index("python3 .ci/smoke_demo.py readme")
+
+
+def test_ci_then_builds_the_release_and_serves_the_demo_from_the_wheel() -> None:
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert lines.index("python3 .ci/smoke_demo.py readme") < lines.index(
+        "bash .ci/release_check.sh")
+    script = (ROOT / ".ci" / "release_check.sh").read_text()
+    assert "python -m build" in script and "smoke_demo.py binary" in script
+    assert "--version" in script
