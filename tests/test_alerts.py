@@ -61,6 +61,16 @@ def test_promtool_check_rules_passes() -> None:
     assert f"SUCCESS: {n} rules found" in r.stdout
 
 
+def test_promtool_unit_tests_pin_each_threshold() -> None:
+    # packaging/prometheus/alerts_test.yml: series just under and over each threshold, each
+    # alert's labels and rendered annotations, the leader alert for an HA job without a leader
+    assert PROMTOOL is not None
+    r = subprocess.run([PROMTOOL, "test", "rules", str(RULES.with_name("alerts_test.yml"))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+
+
 def fast_rules() -> tuple[str, list[str]]:
     """The rules with [15m] windows -> WINDOW and every `for:` -> FOR; the alert names."""
     doc = yaml.safe_load(RULES.read_text())
