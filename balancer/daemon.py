@@ -40,6 +40,7 @@ import pandas as pd
 from balancer import sdnotify
 from balancer.config import ServiceConfig
 from balancer.errors import BalancerError, InfeasibleError, InputError
+from balancer.events import migration_event
 from balancer.executor.base import Backend, BackendError
 from balancer.executor.config import ExecutorConfig as ExecConfig
 from balancer.executor.config import JournalConfig, LimitsConfig
@@ -175,7 +176,8 @@ class PlanExecutor:
             plan_id = plan_fingerprint(waves)
             done: set[int] = set()
 
-            def on_event(kind: str, e: Entry, _: Any) -> None:
+            def on_event(kind: str, e: Entry, progress: Any) -> None:
+                self.telemetry.events.publish(migration_event(kind, e, progress))  # console
                 # History follows the run live: each leg's row ends when the runner ends it.
                 if kind in ("end", "skip") and e.plan_id == plan_id and e.id in rows \
                         and e.id not in done and e.state in _OUTCOME:

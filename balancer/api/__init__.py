@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from balancer.api import (
+    automation,
     cluster,
     cycle,
     health,
@@ -36,6 +37,7 @@ from balancer.api.admission import SolverGate
 from balancer.api.deps import READ_AUTH, ApiSettings, route_level
 from balancer.api.errors import install_handlers, responses, snapshot_loc
 from balancer.api.middleware import READ, Gate
+from balancer.console import mount_console
 
 if TYPE_CHECKING:
     from balancer.daemon import Controller
@@ -79,8 +81,8 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
     reads = [READ_AUTH] if settings.read_auth else []
     table = []  # what the Gate checks before the body: (path regex, methods, level)
     for module in (health, inventory, samples, whatif, placement, cycle, hosts, cluster,
-                   recommendations, history):
-        read_module = module in (cluster, recommendations, history)
+                   recommendations, history, automation):
+        read_module = module in (cluster, recommendations, history, automation)
         if read_module and reads:
             app.include_router(module.router, dependencies=reads,
                                responses=responses(401, 403))
@@ -91,6 +93,7 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
             if level is not None:
                 table.append((route.path_regex, set(route.methods), level))
 
+    mount_console(app, controller, telemetry)  # the web console at /ui/ (balancer/console)
     app.add_middleware(Gate, table=table, token=settings.token,
                        read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes)
     return app
