@@ -58,6 +58,12 @@ def _nonneg_int(name: str):  # noqa: ANN202
     return parse
 
 
+def _default_threshold() -> int:
+    from policies.balance import Threshold
+
+    return Threshold.DEFAULT
+
+
 def _threshold(text: str) -> int:
     from policies.balance import Threshold
 
@@ -116,7 +122,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "(default: no limit)")
     p.add_argument("--max-moved-mem-gb", type=_nonneg_float("--max-moved-mem-gb"), metavar="G",
                    help="at most G GiB of configured VM memory moved (default: no limit)")
-    p.add_argument("--threshold", type=_threshold, default=None,
+    p.add_argument("--threshold", type=_threshold, default=_default_threshold(),
                    help="migration threshold 1 (mandatory moves only) .. 5 (most aggressive); "
                    "sets the price a move's balance gain must pay (default: 3)")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), metavar="S",
@@ -147,6 +153,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="with --frontier: number of points (prices) on the curve (default: 8)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --frontier: also draw the curve into this PNG file")
+    # balancer plan --fleet (balancer/fleet.py): every snapshot of a folder as Dask tasks
+    from balancer.tasks import scheduler_arg
+    p.add_argument("--fleet", metavar="DIR", help="plan every snapshot (*.json, one per "
+                   "cluster) in DIR as Dask tasks, with one summary table (balancer[dask])")
+    p.add_argument("--scheduler", type=scheduler_arg, default="local",
+                   help="with --fleet: 'local' (one worker process per core) or "
+                   "tcp://HOST:PORT of a running dask scheduler")
     return parser
 
 
@@ -184,6 +197,9 @@ def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from balancer.fleet import run_fleet
+        return run_fleet(args)
     from balancer.report import plan_table
     from balancer.service import PlanOptions
     from balancer.solving import plan_interruptible
@@ -193,9 +209,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.frontier and args.points < 1:
         raise InputError("plan: --points must be >= 1")
     snap = _load_snapshot(args)
-    given = {} if args.threshold is None else {"threshold": args.threshold}
     options = PlanOptions(
-        **given,
+        threshold=args.threshold,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
         mem_overcommit=args.mem_overcommit,
@@ -225,8 +240,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
     try:
+        args = build_parser(command).parse_args(argv)
         return int(args.run(args))
     except InputError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)
