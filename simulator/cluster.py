@@ -25,7 +25,7 @@ Description
       capacity.
 Requirements
     A ``Trace`` (``simulator.traces``), a ``ClusterConfig`` and a replay policy
-    (``policies.replay_policies``). The engine is reached through ``balancer.service.plan``.
+    (``simulator.replay_policies``). The engine is reached through ``balancer.service.plan``.
 Limitations
     Aggregate CPU per host (no per-core packing); network contention between concurrent
     migrations is not modelled; a migration that has not finished when its VM's host is
@@ -202,7 +202,10 @@ class ClusterConfig:
 DEFAULT_HOST_TYPES = (
     HostType("48c-384g", 48.0, 384 * 1024, PowerModel(idle_w=180.0, peak_w=450.0), 120.0),
     HostType("64c-512g", 64.0, 512 * 1024, PowerModel(idle_w=220.0, peak_w=560.0), 120.0),
+    # for traces whose "VMs" are whole machines (Alibaba: 96 cores, 384 GiB normalised)
+    HostType("128c-1024g", 128.0, 1024 * 1024, PowerModel(idle_w=300.0, peak_w=850.0), 120.0),
 )
+DEFAULT_HOST_TYPE = DEFAULT_HOST_TYPES[0]  # default cluster: the first type that holds the VMs
 
 
 # ---------------------------------------------------------------- the VMs of a trace
