@@ -19,8 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simulator import replay_policies  # noqa: E402
-from simulator import traces  # noqa: E402
+from simulator import (
+    replay_policies,  # noqa: E402
+    traces,  # noqa: E402
+)
 from simulator.cluster import Simulator, workload_from_trace  # noqa: E402
 from simulator.replay import load_experiment  # noqa: E402
 

@@ -347,6 +347,7 @@ def run_one(trace: str | Any, policy: str = "consolidate", params: dict[str, Any
     out.update({"hosts": cfg.hosts, "vms": tr.n_vms, "steps": tr.steps, "seed": seed,
                 "trace": f"{tr.kind}:{tr.source}",
                 "sizing": ready["sizing"].as_dict() if ready["sizing"] else None})
+    out.update(res.extra)
     return out
 
 

@@ -67,7 +67,7 @@ def register(cls: type) -> type:
     return cls
 
 
-BUILTIN_MODULES = ("simulator.consolidate",)
+BUILTIN_MODULES = ("simulator.consolidate", "simulator.power_policy")
 
 
 def _load_builtins() -> None:
