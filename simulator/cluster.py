@@ -576,15 +576,20 @@ class Simulator:
             result = runner.run(waves)
         finally:
             journal.close()
-            backend.close()
+        # when each copy really ran (the backend's record; the runner sees the end at its
+        # next poll, up to poll_interval_s later)
+        ran = {m.vm: (m.start, m.end) for m in backend.migrations.values()
+               if m.outcome == "completed"}
+        backend.close()
         out = []
         for e in result.entries:
-            if e.state is not State.SUCCEEDED or e.started_at is None or e.finished_at is None:
+            if e.state is not State.SUCCEEDED or e.vm not in ran:
                 self.failed_moves += 1
                 continue
             v = self._vm_ix[e.vm]
+            start, end = ran[e.vm]
             out.append(_Migration(v, self._host_ix[e.source], self._host_ix[e.target],
-                                  left_s=float(e.finished_at), start_s=float(e.started_at)))
+                                  left_s=float(end), start_s=float(start)))
         self.waves += len(waves.grouped())
         return out
 
