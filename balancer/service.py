@@ -6,6 +6,7 @@ where the snapshot comes from and what happens to the plan.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,9 @@ import numpy as np
 
 from balancer.errors import SolverError
 from balancer.model import ClusterSnapshot, Move, Placement, UtilStats, util_stats
-from balancer.model.problem import Problem
+from balancer.model.problem import Problem, unit_placement, vm_placement
 from balancer.solver import EngineOptions, Status, solve
+from balancer.solver.gains import Imbalance, drop_unpaid, forced_units, moved_units, own_gains
 from balancer.solver.greedy import greedy
 from balancer.solver.objective import Evaluator
 from balancer.verify import Limits, verify
@@ -34,6 +36,9 @@ class PlanOptions:
     max_iterations: int | None = None
     max_dtime: float | None = None
     solver: str = "cpsat"  # cpsat | greedy
+    # deterministic search effort (model size built over all LNS steps); None: auto_work()
+    max_work: int | None = None
+    effort: float = 1.0  # multiplies the automatic effort
     fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
 
     def policy_config(self) -> dict[str, dict[str, Any]]:
@@ -92,32 +97,35 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _gain_text(gain: float) -> str:
+    return f"{gain:.4f}" if gain >= 1e-3 else f"{gain:.2g}"
+
+
 def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None = None,
-                  ) -> list[Move]:
+                  room: dict[int, str] | None = None) -> list[Move]:
     """One ``Move`` per migrated VM, with the reason it is in the plan.
 
-    Mandatory moves name what they fix (evacuation, the rule). Balancing moves say how much
-    imbalance (CPU std + memory std of host utilisation) the plan would lose without them,
-    and the loads of the two hosts before and after the plan.
+    Mandatory moves name what they fix (evacuation, the rule). A balancing move states its own
+    effect: how much the imbalance (CPU std + memory std of host utilisation) would rise if that
+    move alone were undone, and the change it makes on its two hosts (their utilisation with
+    and without it, the rest of the plan in place). The plan's per-host before/after is in the
+    table, once. ``room`` names units kept because other moves need the room they free.
     """
     snap = problem.snapshot
     start = problem.start
     ev = ev or Evaluator(problem)
-    n_h = problem.n_hosts
+    room = room or {}
     pl = np.array(placement, dtype=np.int64)
-    st = np.array(start, dtype=np.int64)
-    cpu = np.bincount(pl, weights=ev.vm_cpu, minlength=n_h)
-    mem = np.bincount(pl, weights=ev.vm_memd, minlength=n_h)
-    cpu0 = np.bincount(st, weights=ev.vm_cpu, minlength=n_h)
-    mem0 = np.bincount(st, weights=ev.vm_memd, minlength=n_h)
-    bal = np.array(problem.balanced, dtype=np.int64)
-
-    def imbalance(c: np.ndarray, m: np.ndarray) -> float:
-        if bal.size == 0:
-            return 0.0
-        return float(np.std(c[bal] / ev.cpu_cap[bal]) + np.std(m[bal] / ev.mem_cap[bal]))
-
-    base = imbalance(cpu, mem)
+    unit_hosts = np.array(unit_placement(problem, placement), dtype=np.int64)
+    cpu, mem, _ = ev.loads(unit_hosts)
+    imb = Imbalance.of(problem, ev)
+    forced = forced_units(problem, ev, unit_hosts)
+    moved = moved_units(ev, unit_hosts)
+    balancing = np.array([u for u in moved.tolist() if u not in forced and u not in room],
+                         dtype=np.int64)
+    gain_of = dict(zip(balancing.tolist(),
+                       own_gains(problem, ev, unit_hosts, balancing, imb).tolist(),
+                       strict=True))
     soft_broken_at_start: dict[int, list[str]] = {}
     for pref in problem.prefer:
         for u in pref.units:
@@ -125,10 +133,9 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
                 if start[v] not in pref.hosts and placement[v] in pref.hosts:
                     soft_broken_at_start.setdefault(v, []).append(pref.rule)
     moves = []
-    for v, vm in enumerate(snap.vms):
+    for v in np.nonzero(pl != np.array(start, dtype=np.int64))[0].tolist():
+        vm = snap.vms[v]
         s, t = start[v], placement[v]
-        if s == t:
-            continue
         u = problem.unit_of[v]
         src, dst = snap.hosts[s], snap.hosts[t]
         reasons = []
@@ -138,67 +145,107 @@ def explain_moves(problem: Problem, placement: Placement, ev: Evaluator | None =
             reasons.append(f"follows should-rule {rule} (vm_host)")
         if not reasons and problem.only_mandatory:
             reasons.append("makes room for the mandatory moves (threshold 1)")
-        if not reasons:
-            c, m = cpu.copy(), mem.copy()
-            c[t] -= vm.cpu_demand
-            m[t] -= vm.mem_demand
-            c[s] += vm.cpu_demand
-            m[s] += vm.mem_demand
-            gain = imbalance(c, m) - base
+        if not reasons and u in room:
+            reasons.append(room[u])
+        if not reasons and u in gain_of:
+            # this move's own effect on its two hosts: without it -> with it
+            uc, um = int(ev.u_cpu[u]), int(ev.u_memd[u])
             reasons.append(
-                f"balance: lowers imbalance (cpu std + mem std) by {gain:.4f}; {src.name} cpu "
-                f"{_pct(cpu0[s] / ev.cpu_cap[s])}->{_pct(cpu[s] / ev.cpu_cap[s])} mem "
-                f"{_pct(mem0[s] / ev.mem_cap[s])}->{_pct(mem[s] / ev.mem_cap[s])}, {dst.name} cpu "
-                f"{_pct(cpu0[t] / ev.cpu_cap[t])}->{_pct(cpu[t] / ev.cpu_cap[t])} mem "
-                f"{_pct(mem0[t] / ev.mem_cap[t])}->{_pct(mem[t] / ev.mem_cap[t])}"
+                f"balance: lowers imbalance (cpu std + mem std) by {_gain_text(gain_of[u])}; "
+                f"{src.name} cpu {_pct((cpu[s] + uc) / ev.cpu_cap[s])}->"
+                f"{_pct(cpu[s] / ev.cpu_cap[s])} mem {_pct((mem[s] + um) / ev.mem_cap[s])}->"
+                f"{_pct(mem[s] / ev.mem_cap[s])}, {dst.name} cpu "
+                f"{_pct((cpu[t] - uc) / ev.cpu_cap[t])}->{_pct(cpu[t] / ev.cpu_cap[t])} mem "
+                f"{_pct((mem[t] - um) / ev.mem_cap[t])}->{_pct(mem[t] / ev.mem_cap[t])}"
             )
+        if not reasons:
+            reasons.append("moves with its group")
         moves.append(Move(vm=vm.name, source=src.name, target=dst.name,
                           reason="; ".join(reasons), mem=vm.mem))
     return moves
 
 
 def auto_time_limit(snapshot: ClusterSnapshot) -> float:
-    """Default solver time: 3.5 s per 1,000 VMs, at least 3 s and at most 24 s (so that a
-    10,000-VM plan, start-up and output included, stays within 30 s)."""
-    return float(min(24.0, max(3.0, 3.5 * len(snapshot.vms) / 1000)))
+    """Default wall-clock safety stop: 6 s per 1,000 VMs, at least 10 s and at most 120 s.
+
+    The search itself stops on deterministic effort (``auto_work``), well before this on an
+    idle machine; the wall-clock stop only guards against a machine far busier than that, and
+    the solver block says when it fired (``"stopped_by": "wall_clock"``)."""
+    return float(min(120.0, max(10.0, 6.0 * len(snapshot.vms) / 1000)))
 
 
-def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None) -> PlanResult:
-    """Plan the migrations that rebalance ``snapshot``; every answer passes the verifier."""
+WORK_PER_VM = 100  # model variables + constraints per VM in the cluster (see auto_work)
+
+
+def auto_work(snapshot: ClusterSnapshot, effort: float = 1.0) -> int:
+    """Default search effort in deterministic units (CP-SAT variables + constraints built over
+    all LNS steps): WORK_PER_VM per VM, times ``effort``. Calibrated so that on an idle
+    2-core machine it takes about as long as the default time limit's first half."""
+    return max(20_000, int(WORK_PER_VM * effort * len(snapshot.vms)))
+
+
+def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
+         stop: threading.Event | None = None) -> PlanResult:
+    """Plan the migrations that rebalance ``snapshot``; every answer passes the verifier.
+
+    ``stop`` (a ``threading.Event``): when set, the search stops within about 0.5 s and the
+    best verified plan found so far is returned, its solver block saying
+    ``"stopped_by": "stop"``.
+    """
     opts = options or PlanOptions()
     t0 = time.monotonic()
     problem = build_problem(snapshot, opts.policy_config())
     ev = Evaluator(problem)
     if opts.solver == "greedy":
-        unit_hosts = greedy(problem, ev)
-        placement = tuple(int(unit_hosts[problem.unit_of[v]]) for v in range(len(snapshot.vms)))
+        unit_hosts = greedy(problem, ev, should_stop=None if stop is None else stop.is_set)
         solver_info: dict[str, Any] = {
             "name": "greedy", "status": "FEASIBLE", "objective": ev.objective(unit_hosts),
-            "bound": None, "seconds": round(time.monotonic() - t0, 3)}
+            "bound": None, "seconds": round(time.monotonic() - t0, 3),
+            "stopped_by": "stop" if stop is not None and stop.is_set() else "converged"}
     else:
         time_limit = opts.time_limit or auto_time_limit(snapshot)
+        max_work = opts.max_work
+        if max_work is None and opts.max_iterations is None and opts.max_dtime is None:
+            max_work = auto_work(snapshot, opts.effort)
         result = solve(problem, EngineOptions(
             time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
-            max_dtime=opts.max_dtime), ev)
-        placement = result.placement
+            max_dtime=opts.max_dtime, max_work=max_work), ev, stop=stop)
+        if result.status is Status.NO_SOLUTION_IN_TIME:
+            if result.stopped_by == "stop":
+                raise SolverError("stopped before a feasible plan was found")
+            raise SolverError(
+                f"no feasible plan found within {time_limit:g} s; raise --time-limit")
+        unit_hosts = result.unit_hosts
         solver_info = {
             "name": "cpsat-lns",
             "status": result.status.value,
             "objective": result.objective,
             "bound": result.bound,
-            "seconds": round(time.monotonic() - t0, 3),
+            "seconds": 0.0,
+            "stopped_by": result.stopped_by,
             "iterations": result.iterations,
             "improvements": result.improvements,
             "start_objective": result.start_objective,
             "greedy_objective": result.greedy_objective,
             "seed": opts.seed,
             "time_limit": time_limit,
+            "dtime": result.stats.get("dtime"),
+            "work": result.stats.get("work"),
+            "max_work": max_work,
             "converged": bool(result.stats.get("converged", False)),
             "greedy_kept": bool(result.stats.get("greedy_kept", False)),
         }
-        if result.status is Status.NO_SOLUTION_IN_TIME:
-            raise SolverError(
-                f"no feasible plan found within {time_limit:g} s; raise --time-limit")
+    # Final pass: a balancing move stays only if its own gain is positive.
+    unit_hosts, undone, room = drop_unpaid(problem, ev, np.asarray(unit_hosts, dtype=np.int64))
+    if undone:
+        solver_info["objective"] = ev.objective(unit_hosts)
+        if solver_info.get("status") == "OPTIMAL":
+            solver_info["status"] = "FEASIBLE"  # optimal for the model, pruned for people
+        if solver_info.get("bound") is not None:
+            solver_info["bound"] = min(solver_info["bound"], solver_info["objective"])
+    solver_info["moves_undone"] = undone
+    placement = vm_placement(problem, [int(h) for h in unit_hosts])
+    solver_info["seconds"] = round(time.monotonic() - t0, 3)
     errors = verify(snapshot, placement, opts.limits())
     if errors:
         # A broken promise here is a bug in the engine; never hand such a plan out.
@@ -206,7 +253,7 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None) -> PlanR
     return PlanResult(
         snapshot=snapshot,
         placement=placement,
-        moves=explain_moves(problem, placement, ev),
+        moves=explain_moves(problem, placement, ev, room),
         before=util_stats(snapshot, snapshot.placement()),
         after=util_stats(snapshot, placement),
         solver=solver_info,

@@ -151,3 +151,66 @@ def _rules(rng: np.random.Generator, doc: dict[str, Any], n_hosts: int) -> list[
     for _ in range(max(1, n // 50)):  # a few manual VMs
         vms[pick_free()]["automation"] = "manual"
     return out
+
+
+# The second generator's host types: (cores, GiB, share).
+SKEWED_HOST_TYPES = ((32, 256, 0.3), (64, 768, 0.5), (96, 1024, 0.2))
+
+
+def generate_skewed(n_hosts: int, n_vms: int, seed: int = 0, *, rules: bool = False,
+                    zipf: float = 0.8) -> dict[str, Any]:
+    """A second cluster family, so that tuning to ``generate`` does not pass the benchmarks.
+
+    Differs from ``generate`` in every distribution: three host types (32 cores / 256 GiB,
+    64 / 768, 96 / 1,024); VM sizes heavy-tailed (vCPUs a power of two with a geometric
+    exponent up to 64, memory ``vcpus x`` a ratio of 1, 2, 4 or 8 GiB per vCPU, times a
+    log-normal factor, rounded to whole GiB, 1 to 512 GiB); CPU demand a mixture (70 % of VMs
+    nearly idle, ``Beta(0.8, 6)``, 30 % busy, ``Beta(3, 2)``) and memory demand
+    ``Beta(5, 1.5)``. The start placement is skewed by host popularity rather than by VM
+    profile: host popularity follows a Zipf law over a random host order (exponent ``zipf``),
+    and each VM picks a host in proportion to it among hosts where it fits (memory up to 95 %
+    of RAM, CPU demand up to 90 %). ``rules`` adds the same kinds of rules as ``generate``.
+    """
+    rng = np.random.default_rng(seed + 7_000_003)
+    shares = np.array([s for _, _, s in SKEWED_HOST_TYPES])
+    kinds = rng.choice(len(SKEWED_HOST_TYPES), size=n_hosts, p=shares / shares.sum())
+    hosts = []
+    for i in range(n_hosts):
+        cores, gib, _ = SKEWED_HOST_TYPES[int(kinds[i])]
+        hosts.append({"name": f"host-{i:03d}", "cpu_capacity": float(cores),
+                      "mem_capacity_mb": gib * 1024, "state": "active"})
+    cap_cpu = np.array([h["cpu_capacity"] for h in hosts])
+    cap_mem = np.array([h["mem_capacity_mb"] for h in hosts], dtype=float)
+    rank = rng.permutation(n_hosts) + 1
+    pop = 1.0 / rank ** zipf
+    vcpus_all = 2 ** np.minimum(rng.geometric(0.45, n_vms) - 1, 6)
+    ratio = rng.choice([1, 2, 4, 8], size=n_vms, p=[0.15, 0.35, 0.35, 0.15])
+    factor = np.exp(rng.normal(0.0, 0.35, n_vms))
+    mem_gib = np.clip(np.rint(vcpus_all * ratio * factor), 1, 512).astype(int)
+    busy = rng.random(n_vms) < 0.3
+    cpu_util = np.where(busy, rng.beta(3.0, 2.0, n_vms), rng.beta(0.8, 6.0, n_vms))
+    mem_util = rng.beta(5.0, 1.5, n_vms)
+    used_cpu = np.zeros(n_hosts)
+    used_mem = np.zeros(n_hosts)
+    vms = []
+    for j in range(n_vms):
+        vcpus = int(vcpus_all[j])
+        mem = int(mem_gib[j]) * 1024
+        cpu_d = round(float(vcpus * cpu_util[j]), 3)
+        mem_d = int(mem * mem_util[j])
+        fits = (used_mem + mem <= 0.95 * cap_mem) & (used_cpu + cpu_d <= 0.9 * cap_cpu)
+        if not fits.any():
+            fits = used_mem + mem <= cap_mem
+        if not fits.any():
+            fits = np.ones(n_hosts, dtype=bool)
+        p = np.where(fits, pop, 0.0)
+        h = int(rng.choice(n_hosts, p=p / p.sum()))
+        used_cpu[h] += cpu_d
+        used_mem[h] += mem
+        vms.append({"name": f"vm-{j:05d}", "host": hosts[h]["name"], "vcpus": vcpus,
+                    "mem_mb": mem, "cpu_demand": cpu_d, "mem_demand_mb": mem_d,
+                    "automation": "fully"})
+    doc: dict[str, Any] = {"version": 1, "hosts": hosts, "vms": vms, "rules": []}
+    if rules:
+        doc["rules"] = _rules(rng, doc, n_hosts)
+    return doc

@@ -31,6 +31,7 @@ Limitations
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -57,16 +58,24 @@ class Status(str, Enum):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    time_limit: float = 10.0  # wall seconds for the whole solve
+    """How hard to search. The effort is counted in deterministic units (CP-SAT deterministic
+    time ``max_dtime`` and LNS steps ``max_iterations``), so the same problem and seed give
+    the same plan on a busy machine; ``time_limit`` is a wall-clock safety stop, and when it
+    fires the result says so (``stopped_by == "wall_clock"``)."""
+
+    time_limit: float = 10.0  # wall seconds for the whole solve (a safety stop)
     seed: int = 0
     workers: int = 1  # CP-SAT workers per sub-model
     max_iterations: int | None = None  # LNS steps (deterministic stop)
     max_dtime: float | None = None  # CP-SAT deterministic time over all steps (deterministic)
+    # model size built over all steps (CP-SAT variables + constraints), a deterministic proxy
+    # of the time spent building models in Python
+    max_work: int | None = None
     full_model_pairs: int = 1500
     full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
     max_neighbourhood_hosts: int = 6
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
-    greedy_share: float = 0.5  # the greedy hint may use at most this share of the time
+    greedy_cells: int | None = 400_000_000  # (VM, host) pairs the greedy hint may score
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
 
@@ -79,6 +88,7 @@ class SolveResult:
     objective: int
     bound: int
     seconds: float
+    stopped_by: str = "effort"  # optimal | converged | effort | stop | wall_clock
     iterations: int = 0
     improvements: int = 0
     start_objective: int = 0
@@ -104,17 +114,65 @@ def mandatory_violations(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray
     return out
 
 
+class _Watcher:
+    """Stops the CP-SAT solve in progress when ``stop`` is set (a small thread per engine
+    run; ``close`` joins it)."""
+
+    def __init__(self, stop: threading.Event | None) -> None:
+        self.stop = stop
+        self.lock = threading.Lock()
+        self.current: cp_model.CpSolver | None = None
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+        if stop is not None:
+            self.thread = threading.Thread(target=self._run, name="engine-stop-watcher",
+                                           daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        assert self.stop is not None
+        while not self.done.is_set():
+            if self.stop.wait(0.05):
+                with self.lock:
+                    if self.current is not None:
+                        self.current.StopSearch()
+                if self.done.wait(0.05):
+                    return
+
+    def solve(self, solver: cp_model.CpSolver, model: cp_model.CpModel) -> int:
+        if self.stop is None:
+            return solver.Solve(model)
+        with self.lock:
+            if self.stop.is_set():
+                return cp_model.UNKNOWN
+            self.current = solver
+        try:
+            return solver.Solve(model)
+        finally:
+            with self.lock:
+                self.current = None
+
+    def close(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 class _Search:
     def __init__(self, problem: Problem, opts: EngineOptions, ev: Evaluator | None = None,
-                 ) -> None:
+                 stop: threading.Event | None = None) -> None:
         self.p = problem
         self.o = opts
         self.ev = ev or Evaluator(problem)
         self.rng = np.random.default_rng(opts.seed)
         self.t0 = time.monotonic()
         self.dtime = 0.0
+        self.work = 0
         self.iterations = 0
         self.converged = False
+        self.stop = stop
+        self.watcher = _Watcher(stop)
+        self.stopped_by: str | None = None  # the first stop that fired, if any
         self.movable = [u for u, unit in enumerate(problem.units) if not unit.pinned]
         self.movable_arr = np.array(self.movable, dtype=np.int64)
 
@@ -122,16 +180,36 @@ class _Search:
     def remaining(self) -> float:
         return self.o.time_limit - (time.monotonic() - self.t0)
 
+    def _stopped(self, why: str) -> bool:
+        if self.stopped_by is None:
+            self.stopped_by = why
+        return True
+
     def exhausted(self) -> bool:
+        if self.stop is not None and self.stop.is_set():
+            return self._stopped("stop")
         if self.remaining() <= 0.02:
-            return True
+            return self._stopped("wall_clock")
         if self.o.max_dtime is not None and self.dtime >= self.o.max_dtime:
-            return True
-        return self.o.max_iterations is not None and self.iterations >= self.o.max_iterations
+            return self._stopped("effort")
+        if self.o.max_iterations is not None and self.iterations >= self.o.max_iterations:
+            return self._stopped("effort")
+        if self.o.max_work is not None and self.work >= self.o.max_work:
+            return self._stopped("effort")
+        return False
+
+    def interrupted(self) -> bool:
+        """A stop that is not part of the deterministic effort fired (stop event, wall)."""
+        if self.stop is not None and self.stop.is_set():
+            return self._stopped("stop")
+        if self.remaining() <= 0.02:
+            return self._stopped("wall_clock")
+        return False
 
     def _solver(self, dtime: float | None, wall: float | None = None) -> cp_model.CpSolver:
         s = cp_model.CpSolver()
         prm = s.parameters
+        prm.catch_sigint_signal = False  # CP-SAT would reset SIGINT to SIG_DFL after a solve
         prm.num_workers = self.o.workers
         prm.random_seed = self.o.seed
         prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
@@ -145,8 +223,16 @@ class _Search:
     def run_model(self, sub: cpsat.SubModel, dtime: float | None, wall: float | None = None,
                   ) -> tuple[int, cp_model.CpSolver]:
         solver = self._solver(dtime, wall)
-        status = solver.Solve(sub.model)
+        proto = sub.model.Proto()
+        self.work += len(proto.variables) + len(proto.constraints)
+        status = self.watcher.solve(solver, sub.model)
         self.dtime += solver.ResponseProto().deterministic_time
+        if status == cp_model.UNKNOWN or status == cp_model.FEASIBLE:
+            # a wall-clock or stop-event cut is not reproducible: say which one fired
+            if self.stop is not None and self.stop.is_set():
+                self._stopped("stop")
+            elif solver.WallTime() >= 0.98 * solver.parameters.max_time_in_seconds:
+                self._stopped("wall_clock")
         return status, solver
 
     # --- steps ------------------------------------------------------------------------------
@@ -253,12 +339,17 @@ class _Search:
 
 
     def effort(self) -> float:
-        """Share of the effort spent so far (wall time, iterations or deterministic time)."""
-        shares = [(time.monotonic() - self.t0) / self.o.time_limit]
+        """Share of the effort spent so far, in deterministic units (LNS steps, CP-SAT
+        deterministic time); wall time only when neither is set."""
+        shares = []
         if self.o.max_iterations:
             shares.append(self.iterations / self.o.max_iterations)
         if self.o.max_dtime:
             shares.append(self.dtime / self.o.max_dtime)
+        if self.o.max_work:
+            shares.append(self.work / self.o.max_work)
+        if not shares:
+            shares.append((time.monotonic() - self.t0) / self.o.time_limit)
         return max(shares)
 
     def lns(self, inc: np.ndarray, inc_obj: int, until: float) -> tuple[np.ndarray, int, int]:
@@ -309,7 +400,7 @@ class _Search:
             c = {int(free_inc[u])} | {h for h in p.unit_start_hosts(u) if ev.cand_mask[u, h]}
             cands[u] = sorted(c)
         sub = cpsat.build(p, ev, trimmed, moved, cands)
-        status, solver = self.run_model(sub, 2 * self.o.step_dtime, 0.15 * self.o.time_limit)
+        status, solver = self.run_model(sub, 2 * self.o.step_dtime)
         if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             out = cpsat.read_solution(sub, solver, trimmed)
             if ev.objective(out) < ev.objective(trimmed):
@@ -324,7 +415,8 @@ def _budget_binds(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> bo
             or (problem.max_moved_mem is not None and moved_mem >= 0.98 * problem.max_moved_mem))
 
 
-def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
+def explain_infeasible(problem: Problem, opts: EngineOptions,
+                       stop: threading.Event | None = None) -> list[str]:
     """Names a minimal set of rules, host capacities and budgets that cannot all hold.
 
     CP-SAT's sufficient assumptions give a conflicting set; deletion then drops each member whose
@@ -341,12 +433,15 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
     model = sub.model
 
     def left() -> float:
+        if stop is not None and stop.is_set():
+            return 0.0
         return opts.time_limit - (time.monotonic() - t0)
 
     def infeasible(assumed: list[int]) -> tuple[bool, list[int]]:
         model.ClearAssumptions()
         model.AddAssumptions([model.GetBoolVarFromProtoIndex(i) for i in assumed])
         solver = cp_model.CpSolver()
+        solver.parameters.catch_sigint_signal = False  # keep the caller's SIGINT handler
         solver.parameters.num_workers = 1
         solver.parameters.max_time_in_seconds = max(0.2, min(left(), opts.time_limit / 4))
         solver.parameters.max_deterministic_time = 10.0
@@ -369,11 +464,98 @@ def explain_infeasible(problem: Problem, opts: EngineOptions) -> list[str]:
     return sorted(sub.assumptions[i] for i in core)
 
 
+def first_cause(problem: Problem, ev: Evaluator | None = None) -> str | None:
+    """The first cause of infeasibility a person can act on, in one sentence, if a direct
+    count finds one: forced moves beyond a budget, more memory than the hosts left can hold,
+    an anti-affinity rule with more VMs than hosts it may use."""
+    ev = ev or Evaluator(problem)
+    snap = problem.snapshot
+    home = ev.unit_home
+    # units that must move: their start host is not one of their candidates, or they break
+    # a mandatory rule (reason given by the policies)
+    must = [u for u, unit in enumerate(problem.units)
+            if not unit.pinned and (u in problem.mandatory_reason or home[u] < 0
+                                    or not ev.cand_mask[u, home[u]])]
+    by_source: dict[int, int] = {}
+    for u in must:
+        for v in problem.units[u].members:
+            if not ev.cand_mask[u, ev.start[v]] or home[u] < 0 or u in problem.mandatory_reason:
+                by_source[int(ev.start[v])] = by_source.get(int(ev.start[v]), 0) + 1
+    n_forced = sum(by_source.values())
+    forced_mem = sum(int(ev.u_mem[u]) for u in must)
+
+    def sources() -> str:
+        parts = []
+        for h, n in sorted(by_source.items(), key=lambda kv: (-kv[1], kv[0])):
+            host = snap.hosts[h]
+            what = f"host {host.name}" + ("" if host.active else f" in {host.state.value}")
+            verb = "evacuations" if not host.active else "forced moves"
+            parts.append(f"{what} needs {n} {verb}")
+        return ", ".join(parts[:3]) + (f" and {len(parts) - 3} more hosts" if len(parts) > 3
+                                       else "")
+
+    k = problem.max_migrations
+    if k is not None and n_forced > k:
+        return (f"{sources()} and the budget allows {k} migrations (max_migrations); raise "
+                f"--max-migrations to at least {n_forced}")
+    g = problem.max_moved_mem
+    if g is not None and forced_mem > g:
+        return (f"{sources()} ({forced_mem / 1024:.1f} GiB) and the budget allows "
+                f"{g / 1024:.1f} GiB moved (max_moved_mem_gb)")
+    receiving = sorted(problem.receiving)
+    room = sum(int(problem.mem_limit[h]) for h in receiving)
+    cpu_room = sum(int(problem.cpu_limit[h]) for h in receiving)
+    if int(ev.vm_mem.sum()) > room:
+        gone = [snap.hosts[h].name for h in range(problem.n_hosts) if h not in problem.receiving]
+        return (f"the {len(receiving)} hosts that may receive VMs hold {room / 1024:.0f} GiB "
+                f"but the VMs need {int(ev.vm_mem.sum()) / 1024:.0f} GiB"
+                + (f" once {', '.join(gone[:3])} {'is' if len(gone) == 1 else 'are'} empty"
+                   if gone else ""))
+    if int(ev.vm_cpu.sum()) > cpu_room:
+        return (f"the {len(receiving)} hosts that may receive VMs allow {cpu_room / 1000:.0f} "
+                f"cores of demand but the VMs need {int(ev.vm_cpu.sum()) / 1000:.0f}")
+    for grp in problem.apart:
+        if grp.weight is not None:
+            continue
+        allowed = set().union(*(set(problem.units[u].candidates) for u in grp.units))
+        if len(grp.units) > len(allowed):
+            return (f"rule {grp.rule} keeps {len(grp.units)} VMs on different hosts but only "
+                    f"{len(allowed)} hosts may hold them")
+    return None
+
+
+def infeasible_error(problem: Problem, opts: EngineOptions, ev: Evaluator,
+                     stop: threading.Event | None = None) -> InfeasibleError:
+    """The error for a proven-infeasible problem: the first actionable cause, then the
+    minimal conflict set."""
+    culprits = explain_infeasible(problem, opts, stop)
+    cause = first_cause(problem, ev)
+    full = ", ".join(culprits) if culprits else "(could not isolate)"
+    if cause:
+        msg = f"{cause}. Full conflict set: {full}"
+    else:
+        msg = f"no placement satisfies every hard constraint; in conflict: {full}"
+    err = InfeasibleError(msg, culprits=culprits)
+    err.cause = cause  # type: ignore[attr-defined]
+    return err
+
+
 def solve(problem: Problem, opts: EngineOptions | None = None,
-          ev: Evaluator | None = None) -> SolveResult:
-    """Solve ``problem``; ``ev`` may be passed in when the caller already built one."""
+          ev: Evaluator | None = None, stop: threading.Event | None = None) -> SolveResult:
+    """Solve ``problem``; ``ev`` may be passed in when the caller already built one.
+
+    ``stop`` (a ``threading.Event``): when set, the engine stops the CP-SAT solve in progress
+    and returns its best verified incumbent within about 0.5 s (``stopped_by == "stop"``).
+    """
     opts = opts or EngineOptions()
-    s = _Search(problem, opts, ev)
+    s = _Search(problem, opts, ev, stop)
+    try:
+        return _solve(s, problem, opts)
+    finally:
+        s.watcher.close()
+
+
+def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
     ev = s.ev
     start = initial_unit_hosts(problem)
     start_obj = ev.objective(start)
@@ -382,7 +564,7 @@ def solve(problem: Problem, opts: EngineOptions | None = None,
     options: list[tuple[int, int, np.ndarray]] = []
     if not mandatory_violations(problem, ev, start):
         options.append((start_obj, 0, start))
-    g = greedy(problem, ev, deadline=s.t0 + opts.greedy_share * opts.time_limit)
+    g = greedy(problem, ev, max_cells=opts.greedy_cells, should_stop=s.interrupted)
     g_obj: int | None = None
     if not mandatory_violations(problem, ev, g):
         g_obj = ev.objective(g)
@@ -396,14 +578,10 @@ def solve(problem: Problem, opts: EngineOptions | None = None,
         if fixed is None:
             seconds = time.monotonic() - s.t0
             if infeasible:
-                culprits = explain_infeasible(problem, opts)
-                raise InfeasibleError(
-                    "no placement satisfies every hard constraint; in conflict: "
-                    + (", ".join(culprits) if culprits else "(could not isolate)"),
-                    culprits=culprits,
-                )
+                raise infeasible_error(problem, opts, ev, s.stop)
             return SolveResult(Status.NO_SOLUTION_IN_TIME, base, vm_placement(problem, list(base)),
                                ev.objective(base), 0, seconds, start_objective=start_obj,
+                               stopped_by=s.stopped_by or "wall_clock",
                                greedy_objective=None, stats=stats)
         inc, inc_obj = fixed, ev.objective(fixed)
 
@@ -467,9 +645,19 @@ def solve(problem: Problem, opts: EngineOptions | None = None,
 
     seconds = time.monotonic() - s.t0
     stats["dtime"] = round(s.dtime, 3)
+    stats["work"] = s.work
     stats["converged"] = s.converged
+    if s.stopped_by in ("stop", "wall_clock"):
+        stopped_by = s.stopped_by
+    elif status is Status.OPTIMAL:
+        stopped_by = "optimal"
+    elif s.converged:
+        stopped_by = "converged"
+    else:
+        stopped_by = s.stopped_by or "effort"
     return SolveResult(
         status=status,
+        stopped_by=stopped_by,
         unit_hosts=inc,
         placement=vm_placement(problem, [int(h) for h in inc]),
         objective=inc_obj,

@@ -22,7 +22,7 @@ Limitations
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -183,23 +183,31 @@ def _best_valid(state: State, gain: np.ndarray, cand: np.ndarray, cool: np.ndarr
 
 
 def greedy(problem: Problem, ev: Evaluator | None = None,
-           start: np.ndarray | None = None, deadline: float | None = None) -> np.ndarray:
+           start: np.ndarray | None = None, deadline: float | None = None,
+           max_cells: int | None = None, should_stop: Callable[[], bool] | None = None,
+           ) -> np.ndarray:
     """Run the baseline; returns the unit placement (host per unit).
 
-    ``deadline`` (a ``time.monotonic()`` value) stops it early with the moves made so far, each
-    of which kept the placement valid; the engine uses this to bound its hint's cost.
+    The engine bounds its hint's cost with ``max_cells`` (deterministic: the number of
+    (VM, host) pairs scored over all steps) and ``should_stop`` (checked between steps);
+    ``deadline`` (a ``time.monotonic()`` value) does the same by wall time. Stopped early, it
+    returns the moves made so far, each of which kept the placement valid.
     """
     placed = initial_unit_hosts(problem) if start is None else start
-    for step in greedy_steps(problem, ev or Evaluator(problem), placed):
+    for step in greedy_steps(problem, ev or Evaluator(problem), placed, max_cells):
         placed = step
         if deadline is not None and time.monotonic() > deadline:
+            break
+        if should_stop is not None and should_stop():
             break
     return placed
 
 
-def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator[np.ndarray]:
+def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray,
+                 max_cells: int | None = None) -> Iterator[np.ndarray]:
     """The greedy baseline one step at a time: yields the placement after the mandatory moves,
-    then after every balancing move (the same array, updated in place)."""
+    then after every balancing move (the same array, updated in place). ``max_cells`` stops
+    it once that many (VM, host) pairs have been scored."""
     state = State(problem, ev, start)
     repair(state)
     yield state.hosts
@@ -215,7 +223,10 @@ def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator
     n_cool = max(1, n // 2)
     mem_limit = np.array(problem.mem_limit)
     cpu_limit = np.array(problem.cpu_limit)
+    cells = 0
     while problem.max_migrations is None or state.migrations < problem.max_migrations:
+        if max_cells is not None and cells >= max_cells:
+            return
         load_all = state.load()
         load = load_all[bal]
         order = np.lexsort((bal, load))  # ascending load, ties by host index
@@ -227,6 +238,7 @@ def greedy_steps(problem: Problem, ev: Evaluator, start: np.ndarray) -> Iterator
         cand = movable[np.isin(state.hosts[movable], hot)]
         if cand.size == 0:
             return
+        cells += cand.size * cool.size
         src = state.hosts[cand]
         a_src = (ev.u_cpu[cand] / ev.cpu_cap[src] + ev.u_memd[cand] / ev.mem_cap[src]) / 2.0
         a_dst = (ev.u_cpu[cand][:, None] / ev.cpu_cap[cool][None, :]
