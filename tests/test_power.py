@@ -200,3 +200,62 @@ def test_power_policy_is_reproducible() -> None:
     a.pop("seconds"), b.pop("seconds")
     assert a == b
 
+
+
+# ---------------------------------------------------------------- plan --power
+
+
+def test_plan_power_recommends_standby_with_reasons_watts_and_commands(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from balancer import snapshot
+
+    log = tmp_path / "ipmi.log"
+    cmd = f"sh -c 'echo {{action}} {{host}} >> {log}'"
+    r = subprocess.run([sys.executable, "-m", "balancer.cli", "plan", "--demo", "--power",
+                        "--power-command", cmd, "--power-run", "--format", "json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    pw = doc["power"]
+    recs = pw["recommendations"]
+    standby = [x["host"] for x in recs if x["action"] == "standby"]
+    assert standby and pw["watts_saved"] > 0
+    assert pw["watts_after"] == pytest.approx(pw["watts_before"] - pw["watts_saved"], abs=0.2)
+    for x in recs:
+        assert x["reason"] and x["watts_now"] > 0 and x["command"][:2] == ["sh", "-c"]
+    # every VM of a host going to standby moves off it, in the waves the executor runs
+    from importlib import resources
+    snap = snapshot.loads(resources.files("balancer").joinpath("data/demo-cluster.json")
+                          .read_text(), source="demo")
+    on_host = {v.name: v.host for v in snap.vms}
+    moved = {m["vm"]: m["to"] for m in doc["migrations"]}
+    for h in standby:
+        assert all(vm in moved and moved[vm] not in standby
+                   for vm, host in on_host.items() if host == h)
+    assert sum(len(w["migrations"]) for w in doc["waves"]) == len(doc["migrations"])
+    # the commands ran, once per recommendation
+    assert sorted(log.read_text().split("\n")[:-1]) == sorted(f"standby {h}" for h in standby)
+    assert [x["exit"] for x in pw["ran"]] == [0] * len(standby)
+    # the final placement keeps every hard promise (hard CPU capacity, memory, rules)
+    hix = {h.name: i for i, h in enumerate(snap.hosts)}
+    final = tuple(hix[moved.get(v.name, v.host)] for v in snap.vms)
+    assert verify(snap, final, Limits(cpu_headroom=0.0)) == []
+
+
+def test_plan_power_bad_input_is_one_line() -> None:
+    import subprocess
+    import sys
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "balancer.cli", "plan", "--demo",
+                               "--power", *a], capture_output=True, text=True, timeout=120)
+    r = run("--power-run")
+    assert r.returncode == 2 and "--power-run needs --power-command" in r.stderr
+    r = run("--power-target", "1.5")
+    assert r.returncode == 2 and "--power-target" in r.stderr
+    r = run("--power-command", "x {nope}")
+    assert r.returncode == 2 and "--power-command" in r.stderr
+    assert all("Traceback" not in x for x in (r.stderr, r.stdout))

@@ -138,9 +138,11 @@ def model_watts(problem: Problem, power: list[HostPower], cpu: np.ndarray, on: l
 
 def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
           options: PowerOptions | None = None, *, hosts: list[int] | None = None,
-          hint_on: list[bool] | None = None, hint_hosts: list[int] | None = None) -> PowerResult:
+          hint_on: list[bool] | None = None, hint_hosts: list[int] | None = None,
+          locked: set[int] | None = None) -> PowerResult:
     """Decide on/off and placement over ``hosts`` (default: every host); units on other hosts
-    stay where they are. ``hint_*`` (per host / per unit) is the greedy rule's answer."""
+    stay where they are. ``hint_*`` (per host / per unit) is the greedy rule's answer; hosts in
+    ``locked`` keep their power state (e.g. in maintenance: powered, evacuated, not switched)."""
     o = options or PowerOptions()
     p = problem
     snap = p.snapshot
@@ -153,8 +155,9 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
     in_scope = set(scope)
     u_cpu = [int(vm_cpu[list(u.members)].sum()) for u in p.units]
     u_mem = [int(vm_mem[list(u.members)].sum()) for u in p.units]
-    free = [i for i, u in enumerate(p.units) if start_units[i] in in_scope and not u.pinned
-            and len(set(u.candidates) & in_scope) > 0]
+    free = [i for i, u in enumerate(p.units) if start_units[i] in in_scope
+            and len(set(u.candidates) & in_scope) > 0
+            and not (u.pinned and start_units[i] in u.candidates)]
     free_set = set(free)
     fixed_cpu = np.zeros(n_h, dtype=np.int64)
     fixed_mem = np.zeros(n_h, dtype=np.int64)
@@ -166,9 +169,9 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
     on = {h: m.NewBoolVar(f"on[{h}]") for h in scope}
     x: dict[tuple[int, int], cp_model.IntVar] = {}
     for i in free:
+        # the policies' candidates: a unit that must leave its host (evacuation, a rule) has
+        # not its start host among them
         cands = [h for h in p.units[i].candidates if h in in_scope]
-        if start_units[i] not in cands:
-            cands.append(start_units[i])
         for h in cands:
             x[i, h] = m.NewBoolVar(f"x[{i},{h}]")
             m.AddImplication(x[i, h], on[h])
@@ -181,6 +184,8 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
     for h in scope:
         if fixed_cpu[h] > 0 or fixed_mem[h] > 0:
             m.Add(on[h] == 1)  # a host with VMs that stay cannot go off
+        if locked and h in locked:
+            m.Add(on[h] == int(bool(was_on[h])))
         cpu_terms = [u_cpu[i] * var for i, var in by_host[h]]
         mem_terms = [u_mem[i] * var for i, var in by_host[h]]
         load = m.NewIntVar(0, int(fixed_cpu[h] + sum(u_cpu[i] for i, _ in by_host[h])),
@@ -205,7 +210,7 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
     mig_price = int(round(o.migration_w * CW))
     moves = []
     for i in free:
-        stay = x[i, start_units[i]]
+        stay = x.get((i, start_units[i]), 0)  # 0: it must move
         n = len(p.units[i].members)
         moves.append((n, stay))
         if mig_price:
