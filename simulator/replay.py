@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         write_report(Path(args.report), results, meta)
     if args.format == "json":
         doc = dict(meta)
-        doc["policies"] = [s.as_dict() for s in summaries]
+        doc["policies"] = [{**r.summary.as_dict(), **r.extra} for r in results]
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -429,6 +429,17 @@ def run(args: argparse.Namespace) -> int:
         if trace.skipped:
             sys.stdout.write(f"skipped {trace.skipped} malformed trace rows\n")
         sys.stdout.write(table(summaries))
+        for r in results:
+            x = r.extra
+            if "forecast_wape" in x:
+                sys.stdout.write(
+                    f"{r.summary.policy}: demand forecast {x['forecast']} - WAPE "
+                    f"{x['forecast_wape']:.3f}, under-forecast VM-steps "
+                    f"{100 * x['forecast_under_share']:.1f} %; CP-SAT power solves "
+                    f"{x['power_solves']}\n")
+            if x.get("failed_moves"):
+                sys.stdout.write(f"{r.summary.policy}: {x['failed_moves']} moves not carried "
+                                 "out by the executor\n")
         if args.report:
             sys.stdout.write(f"report: {Path(args.report) / 'index.html'}\n")
     return 0
