@@ -3,10 +3,11 @@
 Description
     Turns a snapshot into power recommendations an operator can act on. Hosts in the snapshot
     that are ``active`` are on; hosts in ``standby`` are off and may be woken; hosts in
-    ``maintenance`` stay powered and are evacuated (their VMs move), never switched. ``balancer.solver.power`` decides which
-    hosts stay on and where VMs go (least power + ``migration_w`` per move, CPU demand within
-    ``target_util`` of each host on, memory within capacity, at most ``max_switch`` hosts
-    switched). Each switched host becomes a first-class recommendation:
+    ``maintenance`` stay powered and are evacuated (their VMs move), never switched.
+    ``balancer.solver.power`` decides which hosts stay on and where VMs go (least power +
+    ``migration_w`` per move, CPU demand within ``target_util`` of each host on, memory
+    within capacity, at most ``max_switch`` hosts switched). Each switched host becomes a
+    first-class recommendation:
 
     * ``standby``: the host, why (how many VMs move off it, where the rest of the cluster's CPU
       then runs), the watts it draws now, and the command to run after its VMs have left;

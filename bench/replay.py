@@ -51,6 +51,19 @@ def spread(xs: list[float], fmt: str) -> str:
             f"{format(max(xs), fmt)}")
 
 
+def policy_arg(spec: str) -> tuple[str, str, dict]:
+    """``NAME`` or ``NAME:key=value,...`` -> (label, name, params)."""
+    name, _, rest = spec.partition(":")
+    params: dict = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    return spec, name, params
+
+
 def row(label: str, r: dict) -> str:
     return (f"{label:<34} {r['seconds']:>7.1f} {r['energy_kwh']:>10.2f} {r['migrations']:>10,} "
             f"{100 * r['slatah']:>7.2f}% {100 * r['pdm']:>7.3f}% {r['mean_active_hosts']:>7.1f} "
@@ -63,7 +76,8 @@ HEAD = (f"{'day / policy':<34} {'seconds':>7} {'energy kWh':>10} {'migrations':>
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", nargs="+", default=["power", "consolidate", "none"])
+    ap.add_argument("--policy", nargs="+", default=["power", "power:solver=greedy", "none"],
+                    help="NAME or NAME:key=value,... (parameters on top of the config's)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "beloglazov-planetlab.toml"))
     ap.add_argument("--mem-config",
                     default=str(ROOT / "configs" / "beloglazov-planetlab-mem.toml"))
@@ -84,13 +98,14 @@ def main() -> int:
         for day in traces.PLANETLAB_DAYS:
             tr = traces.load(f"planetlab:{day}")
             lr = REFERENCE.get(day, {}).get("LR-MMT-1.2")
-            for pol in args.policy:
-                r = run_one(tr, pol, config=exp)
+            for spec in args.policy:
+                pol, name, params = policy_arg(spec)
+                r = run_one(tr, name, params, config=exp)
                 r["day"], r["set"] = day, "planetlab"
                 runs.append(r)
                 per_policy.setdefault(pol, []).append(r)
                 print(row(f"{day} {pol}", r), flush=True)
-                m = run_one(tr, pol, config=mem_exp)
+                m = run_one(tr, name, params, config=mem_exp)
                 m["day"], m["set"] = day, "planetlab-mem"
                 runs.append(m)
                 print(row(f"  {day} {pol} (memory binds)", m), flush=True)
@@ -104,7 +119,7 @@ def main() -> int:
         for pol, rs in per_policy.items():
             for r in rs:
                 checks = [("seconds", r["seconds"] <= SECONDS_MAX, f"{r['seconds']:.1f} s")]
-                if "lr_energy" in r and pol in ("power", "consolidate"):
+                if "lr_energy" in r and pol.split(":")[0] in ("power", "consolidate"):
                     checks += [
                         ("energy", r["energy_kwh"] <= r["lr_energy"],
                          f"{r['energy_kwh']:.2f} vs {r['lr_energy']:.2f} kWh "
@@ -113,14 +128,14 @@ def main() -> int:
                         ("migrations", r["migrations"] <= r["lr_migrations"] / 5,
                          f"{r['migrations']:,} vs {r['lr_migrations'] / 5:,.0f}")]
                 for label, good, fig in checks:
-                    if pol in ("power", "consolidate") or label == "seconds":
+                    if pol.split(":")[0] in ("power", "consolidate") or label == "seconds":
                         ok &= good
-                    print(f"  {r['day']} {pol:<12} {label:<10} {fig:<34} "
+                    print(f"  {r['day']} {pol:<20} {label:<10} {fig:<34} "
                           f"{'MET' if good else 'NOT MET'}")
         print("\nSpread over PlanetLab days (min / median / max):")
         for pol, rs in per_policy.items():
             ratio = [r["energy_kwh"] / r["lr_energy"] for r in rs if "lr_energy" in r]
-            print(f"  {pol:<12} energy/LR-MMT {spread(ratio, '.3f')}  SLATAH % "
+            print(f"  {pol:<20} energy/LR-MMT {spread(ratio, '.3f')}  SLATAH % "
                   f"{spread([100 * r['slatah'] for r in rs], '.2f')}  migrations "
                   f"{spread([r['migrations'] for r in rs], ',.0f')}  seconds "
                   f"{spread([r['seconds'] for r in rs], '.1f')}")
@@ -135,15 +150,16 @@ def main() -> int:
         per_policy = {}
         for d in range(n_days):
             part = full.window(d * DAY, DAY)
-            for pol in args.policy:
-                r = run_one(part, pol)
+            for spec in args.policy:
+                pol, name, params = policy_arg(spec)
+                r = run_one(part, name, params)
                 r["day"], r["set"] = d + 1, kind
                 runs.append(r)
                 per_policy.setdefault(pol, []).append(r)
                 print(row(f"day {d + 1} {pol} ({r['hosts']} hosts)", r), flush=True)
         print(f"Spread over {kind} days (min / median / max):")
         for pol, rs in per_policy.items():
-            print(f"  {pol:<12} energy kWh {spread([r['energy_kwh'] for r in rs], '.2f')}  "
+            print(f"  {pol:<20} energy kWh {spread([r['energy_kwh'] for r in rs], '.2f')}  "
                   f"SLATAH % {spread([100 * r['slatah'] for r in rs], '.2f')}  migrations "
                   f"{spread([r['migrations'] for r in rs], ',.0f')}  seconds "
                   f"{spread([r['seconds'] for r in rs], '.1f')}")

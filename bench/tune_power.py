@@ -5,11 +5,12 @@
 
 For each bundled PlanetLab day D (the held-out day), every candidate parameter set is replayed
 on the OTHER day and on generated variants of the other day (``simulator.variants``: VMs rotated
-in time; ``bootstrap:1`` adds VMs resampled); the candidate chosen is the one with the least energy per core-hour of
-demand among those that keep SLATAH <= 0.9 % and at most 5 migrations per VM-day on every one of
-those traces (else the one with the least worst SLATAH). Then it is replayed on D and reported
-there. Finally the same rule over all days and their variants picks the parameters the configs
-ship with. Prints every run and each fold's choice; ``--out`` writes every run as JSON.
+in time; ``bootstrap:1`` adds VMs resampled); the candidate chosen is the one with the least
+energy per unit of demand among those that keep SLATAH <= 0.9 % and at most 5 migrations per
+VM-day on every one of those traces (else the one with the least worst SLATAH). Then it is
+replayed on D and reported there. Finally the same rule over all days and their variants picks
+the parameters the configs ship with. Prints every run and each fold's choice; ``--out`` writes
+every run as JSON.
 """
 
 from __future__ import annotations
