@@ -58,7 +58,7 @@ class PowerArgs:
     forecast: str = "ewm"  # reactive | ewm | quantile
     window: int = 2  # reactive: peak of the last `window` steps
     span: int = 12  # ewm span (steps)
-    k: float = 1.5  # ewm: margin in standard deviations
+    k: float = 1.0  # ewm: margin in standard deviations (leave-one-day-out choice)
     q: float = 0.95  # quantile
     history: int = 36  # steps of history the forecast looks at
     max_dtime: float = 0.3  # CP-SAT deterministic time per cycle (deterministic stop)
