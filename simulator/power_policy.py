@@ -12,12 +12,13 @@ Description
        D > ``high_util`` x C (most power-efficient first), and up to ``max_switch`` of the least
        loaded hosts to try to empty when D < ``low_util`` x C, with first-fit-decreasing of their
        VMs into the coolest hosts (within ``target_util``). Nothing to do: no solve.
-    3. **Power mode of the model.** On the neighbourhood (hot hosts, hosts to empty, enough cool
-       receivers, hosts that may be woken), ``balancer.solver.power.solve`` decides which hosts
+    3. **Power mode of the model.** When the rule proposes to switch hosts (to empty some, or to
+       wake some), on the neighbourhood (hot hosts, hosts to empty, enough cool receivers,
+       hosts that may be woken), ``balancer.solver.power.solve`` decides which hosts
        stay on and where the VMs of hot and emptied hosts go: least power (idle watts + the
        SPECpower curve, piecewise-linear) plus ``migration_w`` per migration, forecast load
        above ``target_util`` priced, at most ``max_switch`` hosts switched. The greedy answer is
-       its hint and its fallback.
+       its hint and its fallback. Cycles that only relieve hot hosts keep the rule's moves.
     4. Hosts the model switches off are put in standby (emptied by the moves, then off); hosts
        it switches on are powered on. Moves go to the simulator, which runs them through the
        planner and the executor like any other policy's.
@@ -242,7 +243,8 @@ class PowerPolicy:
             if got is not None:
                 place.update(got)
                 emptied.append(h)
-        if a.solver == "greedy":
+        if a.solver == "greedy" or not (empty_c or wake):
+            # relieving hot hosts alone is the rule's job; the model decides power states
             moves = tuple(sorted(place.items()))
             return Decision(power_on=tuple(power_on + wake),
                             standby=tuple(new_standby + emptied), moves=moves)
