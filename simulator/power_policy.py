@@ -62,7 +62,7 @@ class PowerArgs:
     k: float = 1.0  # ewm: margin in standard deviations (leave-one-day-out choice)
     q: float = 0.95  # quantile
     history: int = 36  # steps of history the forecast looks at
-    max_dtime: float = 0.3  # CP-SAT deterministic time per cycle (deterministic stop)
+    max_dtime: float = 0.1  # CP-SAT deterministic time per cycle (deterministic stop)
     time_limit: float = 30.0  # safety net only
     solver: str = "cpsat"  # cpsat (power mode) | greedy (the rule alone, the baseline)
 
