@@ -92,9 +92,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"balancer {version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, ep in sorted(_plugin_commands().items()):
-        if name != command:
-            sub.add_parser(name, help=f"see 'balancer {name} --help'", add_help=False)
+    plugins = _plugin_commands()
+    for name, ep in sorted(plugins.items()):
+        if command in plugins and name != command:
+            # Another command runs: its module (and its imports) are not needed.
+            sub.add_parser(name, help=name, add_help=False)
             continue
         module = ep.load()
         sp = sub.add_parser(name, help=module.HELP)
@@ -210,10 +212,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if getattr(args, "power", False):
         return cmd_plan_power(args)
     from balancer.report import plan_table
-    from balancer.service import PlanOptions, plan
+    from balancer.service import PlanOptions
+    from balancer.solving import plan_interruptible
 
     snap = _load_snapshot(args)
-    result = plan(snap, PlanOptions(
+    # The solve runs in a worker process: the first Ctrl-C gives the best plan found so far.
+    result = plan_interruptible(snap, PlanOptions(
         threshold=args.threshold,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
@@ -253,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("balancer: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("BALANCER_DEBUG"):
             raise

@@ -44,6 +44,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_token: str | None = None  # BALANCER_API_TOKEN overrides; None: mutating calls refused
+    read_auth: bool = False  # reads (/v1 GETs, /metrics) need the token too
+    max_body_mb: float = 10.0  # request bodies above this get 413
+    max_concurrent_solves: int = 2  # what-if, placement, cycle, maintenance; more get 429
+    solve_wall_s: float = 60.0  # wall-clock cap of a solve requested over HTTP (then 503)
+    tls_cert: str | None = None  # PEM certificate chain: serve HTTPS (with tls_key)
+    tls_key: str | None = None  # PEM private key
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,15 @@ class _Section:
             raise self._err(key, f"must be >= {minimum}, got {v!r}")
         return v
 
+    def boolean(self, key: str, default: bool) -> bool:
+        self.used.add(key)
+        if key not in self.raw:
+            return default
+        v = self.raw[key]
+        if not isinstance(v, bool):
+            raise self._err(key, f"must be true or false, got {v!r}")
+        return v
+
     def string(self, key: str, default: str | None, *, choices: tuple[str, ...] = ()) -> Any:
         self.used.add(key)
         if key not in self.raw:
@@ -200,8 +215,26 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
     port = s.integer("port", 8080, minimum=0)
     if port > 65535:
         raise ConfigError(f"{where}: [server] port: must be <= 65535, got {port}")
+    tls: dict[str, str | None] = {}
+    for key in ("tls_cert", "tls_key"):
+        tls[key] = s.string(key, None)
+        if tls[key] is not None and not Path(tls[key]).is_absolute() and where != "config":
+            tls[key] = str(Path(where).parent / tls[key])  # type: ignore[arg-type]
+        if tls[key] is not None and not Path(tls[key]).is_file():  # type: ignore[arg-type]
+            raise ConfigError(f"{where}: [server] {key}: no such file {tls[key]!r}")
+    if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+        raise ConfigError(f"{where}: [server] tls_cert: give both tls_cert and tls_key "
+                          "(or neither)")
+    solves = s.integer("max_concurrent_solves", 2, minimum=1)
+    if solves > 64:
+        raise ConfigError(f"{where}: [server] max_concurrent_solves: must be 1..64, got {solves}")
     server = ServerConfig(host=s.string("host", "127.0.0.1"), port=port,
-                          api_token=s.string("api_token", None))
+                          api_token=s.string("api_token", None),
+                          read_auth=s.boolean("read_auth", False),
+                          max_body_mb=s.number("max_body_mb", 10.0),
+                          max_concurrent_solves=solves,
+                          solve_wall_s=s.number("solve_wall_s", 60.0),
+                          tls_cert=tls["tls_cert"], tls_key=tls["tls_key"])
     s.done()
 
     s = _Section(where, "loop", data.get("loop", {}))

@@ -39,6 +39,7 @@ import pandas as pd
 
 from balancer.config import ServiceConfig
 from balancer.errors import BalancerError, InfeasibleError, InputError
+from balancer.events import migration_event
 from balancer.executor.base import Backend, BackendError
 from balancer.executor.config import ExecutorConfig as ExecConfig
 from balancer.executor.config import JournalConfig, LimitsConfig
@@ -174,7 +175,8 @@ class PlanExecutor:
             plan_id = plan_fingerprint(waves)
             done: set[int] = set()
 
-            def on_event(kind: str, e: Entry, _: Any) -> None:
+            def on_event(kind: str, e: Entry, progress: Any) -> None:
+                self.telemetry.events.publish(migration_event(kind, e, progress))  # console
                 # History follows the run live: each leg's row ends when the runner ends it.
                 if kind in ("end", "skip") and e.plan_id == plan_id and e.id in rows \
                         and e.id not in done and e.state in _OUTCOME:
@@ -286,8 +288,12 @@ class Controller:
     def __init__(self, cfg: ServiceConfig, store: Store, telemetry: Telemetry, *,
                  sources: Sequence[Source] = (), backend: Backend | None = None,
                  inventory: ClusterSnapshot | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 plan_fn: Callable[[ClusterSnapshot, PlanOptions], PlanResult] = plan) -> None:
         self.cfg = cfg
+        # Every plan goes through plan_fn: balancer.service.plan in-process by default;
+        # ``balancer serve`` passes a worker-process pool (balancer.solving).
+        self.plan_fn = plan_fn
         self.store = store
         self.telemetry = telemetry
         self.clock = clock
@@ -525,7 +531,7 @@ class Controller:
             if len(view.freshness.pinned) > 5:
                 report.notes.append(f"... {len(view.freshness.pinned) - 5} more VMs held")
             ts = time.monotonic()
-            result = plan(view.snapshot, self.options())
+            result = self.plan_fn(view.snapshot, self.options())
             report.solve_s = time.monotonic() - ts
             self.telemetry.solve.observe(report.solve_s)
             report.imbalance_before = result.before.imbalance
@@ -539,7 +545,7 @@ class Controller:
                                         "balancing moves held")
                     if any(k != "balance" for k in kinds):
                         ts = time.monotonic()
-                        result = plan(view.snapshot, self.options(threshold=1))
+                        result = self.plan_fn(view.snapshot, self.options(threshold=1))
                         self.telemetry.solve.observe(time.monotonic() - ts)
                         report.solve_s += time.monotonic() - ts
                     else:
@@ -676,7 +682,7 @@ class Controller:
                                                         detail=f"{host} left maintenance")
                 return out
             view = self.estimate()
-            result = plan(view.snapshot, self.options(threshold=1))
+            result = self.plan_fn(view.snapshot, self.options(threshold=1))
             recs = self.store.replace_pending(self._recs_from(result), cycle=None,
                                               kinds=("evacuation", "mandatory"))
             out["plan"] = result.to_dict()
@@ -824,7 +830,7 @@ class Controller:
         opts = dataclasses.replace(self.options(threshold), max_migrations=max_migrations,
                                    time_limit=time_limit_s or self.cfg.cluster.time_limit_s)
         t0 = time.monotonic()
-        result = plan(snap, opts)
+        result = self.plan_fn(snap, opts)
         self.telemetry.solve.observe(time.monotonic() - t0)
         out = result.to_dict()
         for m, g in zip(out["migrations"], self.gains(result), strict=True):
@@ -850,10 +856,12 @@ class Daemon:
     """Control loop on a thread, the API on uvicorn; stops cleanly on SIGTERM/SIGINT."""
 
     def __init__(self, controller: Controller, app: Any, *, host: str, port: int,
-                 on_listening: Callable[[str, int], None] | None = None) -> None:
+                 on_listening: Callable[[str, int], None] | None = None,
+                 stop_solves: Callable[[], None] | None = None) -> None:
         import uvicorn
 
         self.controller = controller
+        self.stop_solves = stop_solves  # asks solves in progress to return now
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                      access_log=False, lifespan="on")
         self.server = _Server(self.config, self)
@@ -873,6 +881,8 @@ class Daemon:
 
     def request_stop(self) -> None:
         self.controller.stopping.set()
+        if self.stop_solves is not None:
+            self.stop_solves()
         if self.controller.executor is not None:
             self.controller.executor.cancel()
         self._wake.set()

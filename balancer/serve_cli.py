@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from balancer.logs import FORMATS, LEVELS
+
+log = logging.getLogger("balancer")
 
 HELP = "run the balancer service: control loop + HTTP API (/v1, /metrics)"
 
@@ -37,10 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--interval", type=float, metavar="S",
                         help="control loop interval, seconds (overrides the config)")
+    parser.add_argument("--log-level", choices=LEVELS, default="info",
+                        help="least severe log lines shown (default: info)")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="log lines on stderr as text or JSON objects (default: text)")
 
 
-def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
-    """Controller, app and telemetry for ``cfg`` (what ``serve`` runs; tests reuse it)."""
+def build(cfg: Any, *, registry: Any = None, plan_fn: Any = None) -> tuple[Any, Any, Any]:
+    """Controller, app and telemetry for ``cfg`` (what ``serve`` runs; tests reuse it).
+
+    ``plan_fn`` replaces in-process planning (``serve`` passes a worker-process pool)."""
     from prometheus_client import CollectorRegistry
 
     from balancer import snapshot
@@ -79,8 +88,9 @@ def build(cfg: Any, *, registry: Any = None) -> tuple[Any, Any, Any]:
             period_s=cfg.ingest.simulated_period_s, window_s=cfg.ingest.window_s,
             retention_s=cfg.ingest.retention_s, seed=cfg.cluster.seed))
     try:
+        extra = {} if plan_fn is None else {"plan_fn": plan_fn}
         controller = Controller(cfg, store, telemetry, sources=sources, backend=backend,
-                                inventory=inventory)
+                                inventory=inventory, **extra)
     except InputError:
         store.close()
         raise
@@ -106,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from balancer.config import demo_config, load_config
     from balancer.daemon import Daemon
     from balancer.errors import InputError
+    from balancer.logs import setup as setup_logging
+    from balancer.solving import SolverPool
 
     if args.demo == bool(args.config):
         raise InputError("serve: give --config FILE or --demo (one of them)")
@@ -126,20 +138,33 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"serve: --interval must be > 0, got {args.interval:g}")
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop,
                                                                 interval_s=args.interval))
-    logging.basicConfig(level=logging.INFO, format="balancer: %(message)s", stream=sys.stderr)
-    controller, app, _ = build(cfg)
+    setup_logging(args.log_level, args.log_format)
+    # Every solve runs in a worker process (balancer.solving): Ctrl-C and SIGTERM stop it at
+    # any moment, and API reads never wait on the solver.
+    # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
+    # own cycles. Every solve is asked to stop at 90 % of [server] solve_wall_s, so that its
+    # best plan still arrives within the cap the API enforces.
+    solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=True,
+                         wall_limit=0.9 * cfg.server.solve_wall_s)
+    try:
+        controller, app, _ = build(cfg, plan_fn=solvers.plan)
+    except BaseException:
+        solvers.close()
+        if tmp is not None:
+            tmp.cleanup()
+        raise
 
     def listening(host: str, port: int) -> None:
-        print(f"balancer: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        log.info("listening on http://%s:%d", host, port)
         if not cfg.token():
-            print("balancer: no API token configured: mutating endpoints are refused",
-                  file=sys.stderr, flush=True)
+            log.warning("no API token configured: mutating endpoints are refused")
 
     try:
         return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
-                      on_listening=listening).run()
+                      on_listening=listening, stop_solves=solvers.stop_all).run()
     finally:
+        solvers.close()
         controller.close()
         if tmp is not None:
             tmp.cleanup()
-        print("balancer: stopped", file=sys.stderr, flush=True)
+        log.info("stopped")

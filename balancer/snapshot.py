@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,28 @@ FORMAT_VERSION = 1
 
 def _where(kind: str, i: int, item: Any) -> str:
     name = item.get("name") if isinstance(item, Mapping) else None
-    return f"{kind}[{i}] ({name})" if isinstance(name, str) else f"{kind}[{i}]"
+    ok = isinstance(name, str) and check_name(name) is None and len(name) <= 64
+    return f"{kind}[{i}] ({name})" if ok else f"{kind}[{i}]"
+
+
+# Physical ranges: anything outside is a typo or an attack, and would break arithmetic later
+# (a capacity that rounds to 0 divides by zero; 1e308 overflows the solver's integers).
+MAX_NAME = 253
+MAX_HOST_CORES = 65536.0
+MIN_HOST_CORES = 0.001  # one millicore, the model's unit
+MAX_MEM_MB = float(64 * 1024 * 1024)  # 64 TiB
+MAX_VCPUS = 4096.0
+
+
+def _fmt(value: Any) -> str:
+    """A short rendering of a bad value (a 400-digit integer is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _number(where: str, item: Mapping[str, Any], key: str, *, positive: bool,
-            required: bool = True, default: float | None = None) -> float:
+            required: bool = True, default: float | None = None,
+            minimum: float | None = None, maximum: float | None = None) -> float:
     if key not in item:
         if required:
             raise SnapshotError(f"{where}: field '{key}' is missing")
@@ -32,22 +50,52 @@ def _number(where: str, item: Mapping[str, Any], key: str, *, positive: bool,
         return default
     value = item[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SnapshotError(f"{where}: field '{key}' must be a number, got {value!r}")
+        raise SnapshotError(f"{where}: field '{key}' must be a number, got {_fmt(value)}")
+    if isinstance(value, int) and abs(value) > 2**53:
+        raise SnapshotError(f"{where}: field '{key}' is out of range, got {_fmt(value)}")
     if not math.isfinite(value):
         raise SnapshotError(f"{where}: field '{key}' must be finite, got {value}")
     if value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise SnapshotError(f"{where}: field '{key}' must be {bound}, got {value}")
+    if minimum is not None and value < minimum:
+        raise SnapshotError(f"{where}: field '{key}' must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise SnapshotError(f"{where}: field '{key}' must be at most {maximum:g}, got {value:g}")
     return float(value)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# The same rule as a JSON-schema pattern (lone surrogates cannot be written in JSON Schema).
+NAME_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+
+
+def check_name(value: Any) -> str | None:
+    """Why ``value`` is not a usable name (None: it is).
+
+    A name is 1..253 characters, not only blanks, without control characters (C0, DEL, C1)
+    and without lone surrogates (they cannot be encoded, so they would break every later
+    reply and the Prometheus exposition that shows the name).
+    """
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a non-empty string, got {_fmt(value)}"
+    if len(value) > MAX_NAME:
+        return f"must be at most {MAX_NAME} characters, got {len(value)}"
+    bad = _UNPRINTABLE.search(value)
+    if bad:
+        return (f"must be printable text (no control characters or lone surrogates), "
+                f"got {ascii(bad.group())} at character {bad.start()}")
+    return None
 
 
 def _string(where: str, item: Mapping[str, Any], key: str) -> str:
     value = item.get(key)
     if key not in item:
         raise SnapshotError(f"{where}: field '{key}' is missing")
-    if not isinstance(value, str) or not value.strip():
-        raise SnapshotError(f"{where}: field '{key}' must be a non-empty string, got {value!r}")
-    return value
+    why = check_name(value)
+    if why:
+        raise SnapshotError(f"{where}: field '{key}' {why}")
+    return value  # type: ignore[return-value]
 
 
 def _enum(where: str, item: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
@@ -57,7 +105,7 @@ def _enum(where: str, item: Mapping[str, Any], key: str, enum: type, default: An
     allowed = [e.value for e in enum]
     if value not in allowed:
         raise SnapshotError(
-            f"{where}: field '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+            f"{where}: field '{key}' must be one of {', '.join(allowed)}, got {_fmt(value)}"
         )
     return enum(value)
 
@@ -78,7 +126,11 @@ def _names(where: str, item: Mapping[str, Any], key: str) -> frozenset[str]:
     values = _list(where, item, key, required=False)
     for v in values:
         if not isinstance(v, str) or not v.strip():
-            raise SnapshotError(f"{where}: field '{key}' must hold non-empty strings, got {v!r}")
+            raise SnapshotError(f"{where}: field '{key}' must hold non-empty strings, "
+                                f"got {_fmt(v)}")
+        why = check_name(v)
+        if why:
+            raise SnapshotError(f"{where}: field '{key}': each entry {why}")
     return frozenset(values)
 
 
@@ -93,8 +145,12 @@ def _labels(where: str, item: Mapping[str, Any], key: str) -> tuple[tuple[str, s
     if not isinstance(value, Mapping):
         raise SnapshotError(f"{where}: field '{key}' must be an object of strings")
     for k, v in value.items():
-        if not isinstance(v, str) or not k:
-            raise SnapshotError(f"{where}: field '{key}': label {k!r} must have a string value")
+        why = check_name(k)
+        if why:
+            raise SnapshotError(f"{where}: field '{key}': a label name {why}")
+        if not isinstance(v, str) or len(v) > MAX_NAME or _UNPRINTABLE.search(v):
+            raise SnapshotError(f"{where}: field '{key}': label {ascii(k[:40])} must have a "
+                                f"printable string value of at most {MAX_NAME} characters")
     return tuple(sorted(value.items()))
 
 
@@ -108,8 +164,9 @@ def _parse_host(i: int, raw: Any) -> Host:
     where = _where("hosts", i, raw)
     item = _object(where, raw)
     name = _string(where, item, "name")
-    cpu = _number(where, item, "cpu_capacity", positive=True)
-    mem = _number(where, item, "mem_capacity_mb", positive=True)
+    cpu = _number(where, item, "cpu_capacity", positive=True, minimum=MIN_HOST_CORES,
+                  maximum=MAX_HOST_CORES)
+    mem = _number(where, item, "mem_capacity_mb", positive=True, minimum=1, maximum=MAX_MEM_MB)
     state = _enum(where, item, "state", HostState, HostState.ACTIVE)
     return Host(name=name, cpu_capacity=round(cpu * 1000), mem_capacity=round(mem), state=state,
                 cpu_model=_optional_string(where, item, "cpu_model"),
@@ -125,11 +182,11 @@ def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
     name = _string(where, item, "name")
     host = _string(where, item, "host")
     if host not in hosts:
-        raise SnapshotError(f"{where}: field 'host': unknown host {host!r}")
-    vcpus = _number(where, item, "vcpus", positive=True)
+        raise SnapshotError(f"{where}: field 'host': unknown host {_fmt(host)}")
+    vcpus = _number(where, item, "vcpus", positive=True, maximum=MAX_VCPUS)
     if vcpus != int(vcpus):
         raise SnapshotError(f"{where}: field 'vcpus' must be a whole number, got {item['vcpus']}")
-    mem = _number(where, item, "mem_mb", positive=True)
+    mem = _number(where, item, "mem_mb", positive=True, minimum=1, maximum=MAX_MEM_MB)
     cpu_demand = _number(where, item, "cpu_demand", positive=False)
     mem_demand = _number(where, item, "mem_demand_mb", positive=False)
     if cpu_demand > vcpus:
@@ -144,7 +201,8 @@ def _parse_vm(i: int, raw: Any, hosts: set[str]) -> VM:
     automation = _enum(where, item, "automation", Automation, Automation.FULLY)
     local = item.get("local_storage", False)
     if not isinstance(local, bool):
-        raise SnapshotError(f"{where}: field 'local_storage' must be true or false, got {local!r}")
+        raise SnapshotError(f"{where}: field 'local_storage' must be true or false, "
+                            f"got {_fmt(local)}")
     return VM(
         cpu_model=_optional_string(where, item, "cpu_model"),
         cpu_features=_names(where, item, "cpu_features"),
@@ -172,9 +230,9 @@ def _parse_rule(i: int, raw: Any, vms: set[str], host_list: list[Host]) -> Rule:
     members = _list(where, item, "vms")
     for m in members:
         if not isinstance(m, str):
-            raise SnapshotError(f"{where}: field 'vms' must hold VM names, got {m!r}")
+            raise SnapshotError(f"{where}: field 'vms' must hold VM names, got {_fmt(m)}")
         if m not in vms:
-            raise SnapshotError(f"{where}: field 'vms': unknown VM {m!r}")
+            raise SnapshotError(f"{where}: field 'vms': unknown VM {_fmt(m)}")
     if len(set(members)) != len(members):
         raise SnapshotError(f"{where}: field 'vms' names a VM twice")
     minimum = 1 if rtype is RuleType.VM_HOST else 2
@@ -190,9 +248,9 @@ def _parse_rule(i: int, raw: Any, vms: set[str], host_list: list[Host]) -> Rule:
                                 "(or give 'host_labels')")
         for h in rule_hosts:
             if not isinstance(h, str):
-                raise SnapshotError(f"{where}: field 'hosts' must hold host names, got {h!r}")
+                raise SnapshotError(f"{where}: field 'hosts' must hold host names, got {_fmt(h)}")
             if h not in hosts:
-                raise SnapshotError(f"{where}: field 'hosts': unknown host {h!r}")
+                raise SnapshotError(f"{where}: field 'hosts': unknown host {_fmt(h)}")
         if selector:
             wanted = set(selector)
             matched = [h.name for h in host_list if wanted <= set(h.labels)]
@@ -205,7 +263,8 @@ def _parse_rule(i: int, raw: Any, vms: set[str], host_list: list[Host]) -> Rule:
                             "vm_host rules")
     mandatory = item.get("mandatory", True)
     if not isinstance(mandatory, bool):
-        raise SnapshotError(f"{where}: field 'mandatory' must be true or false, got {mandatory!r}")
+        raise SnapshotError(f"{where}: field 'mandatory' must be true or false, "
+                            f"got {_fmt(mandatory)}")
     return Rule(
         name=name,
         type=rtype,
@@ -264,7 +323,7 @@ def parse_snapshot(data: Any, *, mem_overcommit: float = 1.0) -> ClusterSnapshot
     if "version" not in doc:
         raise SnapshotError("snapshot: field 'version' is missing (expected 1)")
     if doc["version"] != FORMAT_VERSION or isinstance(doc["version"], bool):
-        raise SnapshotError(f"snapshot: field 'version' must be 1, got {doc['version']!r}")
+        raise SnapshotError(f"snapshot: field 'version' must be 1, got {_fmt(doc['version'])}")
     raw_hosts = _list("snapshot", doc, "hosts")
     raw_vms = _list("snapshot", doc, "vms")
     raw_rules = _list("snapshot", doc, "rules", required=False)
@@ -324,6 +383,8 @@ def _check_cpu(snapshot: ClusterSnapshot, hosts: list[Host], vms: list[VM]) -> N
 
 
 def loads(text: str, *, source: str = "snapshot", mem_overcommit: float = 1.0) -> ClusterSnapshot:
+    if not text.strip():
+        raise SnapshotError(f"{source}: empty input (expected a snapshot v1 JSON document)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from balancer.events import EventBus
+
 NAMES = (
     "balancer_cluster_imbalance",
     "balancer_host_utilization",
@@ -30,6 +32,7 @@ OUTCOMES = ("completed", "failed", "cancelled", "skipped")
 class Telemetry:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.events = EventBus()  # the executor's migration events, for the console (SSE)
         self.imbalance = Gauge(
             "balancer_cluster_imbalance",
             "Population std of host utilisation (demand/capacity) over active hosts",

@@ -1,10 +1,39 @@
-"""Request and response models of the HTTP API (separate, so each side can evolve)."""
+"""Request and response models of the HTTP API (separate, so each side can evolve).
+
+Requests use constrained types only: finite floats within physical ranges, integers within
+ranges, names as printable strings of 1..253 characters without lone surrogates (the rule of
+``balancer.snapshot.check_name``), and unknown fields are refused. Responses describe every
+field the API returns; those that other parts of the service may extend allow extra keys.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from balancer.snapshot import (
+    MAX_HOST_CORES,
+    MAX_MEM_MB,
+    MAX_NAME,
+    MAX_VCPUS,
+    NAME_PATTERN,
+    check_name,
+)
+
+
+def _name(value: str) -> str:
+    why = check_name(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME,
+                            json_schema_extra={"pattern": NAME_PATTERN}),
+                 AfterValidator(_name)]
+MIN_TS = 1e9  # 2001-09-09: a sample older than that is a unit error
+MAX_TS = 1e11  # year 5138: anything later is not a time
 
 
 class _In(BaseModel):
@@ -14,11 +43,11 @@ class _In(BaseModel):
 class Sample(_In):
     """One utilisation sample of a host or of a VM (exactly one of the two)."""
 
-    ts: float = Field(gt=0, description="sample time, Unix epoch seconds")
-    host: str | None = Field(None, min_length=1, max_length=253)
-    vm: str | None = Field(None, min_length=1, max_length=253)
-    cpu_cores: float = Field(ge=0, le=1e6, description="CPU used, cores")
-    mem_mb: float = Field(ge=0, le=1e12, description="memory used, MiB")
+    ts: float = Field(ge=MIN_TS, le=MAX_TS, description="sample time, Unix epoch seconds")
+    host: Name | None = None
+    vm: Name | None = None
+    cpu_cores: float = Field(ge=0, le=MAX_HOST_CORES, description="CPU used, cores")
+    mem_mb: float = Field(ge=0, le=MAX_MEM_MB, description="memory used, MiB")
 
     @model_validator(mode="after")
     def _one_subject(self) -> Sample:
@@ -44,13 +73,18 @@ class WhatIfRequest(_In):
 
 
 class PlacementRequest(_In):
-    name: str = Field(min_length=1, max_length=253)
-    vcpus: int = Field(ge=1, le=4096)
-    mem_mb: int = Field(ge=1, le=64 * 1024 * 1024)
-    cpu_demand: float | None = Field(None, ge=0,
+    name: Name
+    vcpus: int = Field(ge=1, le=int(MAX_VCPUS))
+    mem_mb: int = Field(ge=1, le=int(MAX_MEM_MB))
+    cpu_demand: float | None = Field(None, ge=0, le=MAX_VCPUS,
                                      description="expected cores used (default: vcpus)")
-    mem_demand_mb: float | None = Field(None, ge=0,
+    mem_demand_mb: float | None = Field(None, ge=0, le=MAX_MEM_MB,
                                         description="expected MiB used (default: mem_mb)")
+
+
+# -- responses ---------------------------------------------------------------------------------
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
 
 class Candidate(BaseModel):
@@ -68,7 +102,7 @@ class PlacementResponse(BaseModel):
     applied: bool
 
 
-class Recommendation(BaseModel):
+class Recommendation(_Out):
     id: int
     created: float
     cycle: int | None
@@ -84,7 +118,7 @@ class Recommendation(BaseModel):
     detail: str | None
 
 
-class Migration(BaseModel):
+class Migration(_Out):
     id: int
     rec_id: int | None
     vm: str
@@ -112,3 +146,118 @@ class InventoryAccepted(BaseModel):
 class Health(BaseModel):
     status: str
     detail: str | None = None
+
+
+class Imbalance(_Out):
+    """Utilisation statistics over active hosts (fractions of capacity)."""
+
+    cpu_std: float
+    mem_std: float
+    cpu_max: float
+    mem_max: float
+    imbalance: float = Field(description="cpu_std + mem_std")
+
+
+class PlanMove(_Out):
+    vm: str
+    from_: str = Field(alias="from")
+    to: str
+    reason: str
+    mem_mb: int
+    gain: float | None = Field(None, description="what-if: imbalance the plan loses without it")
+
+
+class Efficacy(_Out):
+    before: Imbalance
+    after: Imbalance
+    migrations: int
+    moved_mem_mb: int
+
+
+class Plan(_Out):
+    """A plan: the moves with their reasons, the balance before and after, the solver's run."""
+
+    migrations: list[PlanMove]
+    efficacy: Efficacy
+    solver: dict[str, Any] = Field(description="engine name, status, objective, bound, "
+                                               "seconds, seed, time limit")
+    notes: list[str]
+    eligibility: dict[str, list[str]] = Field(description="VM -> why it has fewer hosts")
+
+
+class ClusterHost(_Out):
+    name: str
+    state: Literal["active", "maintenance"]
+    cpu_capacity: float
+    mem_capacity_mb: int
+    cpu_used: float
+    mem_used_mb: int
+    cpu_util: float
+    mem_util: float
+    vms: int
+    fresh: bool
+    sample_age_s: float | None
+
+
+class ClusterVM(_Out):
+    name: str
+    host: str
+    vcpus: int
+    mem_mb: int
+    cpu_demand: float
+    mem_demand_mb: int
+    automation: str
+    fresh: bool
+    sample_age_s: float | None
+    held: str | None = Field(description="why the VM is not moved for balance now")
+    eligibility: list[str]
+
+
+class Freshness(_Out):
+    stale_after_s: float
+    newest_sample_age_s: float | None
+    stale_vms: list[str]
+    stale_hosts: list[str]
+    pinned_vms: dict[str, str]
+    clamped_estimates: int
+    samples_for_unknown_names: int
+
+
+class LastCycle(_Out):
+    cycle: int
+    duration_s: float
+    recommendations: int
+    executed: int
+    notes: list[str]
+    imbalance_streak: int
+
+
+class ClusterState(_Out):
+    cluster: str
+    automation: str
+    as_of: float
+    hosts: list[ClusterHost]
+    vms: list[ClusterVM]
+    imbalance: Imbalance
+    freshness: Freshness
+    last_cycle: LastCycle | None
+
+
+class CycleReport(_Out):
+    cycle: int
+    duration_s: float
+    solve_s: float | None
+    recommendations: list[Recommendation]
+    executed: list[Migration]
+    notes: list[str]
+    imbalance_before: float | None
+    imbalance_after: float | None
+    streak: int
+
+
+class MaintenanceResponse(_Out):
+    host: str
+    state: Literal["active", "maintenance"]
+    plan: Plan | None = Field(description="the evacuation plan (enter only)")
+    recommendations: list[Recommendation]
+    executed: list[Migration]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -58,6 +59,8 @@ from balancer.executor.base import (
 from balancer.executor.compat import QemuProber, qemu_lacks, qemu_running, refuse_if
 from balancer.executor.config import ExecutorConfig, backend_section
 from balancer.model import ClusterSnapshot
+
+log = logging.getLogger("balancer.executor.qemu")
 
 MIB = 1024 * 1024
 # QEMU run states in which the VM is "on" a host (the others: inmigrate = a destination still
@@ -135,9 +138,14 @@ def map_qemu_errors(*, vm: str | None = None, host: str | None = None) -> Iterat
 async def _qmp_session(path: Path, commands: list[tuple[str, Mapping[str, object] | None]],
                        timeout: float) -> list[Any]:
     client = QMPClient()
-    await asyncio.wait_for(client.connect(str(path)), timeout)
     out: list[Any] = []
     try:
+        try:
+            await asyncio.wait_for(client.connect(str(path)), timeout)
+        except AssertionError as exc:
+            # The library's state machine trips when the peer vanishes mid-handshake (a QEMU
+            # exiting at the switch-over): that is a failed connection, not a bug of ours.
+            raise ConnectError("QMP handshake interrupted", exc) from exc
         for cmd, args in commands:
             if cmd == "quit":
                 with contextlib.suppress(QMPError, ExecInterruptedError, ConnectionError,
@@ -147,6 +155,8 @@ async def _qmp_session(path: Path, commands: list[tuple[str, Mapping[str, object
             else:
                 out.append(await asyncio.wait_for(client.execute(cmd, args), timeout))
     finally:
+        # Every path closes the socket, a failed connect included (a leaked socket would
+        # surface later as a ResourceWarning in whatever runs next).
         with contextlib.suppress(Exception):
             await client.disconnect()
     return out
@@ -449,6 +459,13 @@ class QemuBackend:
         The runner polls every ``poll_interval_s``; waiting for its next poll would add that
         much to the guest's downtime. This watcher asks the destination every 30 ms instead
         (and ends with the migration)."""
+        try:
+            self._watch(f)
+        except Exception:  # never out of the thread: the runner's poll drives the hand-over
+            log.warning("switch-over watcher of %s stopped; the next poll takes over",
+                        f.handle.request.vm, exc_info=True)
+
+    def _watch(self, f: _Flight) -> None:
         vm = f.handle.request.vm
         while f.last.status is MigrationStatus.ACTIVE and not f.stop.is_set():
             try:

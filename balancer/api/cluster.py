@@ -1,0 +1,19 @@
+"""``/v1/cluster``: hosts, VMs, utilisation, imbalance and data freshness."""
+
+# No "from __future__ import annotations": FastAPI must see the Annotated aliases.
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from balancer.api.deps import ControllerDep
+from balancer.api.errors import responses
+from balancer.api.models import ClusterState
+
+router = APIRouter(tags=["state"])
+
+
+@router.get("/v1/cluster", response_model=ClusterState, responses=responses(503))
+def get_cluster(controller: ControllerDep) -> Any:
+    """Hosts, VMs, utilisation, imbalance and data freshness (what is held and why)."""
+    return controller.cluster_state()
