@@ -215,7 +215,6 @@ class PowerPolicy:
         cool = sorted((h for h in on if power[h] == ON and h not in busy),
                       key=lambda h: (load[h] / cap[h], -eff[h], h))
         k = min(len(cool), a.receivers * max(1, len(busy)))
-        scope = sorted(set(hot) | set(empty_c) | set(cool[:k]) | set(wake))
         # the greedy rule: hint and baseline
         room = {h: a.target_util * cap[h] - load[h] for h in cool[:k]}
         room.update({h: a.target_util * cap[h] for h in wake})
@@ -243,18 +242,29 @@ class PowerPolicy:
             if got is not None:
                 place.update(got)
                 emptied.append(h)
+        greedy = Decision(power_on=tuple(power_on + wake),
+                          standby=tuple(new_standby + emptied), moves=tuple(sorted(place.items())))
         if a.solver == "greedy" or not (empty_c or wake):
             # relieving hot hosts alone is the rule's job; the model decides power states
-            moves = tuple(sorted(place.items()))
-            return Decision(power_on=tuple(power_on + wake),
-                            standby=tuple(new_standby + emptied), moves=moves)
-        movable_vms = {int(v) for v in movable if int(ctx.vm_host[v]) in busy}
-        return self._solve(ctx, scope, est, place, emptied, wake, power_on, new_standby,
-                           movable_vms)
+            return greedy
+        # the model decides which of the candidate hosts to empty (and which to wake), over
+        # those hosts and the receivers the rule did not already fill with VMs of hot hosts
+        hot_moves = {v: h for v, h in place.items() if int(ctx.vm_host[v]) in set(hot)}
+        used = set(hot_moves.values())
+        cp_scope = sorted(set(empty_c) | set(wake) | {h for h in cool[:k] if h not in used})
+        movable_vms = {int(v) for v in movable if int(ctx.vm_host[v]) in set(empty_c)}
+        hint = {v: h for v, h in place.items() if v in movable_vms}
+        d = self._solve(ctx, cp_scope, est, hint, emptied, wake, power_on, new_standby,
+                        movable_vms)
+        if d is None:  # no answer within the deterministic time: the rule's
+            return greedy
+        woken = tuple(sorted(h for h in used if ctx.power[h] == OFF and h not in d.power_on))
+        return Decision(power_on=d.power_on + woken, standby=d.standby,
+                        moves=tuple(sorted({**dict(d.moves), **hot_moves}.items())))
 
     def _solve(self, ctx: Any, scope: list[int], est: np.ndarray, place: dict[int, int],
                emptied: list[int], wake: list[int], power_on: list[int],
-               new_standby: list[int], movable: set[int]) -> Decision:
+               new_standby: list[int], movable: set[int]) -> Decision | None:
         from policies import build_problem
 
         a = self.args
@@ -277,6 +287,8 @@ class PowerPolicy:
                     hint_on=hint_on, hint_hosts=hint_units)
         self.solves += 1
         self.solve_status[res.status] = self.solve_status.get(res.status, 0) + 1
+        if res.status == "unchanged":
+            return None
         moves = []
         for j in res.moved_vms:
             u = problem.unit_of[j]
