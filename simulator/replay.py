@@ -32,7 +32,7 @@ HELP = "replay a real trace through the balancer, policies side by side"
 
 DEMO_TRACE = "planetlab:sample"
 DEMO_STEPS = 96  # 8 hours of 5-minute steps
-DEMO_POLICIES = ("none", "consolidate")
+DEMO_POLICIES = ("none", "power")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 

@@ -255,7 +255,7 @@ def test_cli_replay_table_json_and_report(tmp_path: Path) -> None:
             str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert [p["policy"] for p in doc["policies"]] == ["none", "consolidate"]
+    assert [p["policy"] for p in doc["policies"]] == ["none", "power"]
     assert doc["trace"]["vms"] == 50 and doc["trace"]["steps"] == 10
     assert doc["cluster"]["hosts"] == 30
     for p in doc["policies"]:
@@ -315,7 +315,7 @@ def test_demo_replays_the_bundled_day() -> None:
     doc = json.loads(r.stdout)
     assert doc["trace"]["source"].endswith("planetlab/20110303.csv.gz")
     assert doc["trace"]["vms"] == 1052 and doc["trace"]["steps"] == 6
-    assert [p["policy"] for p in doc["policies"]] == ["none", "consolidate"]
+    assert [p["policy"] for p in doc["policies"]] == ["none", "power"]
     r = cli("replay", "--demo", "--trace", "planetlab:sample")
     assert r.returncode == 2 and "not both" in r.stderr
     r = cli("replay")
