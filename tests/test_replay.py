@@ -255,7 +255,7 @@ def test_cli_replay_table_json_and_report(tmp_path: Path) -> None:
             str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert [p["policy"] for p in doc["policies"]] == ["none", "power"]
+    assert [p["policy"] for p in doc["policies"]] == ["none", "consolidate"]
     assert doc["trace"]["vms"] == 50 and doc["trace"]["steps"] == 10
     assert doc["cluster"]["hosts"] == 30
     for p in doc["policies"]:
