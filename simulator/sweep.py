@@ -148,20 +148,12 @@ def trace_label(spec: str) -> str:
     return name
 
 
-def _registry() -> Any:
-    """The replay-policy registry (``simulator.replay_policies`` once the policies move there,
-    ``policies.replay_policies`` before)."""
-    try:
-        from simulator import replay_policies  # type: ignore[attr-defined]
-    except ImportError:
-        from policies import replay_policies
-    return replay_policies
-
-
 def _policy_fields(name: str) -> set[str]:
     from dataclasses import fields
 
-    return {f.name for f in fields(_registry().lookup(name).Args)}
+    from simulator import replay_policies
+
+    return {f.name for f in fields(replay_policies.lookup(name).Args)}
 
 
 def _value(text: str) -> Any:
@@ -220,7 +212,8 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
             base.update(doc.get("args", {}))
             pols.append((name, name, base))
         else:
-            _registry().lookup(spec)
+            from simulator import replay_policies
+            replay_policies.lookup(spec)
             pols.append((spec, spec, dict(overrides.get(spec, {}))))
     labels = [p[0] for p in pols]
     if len(set(labels)) != len(labels):
@@ -246,7 +239,8 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
             names = [f for f, _ in mine]
             for combo in itertools.product(*[v for _, v in mine]):
                 p = dict(zip(names, combo, strict=True))
-                _registry().make(name, {**base, **p},
+                from simulator import replay_policies
+                replay_policies.make(name, {**base, **p},
                                      where=f"--param ({label}: {_kv(p)})" if p else
                                      f"--policy {label}")
                 runs.append(RunSpec(trace=shown, trace_path=path, policy=label,
@@ -275,6 +269,7 @@ def replay_one(spec: RunSpec) -> tuple[Any, dict[str, Any]]:
     """The replay ``balancer replay --trace T --config C --policy P --seed S --steps N`` does
     for one policy (policy arguments = config overrides, then the TOML file, then ``params``).
     Returns (RunResult, meta)."""
+    from simulator import replay_policies
     from simulator.cluster import Simulator, workload_from_trace
     from simulator.replay import default_cluster, default_cluster_probe
 
@@ -292,7 +287,7 @@ def replay_one(spec: RunSpec) -> tuple[Any, dict[str, Any]]:
         raise InputError(f"replay.interval: {interval:g} s is not a multiple of the trace step "
                          f"({trace.interval_s} s)")
     seed = spec.seed if spec.seed is not None else int(exp["replay"].get("seed", 0))
-    pol = _registry().make(spec.policy_name, {**spec.policy_args, **spec.params})
+    pol = replay_policies.make(spec.policy_name, {**spec.policy_args, **spec.params})
     sim = Simulator(work, cfg, pol, every=int(round(every)), seed=seed)
     result = sim.run(spec.policy)
     meta = {
