@@ -133,6 +133,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "baseline, one best move at a time")
     p.add_argument("--format", choices=["json", "table"], default="json",
                    help="json for tools (default), table for people")
+    # balancer plan --fleet (balancer/fleet.py): every snapshot of a folder as Dask tasks
+    from balancer.tasks import scheduler_arg
+    p.add_argument("--fleet", metavar="DIR", help="plan every snapshot (*.json, one per "
+                   "cluster) in DIR as Dask tasks, with one summary table (balancer[dask])")
+    p.add_argument("--scheduler", type=scheduler_arg, default="local",
+                   help="with --fleet: 'local' (one worker process per core) or "
+                   "tcp://HOST:PORT of a running dask scheduler")
     return parser
 
 
@@ -153,6 +160,9 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from balancer.fleet import run_fleet
+        return run_fleet(args)
     from balancer.report import plan_table
     from balancer.service import PlanOptions
     from balancer.solving import plan_interruptible

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from balancer.errors import InputError
+from balancer.tasks import Interrupted, execute, run_tasks, scheduler_arg
 
 HELP = "many replays (traces x policies x parameters) as Dask tasks, compared across days"
 
@@ -82,16 +82,6 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
-_SCHEDULER = re.compile(r"^(local|(tcp|tls|ws|wss)://[^\s:/]+:\d{1,5})$")
-
-
-def _scheduler(text: str) -> str:
-    if not _SCHEDULER.match(text):
-        raise argparse.ArgumentTypeError(
-            f"--scheduler must be 'local' or tcp://HOST:PORT, got {text!r}")
-    return text
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, action="append", metavar="KIND:PATH",
                    help="a trace (repeat for several days); the path must be visible to the "
@@ -106,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=None)
     p.add_argument("--steps", type=_positive_int("--steps"), metavar="N",
                    help="replay only the first N trace steps")
-    p.add_argument("--scheduler", type=_scheduler, default="local",
+    p.add_argument("--scheduler", type=scheduler_arg, default="local",
                    help="'local' (a LocalCluster, one worker process per core) or "
                         "tcp://HOST:PORT of a running dask scheduler")
     p.add_argument("--report", metavar="DIR",
@@ -348,87 +338,6 @@ def run_task(spec: RunSpec, report: bool = False) -> dict[str, Any]:
 # ---------------------------------------------------------------- running on Dask
 
 
-class Interrupted(Exception):
-    """Ctrl-C while the futures ran; they have been cancelled."""
-
-
-def _connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
-    """(client, cluster-or-None). The embedded cluster: one worker process per core."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise InputError("--scheduler: Dask is not installed (pip install 'balancer[dask]')") \
-            from None
-    if scheduler == "local":
-        n = max(1, min(os.cpu_count() or 1, n_runs))
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
-        return Client(cluster), cluster
-    try:
-        return Client(scheduler, timeout="10s"), None
-    except OSError as exc:
-        raise InputError(f"--scheduler {scheduler}: cannot reach the scheduler ({exc})") \
-            from None
-
-
-def execute(client: Any, specs: list[Any], fn: Any = run_task, *, retries: int = 1,
-            progress: bool | None = None, fn_kwargs: dict[str, Any] | None = None,
-            label: str = "runs") -> list[dict[str, Any]]:
-    """Submit ``fn(spec)`` per spec as one future each; retry a failed one ``retries`` times
-    (resubmitted, any worker), then record its error. Results in spec order; each has
-    ``attempts`` and either the function's dict or ``error``. Ctrl-C cancels every future
-    still pending and raises ``Interrupted``."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    kw = fn_kwargs or {}
-    results: list[dict[str, Any] | None] = [None] * len(specs)
-    attempts = [0] * len(specs)
-    errors: list[str | None] = [None] * len(specs)
-    index: dict[str, int] = {}
-    live: set[Any] = set()
-
-    def submit(i: int) -> Any:
-        attempts[i] += 1
-        fut = client.submit(fn, specs[i], pure=False, **kw)
-        index[fut.key] = i
-        live.add(fut)
-        return fut
-
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=len(specs), file=sys.stderr, unit="run", desc=label, disable=not show,
-               dynamic_ncols=True)
-    futures = [submit(i) for i in range(len(specs))]
-    ac = as_completed(futures, with_results=False)
-    try:
-        for fut in ac:
-            i = index[fut.key]
-            live.discard(fut)
-            if fut.status == "finished":
-                results[i] = fut.result()
-                bar.update(1)
-            else:
-                exc = fut.exception()
-                errors[i] = f"{type(exc).__name__}: {exc}"
-                if attempts[i] <= retries:
-                    bar.write(f"run {i + 1} failed ({errors[i]}); retrying", file=sys.stderr)
-                    ac.add(submit(i))
-                else:
-                    bar.update(1)
-            fut.release()
-    except KeyboardInterrupt:
-        client.cancel(list(live), force=True)
-        raise Interrupted(f"cancelled {len(live)} unfinished runs") from None
-    finally:
-        bar.close()
-    out = []
-    for i in range(len(specs)):
-        r = dict(results[i]) if results[i] is not None else {"error": errors[i]}
-        r["attempts"] = attempts[i]
-        out.append(r)
-    return out
-
-
 # ---------------------------------------------------------------- output
 
 
@@ -480,6 +389,11 @@ def _grid(head: list[str], rows: list[list[str]], left: int = 1) -> str:
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"
 
 
+def spread_cell(stats: tuple[float, float, float], kind: str) -> str:
+    lo, med, hi = stats
+    return f"{_fmt(med, kind)} ({_fmt(lo, kind)} .. {_fmt(hi, kind)})"
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     head = ["trace", "policy", *[lab for lab, _, _ in COMPARE], "worker", "seconds"]
     rows = []
@@ -498,10 +412,10 @@ def table(runs: list[dict[str, Any]]) -> str:
         out += f"{r[0]}  {r[1]}  {r[2]}\n"
     sp = spread(runs)
     if sp:
-        out += "\nspread over traces per policy (min / median / max):\n"
-        head2 = ["policy", "traces", *[lab for lab, _, _ in COMPARE]]
-        rows2 = [[name, str(n), *[" / ".join(_fmt(x, kind) for x in stats[k])
-                                  for _, k, kind in COMPARE]] for name, stats, n in sp]
+        out += "\nspread over traces per policy: median (min .. max)\n"
+        head2 = ["metric", *[f"{name} [{n}]" for name, _, n in sp]]
+        rows2 = [[lab, *[spread_cell(stats[k], kind) for _, stats, _ in sp]]
+                 for lab, k, kind in COMPARE]
         out += _grid(head2, rows2)
     return out
 
@@ -512,18 +426,13 @@ def table(runs: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     specs = plan_runs(args)
     t0 = time.monotonic()
-    client, cluster = _connect(args.scheduler, len(specs))
-    old = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        results = execute(client, specs, run_task, fn_kwargs={"report": bool(args.report)},
-                          progress=False if args.no_progress else None)
+        results = run_tasks(args.scheduler, specs, run_task,
+                            fn_kwargs={"report": bool(args.report)},
+                            progress=False if args.no_progress else None)
     except Interrupted as exc:
         print(f"balancer: interrupted: {exc}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGINT, old)
-        _close(client, cluster)
     wall = time.monotonic() - t0
     runs = []
     for spec, res in zip(specs, results, strict=True):
@@ -554,15 +463,5 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _close(client: Any, cluster: Any) -> None:
-    import contextlib
-
-    with contextlib.suppress(Exception):
-        client.close(timeout=10)
-    if cluster is not None:
-        with contextlib.suppress(Exception):
-            cluster.close(timeout=20)
-
-
 __all__ = ["HELP", "RunSpec", "add_arguments", "execute", "plan_runs", "replay_one", "run",
-           "run_task", "table"]
+           "run_task", "table"]  # execute: balancer.tasks

@@ -97,13 +97,15 @@ def replay_json(day: str, *policies: str, steps: int) -> dict:
     return json.loads(r.stdout)
 
 
-def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str) -> None:
+def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str, tmp_path: Path) -> None:
     steps = 5
     args = []
     for d in DAYS:
         args += ["--trace", d]
+    rep = tmp_path / "report"
     r = sweep(*args, "--policy", "none", "--policy", "consolidate", "--config", str(CONFIG),
-              "--steps", str(steps), "--scheduler", cluster, "--format", "json")
+              "--steps", str(steps), "--scheduler", cluster, "--format", "json",
+              "--report", str(rep))
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)["runs"]
     assert [(x["trace"], x["policy"]) for x in runs] == [
@@ -122,6 +124,20 @@ def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str) -> None
             assert {k: x[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, x["policy"]
     cons = [x for x in runs if x["policy"] == "consolidate"]
     assert all(x["migrations"] > 0 for x in cons)  # a run that did something
+    # the report: policies compared across the days, each run's own replay report linked
+    page = (rep / "index.html").read_text()
+    for x in runs:
+        day = x["trace"].split(":")[1]
+        link = f"runs/{day}_{x['policy']}/index.html"
+        assert f'href="{link}"' in page
+        assert "What-if replay" in (rep / link).read_text()
+        own = json.loads((rep / link).with_name("summary.json").read_text())["policies"][0]
+        assert {k: own[k] for k in COMPARED} == {k: x[k] for k in COMPARED}
+    for png in ("spread.png", "by-trace.png"):
+        assert (rep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{png}"' in page
+    assert "Spread over the traces, per policy" in page and "2 traces" in page
+    assert json.loads((rep / "runs.json").read_text())["runs"] == runs
 
 
 def test_param_values_are_runs_and_match_a_policy_file(cluster: str, tmp_path: Path) -> None:
@@ -145,10 +161,11 @@ def test_table_compares_policies_across_days(cluster: str) -> None:
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith("4 runs on 2 workers")
-    assert "spread over traces per policy (min / median / max)" in out
+    assert "spread over traces per policy: median (min .. max)" in out
     spread = out.split("spread over traces")[1].splitlines()
-    none_row = next(line for line in spread if line.startswith("none "))
-    assert none_row.split()[1] == "2"  # two traces behind each policy's spread
+    assert spread[1].split() == ["metric", "none", "[2]", "balance", "[2]"]  # 2 traces each
+    energy = next(line for line in spread if line.startswith("energy kWh"))
+    assert energy.count(" .. ") == 2
     assert "20110303" in out and "20110306" in out
 
 
@@ -171,7 +188,7 @@ def test_retry_recovers_a_transient_failure(cluster: str, tmp_path: Path) -> Non
     """The client side of the retry, with a task that fails on its first attempt only."""
     out = _client_script(cluster, f"""
 import cloudpickle, json, pathlib
-from simulator import sweep
+from balancer import tasks
 marker = pathlib.Path({str(tmp_path)!r})
 def flaky(n):
     m = marker / f"tried-{{n}}"
@@ -179,7 +196,7 @@ def flaky(n):
         m.write_text("x")
         raise OSError("transient")
     return {{"value": n * 10}}
-print(json.dumps(sweep.execute(c, [0, 1, 2], flaky, progress=False)))
+print(json.dumps(tasks.execute(c, [0, 1, 2], flaky, progress=False)))
 """)
     res = json.loads(out.strip().splitlines()[-1])
     assert res == [{"value": 0, "attempts": 1}, {"value": 10, "attempts": 2},

@@ -1,0 +1,143 @@
+"""Many independent tasks on Dask: the runner shared by ``balancer sweep`` (replays) and
+``balancer plan --fleet`` (plans).
+
+``connect("local")`` starts a ``LocalCluster`` of worker processes (one per core, one thread
+each, never more workers than tasks); ``connect("tcp://HOST:PORT")`` joins a cluster started
+with ``dask scheduler`` / ``dask worker``. ``execute`` submits one future per task, shows a
+progress bar on a terminal, retries a failed task once (resubmitted, any worker) and then
+records its error without losing the others, and on Ctrl-C cancels what is unfinished and
+raises ``Interrupted`` (the commands exit 130). ``distributed`` is imported lazily: it is the
+optional extra ``balancer[dask]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+from typing import Any
+
+from balancer.errors import InputError
+
+_SCHEDULER = re.compile(r"^(local|(tcp|tls|ws|wss)://[^\s:/]+:\d{1,5})$")
+
+
+def scheduler_arg(text: str) -> str:
+    if not _SCHEDULER.match(text):
+        raise argparse.ArgumentTypeError(
+            f"--scheduler must be 'local' or tcp://HOST:PORT, got {text!r}")
+    return text
+
+
+class Interrupted(Exception):
+    """Ctrl-C while the futures ran; they have been cancelled."""
+
+
+def connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
+    """(client, cluster-or-None). The embedded cluster: one worker process per core."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("--scheduler: Dask is not installed (pip install 'balancer[dask]')") \
+            from None
+    if scheduler == "local":
+        n = max(1, min(os.cpu_count() or 1, n_runs))
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        return Client(cluster), cluster
+    try:
+        return Client(scheduler, timeout="10s"), None
+    except OSError as exc:
+        raise InputError(f"--scheduler {scheduler}: cannot reach the scheduler ({exc})") \
+            from None
+
+
+def execute(client: Any, specs: list[Any], fn: Any, *, retries: int = 1,
+            progress: bool | None = None, fn_kwargs: dict[str, Any] | None = None,
+            label: str = "runs") -> list[dict[str, Any]]:
+    """Submit ``fn(spec)`` per spec as one future each; retry a failed one ``retries`` times
+    (resubmitted, any worker), then record its error. Results in spec order; each has
+    ``attempts`` and either the function's dict or ``error``. Ctrl-C cancels every future
+    still pending and raises ``Interrupted``."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    kw = fn_kwargs or {}
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+    attempts = [0] * len(specs)
+    errors: list[str | None] = [None] * len(specs)
+    index: dict[str, int] = {}
+    live: set[Any] = set()
+
+    def submit(i: int) -> Any:
+        attempts[i] += 1
+        fut = client.submit(fn, specs[i], pure=False, **kw)
+        index[fut.key] = i
+        live.add(fut)
+        return fut
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=len(specs), file=sys.stderr, unit="run", desc=label, disable=not show,
+               dynamic_ncols=True)
+    futures = [submit(i) for i in range(len(specs))]
+    ac = as_completed(futures, with_results=False)
+    try:
+        for fut in ac:
+            i = index[fut.key]
+            live.discard(fut)
+            if fut.status == "finished":
+                results[i] = fut.result()
+                bar.update(1)
+            else:
+                exc = fut.exception()
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                if attempts[i] <= retries:
+                    bar.write(f"run {i + 1} failed ({errors[i]}); retrying", file=sys.stderr)
+                    ac.add(submit(i))
+                else:
+                    bar.update(1)
+            fut.release()
+    except KeyboardInterrupt:
+        client.cancel(list(live), force=True)
+        raise Interrupted(f"cancelled {len(live)} unfinished runs") from None
+    finally:
+        bar.close()
+    out = []
+    for i in range(len(specs)):
+        r = dict(results[i]) if results[i] is not None else {"error": errors[i]}
+        r["attempts"] = attempts[i]
+        out.append(r)
+    return out
+
+
+def close(client: Any, cluster: Any) -> None:
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        client.close(timeout=10)
+    if cluster is not None:
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=20)
+
+
+
+
+def run_tasks(scheduler: str, specs: list[Any], fn: Any, *,
+              fn_kwargs: dict[str, Any] | None = None, progress: bool | None = None,
+              label: str = "runs") -> list[dict[str, Any]]:
+    """Connect, ``execute``, close. Ctrl-C at any point (also while the embedded cluster
+    starts) raises ``Interrupted`` after cancelling whatever was submitted."""
+    old = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    client = cluster = None
+    try:
+        client, cluster = connect(scheduler, len(specs))
+        return execute(client, specs, fn, fn_kwargs=fn_kwargs, progress=progress, label=label)
+    except KeyboardInterrupt:
+        raise Interrupted("stopped before any task was submitted") from None
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if client is not None:
+            close(client, cluster)
