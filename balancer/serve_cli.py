@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 import tempfile
 from importlib import resources
@@ -32,12 +33,39 @@ def _port(text: str) -> int:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond loopback without a token, unless told ``--insecure-no-auth``."""
+    from balancer.errors import InputError
+
+    if is_loopback(host) or token:
+        return
+    if not insecure:
+        raise InputError(f"serve: refusing to listen on {host} without an API token: set "
+                         "[server] api_token or BALANCER_API_TOKEN (or give "
+                         "--insecure-no-auth to expose the reads anyway)")
+    log.warning("listening on %s without an API token (--insecure-no-auth): reads are open "
+                "to the network", host)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="service config (TOML), see configs/")
     parser.add_argument("--demo", action="store_true",
                         help="demo cluster, simulated metrics and backend, SQLite in a temp dir")
     parser.add_argument("--port", type=_port, help="listen port (overrides the config; 0: any)")
-    parser.add_argument("--host", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--host", help="listen address (default 127.0.0.1); a non-loopback "
+                                       "address needs an API token (or --insecure-no-auth)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="allow a non-loopback --host without an API token (reads open to "
+                             "the network; mutations and computations still refused)")
     parser.add_argument("--interval", type=float, metavar="S",
                         help="control loop interval, seconds (overrides the config)")
     parser.add_argument("--log-level", choices=LEVELS, default="info",
@@ -133,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host:
         server = dataclasses.replace(server, host=args.host)
     cfg = dataclasses.replace(cfg, server=server)
+    check_exposure(cfg.server.host, cfg.token(), getattr(args, "insecure_no_auth", False))
     if args.interval is not None:
         if not args.interval > 0:
             raise InputError(f"serve: --interval must be > 0, got {args.interval:g}")
@@ -154,14 +183,20 @@ def run(args: argparse.Namespace) -> int:
             tmp.cleanup()
         raise
 
+    tls = cfg.server.tls_cert is not None
+
     def listening(host: str, port: int) -> None:
-        log.info("listening on http://%s:%d", host, port)
+        log.info("listening on %s://%s:%d", "https" if tls else "http", host, port)
         if not cfg.token():
             log.warning("no API token configured: mutating endpoints are refused")
 
     try:
-        return Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
-                      on_listening=listening, stop_solves=solvers.stop_all).run()
+        daemon = Daemon(controller, app, host=cfg.server.host, port=cfg.server.port,
+                        on_listening=listening, stop_solves=solvers.stop_all)
+        if tls:  # uvicorn's own TLS ([server] tls_cert / tls_key)
+            daemon.config.ssl_certfile = cfg.server.tls_cert
+            daemon.config.ssl_keyfile = cfg.server.tls_key
+        return daemon.run()
     finally:
         solvers.close()
         controller.close()

@@ -12,7 +12,9 @@ its queueing):
 1. ``GET /v1/recommendations`` latency at a constant request rate (target p99 < 50 ms at 200/s);
 2. one control cycle (ingest, estimate, solve, store) via ``POST /v1/cycle`` (target < 5 s);
 3. ``POST /v1/metrics`` at a constant sample rate in batches of 1,000, and whether every sample
-   arrived (target 10,000 samples/s, nothing dropped).
+   arrived (target 10,000 samples/s, nothing dropped);
+4. 48 concurrent what-ifs posted back to back while reads go on: reads keep p99 <= 50 ms and
+   the solves beyond ``[server] max_concurrent_solves`` get 429 (never 5xx).
 
 Prints a table; exits 1 if a target is missed.
 """
@@ -165,6 +167,101 @@ def wrk_paced(url: str, rate: float, seconds: float, tmp: Path, connections: int
     return achieved, lat, errors
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hostile_bodies(url: str, pid: int) -> list[tuple[str, str, str, bool | None]]:
+    """A 48 MB body without a token, and a 20 MB one with it: refused before being read."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    big = b'{"samples": [' + b'{"ts": 1.7e9, "vm": "x", "cpu_cores": 1, "mem_mb": 1},' * 900_000
+    big = big[:48 * 1024 * 1024]
+    for label, body, headers, want in (
+            ("48 MB POST /v1/metrics without a token", big, {}, 401),
+            ("20 MB POST /v1/metrics with the token", big[:20 * 1024 * 1024], AUTH, 413)):
+        before = rss_mb(pid)
+        t = time.perf_counter()
+        try:
+            r = httpx.post(f"{url}/v1/metrics", content=body, timeout=60,
+                           headers={**headers, "Content-Type": "application/json"})
+            status = str(r.status_code)
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        took = time.perf_counter() - t
+        grew = rss_mb(pid) - before
+        rows.append((label, f"{status} in {took * 1000:.0f} ms (whole upload included), "
+                            f"server RSS {grew:+.0f} MB", f"{want}, body not parsed",
+                     status == str(want) and grew < 20))
+    return rows
+
+
+def whatif_storm(url: str, args: argparse.Namespace, tmp: Path
+                 ) -> list[tuple[str, str, str, bool | None]]:
+    """48 clients post what-ifs of the demo cluster back to back (none honours Retry-After;
+    each waits 50 ms after a 429) while wrk reads at ``args.rate``. Reads must keep p99
+    <= 50 ms; every solve beyond the slots must get 429 (never 5xx, never a timeout)."""
+    from importlib import resources
+
+    demo = json.loads(resources.files("balancer").joinpath("data/demo-cluster.json")
+                      .read_text())
+    body = json.dumps({"snapshot": demo, "time_limit_s": 2}).encode()
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    solve_s: list[float] = []
+
+    async def client(ac: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                r = await ac.post("/v1/whatif", content=body,
+                                  headers={**AUTH, "Content-Type": "application/json"})
+                key = str(r.status_code)
+                if r.status_code == 200:
+                    solve_s.append(time.perf_counter() - t)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            counts[key] = counts.get(key, 0) + 1
+            if key != "200":
+                await asyncio.sleep(0.05)
+
+    async def storm() -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as ac:
+            await asyncio.gather(*(client(ac) for _ in range(48)))
+
+    t = threading.Thread(target=lambda: asyncio.run(storm()))
+    t.start()
+    try:
+        time.sleep(1.0)  # the storm is on
+        rate, lat_ms, errors = wrk_paced(f"{url}/v1/recommendations", args.rate,
+                                         args.seconds, tmp)
+        crate, clat_ms, cerrors = wrk_paced(f"{url}/v1/cluster", args.rate / 10,
+                                            args.seconds / 2, tmp, connections=4)
+    finally:
+        stop.set()
+        t.join()
+    ok = counts.get("200", 0)
+    busy = counts.get("429", 0)
+    other = {k: v for k, v in counts.items() if k not in ("200", "429")}
+    return [
+        ("48 concurrent what-ifs (demo cluster, time_limit_s 2), back to back",
+         f"{ok} solved (median {np.median(solve_s) if solve_s else float('nan'):.2f} s), "
+         f"{busy} got 429, other {other or 'none'}", "extra solves get 429",
+         ok > 0 and busy > 0 and not other),
+        (f"  GET /v1/recommendations at {args.rate:g}/s meanwhile",
+         f"{rate:.0f} req/s: p50 {lat_ms[50]:.1f} ms, p90 {lat_ms[90]:.1f} ms, "
+         f"p99 {lat_ms[99]:.1f} ms, {errors} errors", "p99 <= 50 ms",
+         lat_ms[99] <= 50 and errors == 0),
+        (f"  GET /v1/cluster at {args.rate / 10:g}/s meanwhile",
+         f"{crate:.0f} req/s: p50 {clat_ms[50]:.1f} ms, p90 {clat_ms[90]:.1f} ms, "
+         f"p99 {clat_ms[99]:.1f} ms, {cerrors} errors", "p99 <= 50 ms",
+         clat_ms[99] <= 50 and cerrors == 0),
+    ]
+
+
 def pct(lat: np.ndarray, q: float) -> float:
     return float(np.nanpercentile(lat, q) * 1000)
 
@@ -243,6 +340,11 @@ def main() -> int:
                          f"p99 {lat_ms[99]:.1f} ms ({lat_ms[99] / idle_p99:.1f}x idle), "
                          f"{errors} errors", "p99 <= 2x idle p99",
                          lat_ms[99] <= 2 * idle_p99 and errors == 0))
+
+            # 4. 48 concurrent what-ifs (the demo cluster) while reads go on: the solver slots
+            # ([server] max_concurrent_solves, default 2) admit a few, the rest get 429.
+            rows.extend(whatif_storm(url, args, Path(tmp)))
+            rows.extend(hostile_bodies(url, proc.pid))
 
             # 3. ingestion at a constant sample rate
             batch = 1000

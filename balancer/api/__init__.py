@@ -24,6 +24,7 @@ from balancer.api import (
     automation,
     cluster,
     cycle,
+    docs,
     health,
     history,
     hosts,
@@ -34,9 +35,9 @@ from balancer.api import (
     whatif,
 )
 from balancer.api.admission import SolverGate
-from balancer.api.deps import READ_AUTH, ApiSettings, route_level
+from balancer.api.deps import READ_AUTH, ApiSettings
 from balancer.api.errors import install_handlers, responses, snapshot_loc
-from balancer.api.middleware import READ, Gate
+from balancer.api.middleware import Gate
 from balancer.console import mount_console
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
         clock=clock,
         solver=SolverGate(max_concurrent_solves or server.max_concurrent_solves,
                           solve_wall_s or server.solve_wall_s))
-    app = FastAPI(title="balancer", version="1",
+    app = FastAPI(title="balancer", version="1", docs_url=None, redoc_url=None,
                   description="An open, optimal DRS for KVM/QEMU clusters: cluster state, "
                               "recommendations, what-if plans, maintenance and placement.\n\n"
                               "Every error answers `{\"detail\": [{\"loc\", \"msg\", "
@@ -79,21 +80,17 @@ def create_app(controller: Controller, telemetry: Telemetry, *,
     install_handlers(app)
 
     reads = [READ_AUTH] if settings.read_auth else []
-    table = []  # what the Gate checks before the body: (path regex, methods, level)
     for module in (health, inventory, samples, whatif, placement, cycle, hosts, cluster,
                    recommendations, history, automation):
-        read_module = module in (cluster, recommendations, history, automation)
-        if read_module and reads:
+        if module in (cluster, recommendations, history, automation) and reads:
             app.include_router(module.router, dependencies=reads,
                                responses=responses(401, 403))
         else:
             app.include_router(module.router)
-        for route in module.router.routes:
-            level = route_level(route) or (READ if read_module else None)
-            if level is not None:
-                table.append((route.path_regex, set(route.methods), level))
 
+    docs.install(app)  # /docs and /redoc from local assets
     mount_console(app, controller, telemetry)  # the web console at /ui/ (balancer/console)
-    app.add_middleware(Gate, table=table, token=settings.token,
-                       read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Gate, spec=app.openapi, token=settings.token,
+                       read_auth=settings.read_auth, max_body_bytes=settings.max_body_bytes,
+                       solver_full=settings.solver.full)
     return app

@@ -39,6 +39,14 @@ class SolverGate:
         with self._lock:
             return len(self._deadlines)
 
+    def full(self) -> int | None:
+        """Retry-After seconds if every slot is busy now, else None (a hint: ``run`` decides)."""
+        with self._lock:
+            if len(self._deadlines) < self.slots:
+                return None
+            self.refused += 1
+            return self._retry_after()
+
     def _retry_after(self) -> int:
         now = time.monotonic()
         soonest = min(self._deadlines.values(), default=now + 1.0)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from balancer.api.deps import NO_BODY, WRITE_AUTH, ControllerDep, SolverDep
 from balancer.api.errors import item, responses
+from balancer.api.models import Budget, Threshold
 from balancer.config import LEVELS, VM_LEVELS
 from balancer.snapshot import MAX_NAME
 
@@ -43,14 +44,17 @@ VMName = Annotated[str, Path(min_length=1, max_length=MAX_NAME)]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: what the schema says is what is accepted (false is not 0, "1" is not 1)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class AutomationChange(_In):
-    automation: Level | None = Field(None, description="cluster automation level")
-    threshold: int | None = Field(None, ge=1, le=5, description="migration threshold 1..5")
-    max_migrations: int | None = Field(
-        None, ge=0, le=100_000, description="migrations per cycle (null: no budget)")
+    # Optional but never null (the schema says so); max_migrations may be null: no budget.
+    automation: Level = Field(None, description="cluster automation level")  # type: ignore[assignment]
+    threshold: Threshold = Field(None,  # type: ignore[assignment]
+                                 description="migration threshold 1..5")
+    max_migrations: Budget | None = Field(
+        None, description="migrations per cycle (null: no budget)")
 
 
 class VMOverride(_In):
@@ -65,8 +69,8 @@ class Automation(BaseModel):
 
 
 class CurrentWhatIf(_In):
-    threshold: int = Field(3, ge=1, le=5)
-    max_migrations: int | None = Field(None, ge=0, le=100_000)
+    threshold: Threshold = 3
+    max_migrations: Budget | None = None
     time_limit_s: float | None = Field(None, gt=0, le=30)
 
 
@@ -125,13 +129,8 @@ def put_automation(change: AutomationChange, controller: ControllerDep) -> Autom
     fields = change.model_fields_set
     updates: dict[str, Any] = {}
     if "automation" in fields:
-        if change.automation is None:
-            raise _bad(422, ["body", "automation"], "must be one of " + ", ".join(LEVELS),
-                       "literal_error")
         updates["automation"] = change.automation
     if "threshold" in fields:
-        if change.threshold is None:
-            raise _bad(422, ["body", "threshold"], "must be a whole number 1..5", "int_type")
         updates["threshold"] = change.threshold
     if "max_migrations" in fields:
         updates["max_migrations"] = change.max_migrations

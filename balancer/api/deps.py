@@ -93,18 +93,28 @@ WRITE_AUTH = Depends(require_token)
 READ_AUTH = Depends(require_read_token)
 
 
-def route_level(route: Any) -> str | None:
-    """``write``, ``read`` or None: which token mark a route carries (for the Gate)."""
+def _calls(route: Any) -> set[Any]:
     dependant = getattr(route, "dependant", None)
     if dependant is None:
-        return None
+        return set()
     stack, calls = list(dependant.dependencies), set()
     while stack:
         d = stack.pop()
         calls.add(d.call)
         stack.extend(d.dependencies)
+    return calls
+
+
+def route_level(route: Any) -> str | None:
+    """``write``, ``read`` or None: which token mark a route carries (for the Gate)."""
+    calls = _calls(route)
     if require_token in calls:
         return WRITE
     if require_read_token in calls:
         return READ
     return None
+
+
+def takes_solver_slot(route: Any) -> bool:
+    """Whether the route runs a solve through the ``SolverGate`` (for the Gate's early 429)."""
+    return get_solver in _calls(route)

@@ -170,7 +170,7 @@ def install_handlers(app: FastAPI) -> None:
                         media_type="application/json")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         d = exc.detail
         if isinstance(d, list) and all(isinstance(x, dict) for x in d):
             items = [item(x.get("loc", ()), str(x.get("msg", "")), str(x.get("type", "error")))
@@ -181,8 +181,16 @@ def install_handlers(app: FastAPI) -> None:
             loc = ["body"] if exc.status_code == 400 else ["path"] if exc.status_code in (
                 404, 405) else []
             items = [item(loc, str(d), kind)]
-        return Response(body(items), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None), media_type="application/json")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Every method of the path, not only those of the first route that matched it.
+            from balancer.api.middleware import allowed_methods
+
+            documented = allowed_methods(request.app.openapi(), request.url.path)
+            if documented:
+                headers["Allow"] = ", ".join(documented)
+        return Response(body(items), status_code=exc.status_code, headers=headers or None,
+                        media_type="application/json")
 
     @app.exception_handler(SnapshotError)
     async def _snapshot_error(_: Request, exc: SnapshotError) -> Response:

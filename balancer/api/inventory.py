@@ -2,20 +2,21 @@
 
 # No "from __future__ import annotations": FastAPI must see the Annotated aliases.
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 
 from balancer.api.deps import WRITE_AUTH, ControllerDep
 from balancer.api.errors import responses
-from balancer.api.models import InventoryAccepted
+from balancer.api.models import InventoryAccepted, snapshot_schema
 
 router = APIRouter(tags=["ingest"])
 
 
 @router.post("/v1/inventory", response_model=InventoryAccepted, dependencies=[WRITE_AUTH],
              responses=responses(400, 401, 403, 409, 413, 422))
-def post_inventory(doc: dict[str, Any], controller: ControllerDep) -> InventoryAccepted:
+def post_inventory(doc: Annotated[dict[str, Any], Body(json_schema_extra=snapshot_schema())],
+                   controller: ControllerDep) -> InventoryAccepted:
     """Replace the inventory (hosts, VMs, rules) with a snapshot v1 document.
 
     Validated like a snapshot file (names printable and bounded, capacities in physical

@@ -16,11 +16,12 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from balancer.api.errors import body, item
 
-WRITE = "write"
+WRITE = "write"  # route marks (balancer.api.deps.route_level)
 READ = "read"
 
 
@@ -49,36 +50,76 @@ async def _send_error(send: Send, status: int, msg: str, loc: list[Any], type_: 
     await send({"type": "http.response.body", "body": payload})
 
 
+def operations(spec: dict[str, Any]) -> list[tuple[re.Pattern[str], str, bool, bool]]:
+    """(path regex, METHOD, needs the token, takes a solver slot) of every documented
+    operation."""
+    out = []
+    for template, ops in spec.get("paths", {}).items():
+        regex, _, _ = compile_path(template)
+        for method, op in ops.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            out.append((regex, method.upper(), bool(op.get("security")),
+                        "429" in op["responses"]))
+    return out
+
+
+def allowed_methods(spec: dict[str, Any], path: str) -> list[str]:
+    """The documented methods of every operation on ``path`` (for a 405's ``Allow``)."""
+    return sorted({m for regex, m, _, _ in operations(spec) if regex.match(path)})
+
+
 class Gate:
     """ASGI middleware: token check (before the body), then a bounded body read."""
 
-    def __init__(self, app: ASGIApp, *, table: list[tuple[re.Pattern[str], set[str], str]],
-                 token: Callable[[], str | None], read_auth: bool, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, spec: Callable[[], dict[str, Any]],
+                 token: Callable[[], str | None], read_auth: bool, max_body_bytes: int,
+                 solver_full: Callable[[], int | None] = lambda: None) -> None:
         self.app = app
-        self.table = table  # (path regex, methods, level) of every route that has a level
+        self.spec = spec  # the app's OpenAPI document: which operation needs what
         self.token = token
         self.read_auth = read_auth
         self.max_body_bytes = max_body_bytes
+        self.solver_full = solver_full  # Retry-After seconds when every slot is busy, or None
+        self._table: list[tuple[re.Pattern[str], str, bool, bool]] | None = None
 
-    def _needs_token(self, scope: Scope) -> bool:
+    def _route(self, scope: Scope) -> tuple[bool, bool]:
+        """(needs the token, takes a solver slot) for this request.
+
+        Read from the OpenAPI document, the contract every router (ours and those mounted by
+        other parts, such as the console) declares: an operation with a security requirement
+        needs the token; one that documents 429 takes a solver slot. ``/metrics`` is not in the
+        document; it is a read.
+        """
+        if self._table is None:
+            self._table = operations(self.spec())
         path, method = scope.get("path", ""), scope.get("method", "")
-        for regex, methods, level in self.table:
-            if method in methods and regex.match(path):
-                return level == WRITE or (level == READ and self.read_auth)
-        return False  # 404/405 come from the router; nothing is done for them
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return self.read_auth, False
+        for regex, m, secured, solves in self._table:
+            if m == method and regex.match(path):
+                return secured, solves
+        return False, False  # 404/405 come from the router; nothing is done for them
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        if self._needs_token(scope):
+        needs_token, solves = self._route(scope)
+        if needs_token:
             auth = headers.get(b"authorization")
             err = token_error(self.token(), auth.decode("latin-1") if auth else None)
             if err:
                 status, msg, type_ = err
                 extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
                 await _send_error(send, status, msg, ["header", "authorization"], type_, extra)
+                return
+        if solves:
+            retry = self.solver_full()
+            if retry is not None:  # refused before the body is read or parsed
+                await _send_error(send, 429, "all solver slots are busy; retry later", [],
+                                  "busy", [(b"retry-after", str(retry).encode())])
                 return
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")

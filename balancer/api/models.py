@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from balancer.model import Automation, HostState, RuleType
 from balancer.snapshot import (
     MAX_HOST_CORES,
     MAX_MEM_MB,
@@ -29,6 +30,18 @@ def _name(value: str) -> str:
     return value
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer: 2.0 is 2; 2.5, true and "2" are not (strict mode refuses them)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+# Constraints before the validator (pydantic renders them as JSON Schema's minimum/maximum).
+Threshold = Annotated[int, Field(ge=1, le=5), BeforeValidator(_whole)]
+Budget = Annotated[int, Field(ge=0, le=100_000), BeforeValidator(_whole)]
+VCPUs = Annotated[int, Field(ge=1, le=int(MAX_VCPUS)), BeforeValidator(_whole)]
+MemMB = Annotated[int, Field(ge=1, le=int(MAX_MEM_MB)), BeforeValidator(_whole)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME,
                             json_schema_extra={"pattern": NAME_PATTERN}),
                  AfterValidator(_name)]
@@ -36,16 +49,69 @@ MIN_TS = 1e9  # 2001-09-09: a sample older than that is a unit error
 MAX_TS = 1e11  # year 5138: anything later is not a time
 
 
+def snapshot_schema() -> dict[str, Any]:
+    """The JSON Schema of a snapshot v1 document (docs/snapshot-format.md), for OpenAPI.
+
+    Everything it states is enforced by ``balancer.snapshot.parse_snapshot``; what JSON Schema
+    cannot state is enforced there too (a VM's host is one of the hosts, names are unique,
+    demand is within size, the VMs' memory fits the active hosts, rules name known VMs and
+    hosts and do not contradict each other), answered 422 naming the field.
+    """
+    name = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NAME_PATTERN}
+    names = {"type": "array", "items": name}
+    text = {"type": "string", "maxLength": MAX_NAME, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}
+    labels = {"type": "object", "propertyNames": name, "additionalProperties": text}
+    compat = {"cpu_model": {"anyOf": [name, {"type": "null"}]}, "cpu_features": names,
+              "networks": names, "datastores": names}
+    host = {"type": "object", "required": ["name", "cpu_capacity", "mem_capacity_mb"],
+            "properties": {
+                "name": name,
+                "cpu_capacity": {"type": "number", "minimum": 0.001,
+                                 "maximum": MAX_HOST_CORES, "description": "cores"},
+                "mem_capacity_mb": {"type": "number", "minimum": 1, "maximum": MAX_MEM_MB},
+                "state": {"enum": [e.value for e in HostState]},
+                "labels": labels, **compat}}
+    vm = {"type": "object",
+          "required": ["name", "host", "vcpus", "mem_mb", "cpu_demand", "mem_demand_mb"],
+          "properties": {
+              "name": name, "host": name,
+              "vcpus": {"type": "integer", "minimum": 1, "maximum": int(MAX_VCPUS)},
+              "mem_mb": {"type": "number", "minimum": 1, "maximum": MAX_MEM_MB},
+              "cpu_demand": {"type": "number", "minimum": 0, "maximum": MAX_VCPUS,
+                             "description": "cores used, at most vcpus"},
+              "mem_demand_mb": {"type": "number", "minimum": 0, "maximum": MAX_MEM_MB,
+                                "description": "MiB used, at most mem_mb"},
+              "automation": {"enum": [e.value for e in Automation]},
+              "local_storage": {"type": "boolean"}, **compat}}
+    rule = {"type": "object", "required": ["name", "type", "vms"],
+            "properties": {"name": name, "type": {"enum": [e.value for e in RuleType]},
+                           "vms": names, "hosts": names, "host_labels": labels,
+                           "mandatory": {"type": "boolean"}}}
+    return {"type": "object", "required": ["version", "hosts", "vms"],
+            "description": "a snapshot v1 document (docs/snapshot-format.md)",
+            "properties": {"version": {"enum": [1]},
+                           "hosts": {"type": "array", "minItems": 1, "items": host},
+                           "vms": {"type": "array", "items": vm},
+                           "rules": {"type": "array", "items": rule},
+                           "cpu_baseline": names}}
+
+
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: false is not 0, "1" is not 1 (what the schema says is what is accepted)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class Sample(_In):
     """One utilisation sample of a host or of a VM (exactly one of the two)."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True,
+                              json_schema_extra={
+        "oneOf": [{"required": ["host"]}, {"required": ["vm"]}]})
+
     ts: float = Field(ge=MIN_TS, le=MAX_TS, description="sample time, Unix epoch seconds")
-    host: Name | None = None
-    vm: Name | None = None
+    # Either name, never null (the schema says so: exactly one of the two is present).
+    host: Name = None  # type: ignore[assignment]
+    vm: Name = None  # type: ignore[assignment]
     cpu_cores: float = Field(ge=0, le=MAX_HOST_CORES, description="CPU used, cores")
     mem_mb: float = Field(ge=0, le=MAX_MEM_MB, description="memory used, MiB")
 
@@ -66,16 +132,16 @@ class MetricsAccepted(BaseModel):
 
 
 class WhatIfRequest(_In):
-    snapshot: dict[str, Any] = Field(description="a snapshot v1 document (docs/snapshot-format.md)")
-    threshold: int = Field(3, ge=1, le=5)
-    max_migrations: int | None = Field(None, ge=0, le=100_000)
+    snapshot: dict[str, Any] = Field(json_schema_extra=snapshot_schema())
+    threshold: Threshold = 3
+    max_migrations: Budget | None = None
     time_limit_s: float | None = Field(None, gt=0, le=30)
 
 
 class PlacementRequest(_In):
     name: Name
-    vcpus: int = Field(ge=1, le=int(MAX_VCPUS))
-    mem_mb: int = Field(ge=1, le=int(MAX_MEM_MB))
+    vcpus: VCPUs
+    mem_mb: MemMB
     cpu_demand: float | None = Field(None, ge=0, le=MAX_VCPUS,
                                      description="expected cores used (default: vcpus)")
     mem_demand_mb: float | None = Field(None, ge=0, le=MAX_MEM_MB,
@@ -187,7 +253,7 @@ class Plan(_Out):
 
 class ClusterHost(_Out):
     name: str
-    state: Literal["active", "maintenance"]
+    state: Literal["active", "maintenance", "standby"]
     cpu_capacity: float
     mem_capacity_mb: int
     cpu_used: float
