@@ -195,8 +195,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
     try:
+        args = build_parser(command).parse_args(argv)
         return int(args.run(args))
     except InputError as exc:
         print(f"balancer: error: {exc}", file=sys.stderr)

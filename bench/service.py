@@ -156,6 +156,9 @@ def wrk_paced(url: str, rate: float, seconds: float, tmp: Path, connections: int
                           "-s", str(script), url], capture_output=True, text=True,
                          check=True).stdout
     lat = {int(p): _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M)}
+    if len(lat) < 4:  # wrk prints no distribution when nothing completed
+        print(out, file=sys.stderr)
+        lat = {q: lat.get(q, float("nan")) for q in (50, 75, 90, 99)}
     achieved = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

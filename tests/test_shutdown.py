@@ -47,6 +47,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_solving(pid: int, timeout: float = 120.0) -> None:
+    """Until ``balancer plan`` has started its solver worker (a machine under load may need
+    several seconds to read the snapshot first)."""
+    deadline = time.monotonic() + timeout
+    while not _children(pid):
+        assert time.monotonic() < deadline, "plan never started its solver worker"
+        assert _alive(pid), "plan exited early"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.0])
 def test_ctrl_c_while_the_first_cycle_solves(tmp_path: Path, delay: float) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
@@ -92,7 +102,8 @@ def test_plan_first_ctrl_c_gives_the_best_plan_so_far(tmp_path: Path) -> None:
          "--time-limit", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4.0)  # well into the search
+        _wait_solving(proc.pid)
+        time.sleep(2.0)  # well into the search
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -118,7 +129,8 @@ def test_plan_second_ctrl_c_gives_up_with_130(tmp_path: Path) -> None:
          "--time-limit", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4.0)
+        _wait_solving(proc.pid)
+        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
