@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from balancer import sdnotify
 from balancer.config import ServiceConfig
 from balancer.errors import BalancerError, InfeasibleError, InputError
 from balancer.events import migration_event
@@ -478,6 +479,7 @@ class Controller:
         age = view.freshness.age
         self.telemetry.ingestion_age.set(float("nan") if age is None else age)
         self.telemetry.stale_vms.set(len(view.freshness.stale_vms))
+        self.telemetry.vms.set(len(snap.vms))
 
     def current_view(self) -> ClusterView:
         with self._lock:
@@ -880,6 +882,8 @@ class Daemon:
             self._wake.clear()
 
     def request_stop(self) -> None:
+        if not self.controller.stopping.is_set():
+            sdnotify.notify("STOPPING=1", "STATUS=stopping")  # systemd: shutting down
         self.controller.stopping.set()
         if self.stop_solves is not None:
             self.stop_solves()
@@ -894,12 +898,14 @@ class Daemon:
             log.warning("journal: migration %s of %s resolved as %s", row["id"], row["vm"],
                         row["state"])
         self._thread.start()
+        watchdog = sdnotify.Watchdog(alive=self._thread.is_alive)  # WATCHDOG=1 if WatchdogSec
         old = {s: signal.signal(s, lambda *_: self.request_stop())
                for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.server.run()
         finally:
             self.request_stop()
+            watchdog.stop()
             # Let the cycle in progress finish its in-flight migration and journal it.
             self._thread.join(timeout=600.0)
             for s, h in old.items():
