@@ -140,7 +140,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scheduler", type=scheduler_arg, default="local",
                    help="with --fleet: 'local' (one worker process per core) or "
                    "tcp://HOST:PORT of a running dask scheduler")
+    _add_power_arguments(p)
     return parser
+
+
+def _add_power_arguments(p: argparse.ArgumentParser) -> None:
+    """``plan --power``: standby/wake recommendations (balancer.power_plan, docs/replay.md)."""
+    g = p.add_argument_group("power management (--power)")
+    g.add_argument("--power", action="store_true",
+                   help="plan power instead of balance: hosts to put in standby or wake, with "
+                   "the moves that empty them, the reason and the watts (CP-SAT power mode)")
+    g.add_argument("--power-target", type=_positive_float("--power-target"), default=0.8,
+                   metavar="U", help="CPU share a host on may carry (default: 0.8)")
+    g.add_argument("--power-max-switch", type=_nonneg_int("--power-max-switch"), default=4,
+                   metavar="N", help="hosts switched on or off at most (default: 4)")
+    g.add_argument("--power-idle-w", type=_nonneg_float("--power-idle-w"), default=180.0,
+                   metavar="W", help="idle watts of hosts without a power.idle_w label")
+    g.add_argument("--power-peak-w", type=_nonneg_float("--power-peak-w"), default=450.0,
+                   metavar="W", help="peak watts of hosts without a power.peak_w label")
+    g.add_argument("--power-command", metavar="TEMPLATE",
+                   help="command for each recommendation, with {action} (standby or wake) and "
+                   "{host}, e.g. 'ipmitool -H {host}-bmc chassis power soft'")
+    g.add_argument("--power-run", action="store_true",
+                   help="run --power-command for each recommendation (wake first)")
 
 
 def _load_snapshot(args: argparse.Namespace) -> Any:
@@ -159,7 +181,45 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
     return snapshot.load(args.snapshot, mem_overcommit=args.mem_overcommit)
 
 
+def cmd_plan_power(args: argparse.Namespace) -> int:
+    from balancer.power_plan import PowerPlanOptions, plan_power, run_commands
+
+    if args.power_run and not args.power_command:
+        raise InputError("--power-run needs --power-command")
+    if not 0 < args.power_target <= 1:
+        raise InputError(f"--power-target must be in (0, 1], got {args.power_target}")
+    if args.power_peak_w < args.power_idle_w:
+        raise InputError("--power-peak-w must be >= --power-idle-w")
+    snap = _load_snapshot(args)
+    doc = plan_power(snap, PowerPlanOptions(
+        target_util=args.power_target, max_switch=args.power_max_switch,
+        idle_w=args.power_idle_w, peak_w=args.power_peak_w, mem_overcommit=args.mem_overcommit,
+        seed=args.seed, command=args.power_command,
+        time_limit=args.time_limit or 30.0))
+    if args.power_run:
+        doc["power"]["ran"] = run_commands(doc)
+    if args.format == "json":
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    pw = doc["power"]
+    sys.stdout.write(f"power: {pw['watts_before']:.0f} W -> {pw['watts_after']:.0f} W "
+                     f"(saves {pw['watts_saved']:.0f} W), {len(doc['migrations'])} moves\n")
+    for r in pw["recommendations"]:
+        cmd = f"  [{' '.join(r['command'])}]" if r.get("command") else ""
+        sys.stdout.write(f"{r['action']:<8} {r['host']}: {r['reason']}{cmd}\n")
+    for m in doc["migrations"]:
+        sys.stdout.write(f"move     {m['vm']} {m['from']} -> {m['to']}: {m['reason']}\n")
+    for r in pw.get("ran", []):
+        sys.stdout.write(f"ran      {r['action']} {r['host']}: exit {r['exit']}\n")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "power", False):
+        if args.fleet:
+            raise InputError("plan: give --power or --fleet, not both")
+        return cmd_plan_power(args)
     if args.fleet:
         from balancer.fleet import run_fleet
         return run_fleet(args)
