@@ -103,10 +103,10 @@ def get_json(url: str) -> object:
         return json.loads(r.read())
 
 
-def serve_and_stop(argv: list[str], port: int) -> None:
+def serve_and_stop(argv: list[str], port: int, cwd: Path = ROOT) -> None:
     print(f"smoke: starting {shlex.join(argv)}", flush=True)
     errf = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errf,
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errf,
                             stdin=subprocess.DEVNULL)
 
     def stderr_text() -> str:
@@ -172,7 +172,8 @@ def main(argv: list[str]) -> None:
         if not os.access(exe, os.X_OK):
             fail(f"not an executable: {argv[1]}")
         port = free_port()
-        serve_and_stop([exe, "serve", "--demo", "--port", str(port)], port)
+        with tempfile.TemporaryDirectory(prefix="balancer-smoke-") as tmp:  # not the source tree
+            serve_and_stop([exe, "serve", "--demo", "--port", str(port)], port, Path(tmp))
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

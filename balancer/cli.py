@@ -58,10 +58,19 @@ def _nonneg_int(name: str):  # noqa: ANN202
     return parse
 
 
+def _default_threshold() -> int:
+    from policies.balance import Threshold
+
+    return Threshold.DEFAULT
+
+
 def _threshold(text: str) -> int:
-    if text not in {"1", "2", "3", "4", "5"}:
-        raise argparse.ArgumentTypeError(f"--threshold must be 1, 2, 3, 4 or 5, got {text!r}")
-    return int(text)
+    from policies.balance import Threshold
+
+    try:
+        return Threshold.parse(text, "--threshold")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _plugin_commands() -> dict[str, Any]:
@@ -113,7 +122,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "(default: no limit)")
     p.add_argument("--max-moved-mem-gb", type=_nonneg_float("--max-moved-mem-gb"), metavar="G",
                    help="at most G GiB of configured VM memory moved (default: no limit)")
-    p.add_argument("--threshold", type=_threshold, default=3,
+    p.add_argument("--threshold", type=_threshold, default=_default_threshold(),
                    help="migration threshold 1 (mandatory moves only) .. 5 (most aggressive); "
                    "sets the price a move's balance gain must pay (default: 3)")
     p.add_argument("--time-limit", type=_positive_float("--time-limit"), metavar="S",
@@ -133,6 +142,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "baseline, one best move at a time")
     p.add_argument("--format", choices=["json", "table"], default="json",
                    help="json for tools (default), table for people")
+    p.add_argument("--effort", type=_positive_float("--effort"), default=1.0, metavar="X",
+                   help="search effort, a multiple of the default (deterministic units: "
+                   "model size built; default: 1)")
+    p.add_argument("--frontier", action="store_true",
+                   help="the whole balance / migration-cost curve instead of one plan: one "
+                   "verified plan per price per MiB moved, sorted by memory moved (budgets and "
+                   "threshold do not apply)")
+    p.add_argument("--points", type=_nonneg_int("--points"), default=8, metavar="N",
+                   help="with --frontier: number of points (prices) on the curve (default: 8)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="with --frontier: also draw the curve into this PNG file")
     # balancer plan --fleet (balancer/fleet.py): every snapshot of a folder as Dask tasks
     from balancer.tasks import scheduler_arg
     p.add_argument("--fleet", metavar="DIR", help="plan every snapshot (*.json, one per "
@@ -140,7 +160,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scheduler", type=scheduler_arg, default="local",
                    help="with --fleet: 'local' (one worker process per core) or "
                    "tcp://HOST:PORT of a running dask scheduler")
+    _add_power_arguments(p)
     return parser
+
+
+def _add_power_arguments(p: argparse.ArgumentParser) -> None:
+    """``plan --power``: standby/wake recommendations (balancer.power_plan, docs/replay.md)."""
+    g = p.add_argument_group("power management (--power)")
+    g.add_argument("--power", action="store_true",
+                   help="plan power instead of balance: hosts to put in standby or wake, with "
+                   "the moves that empty them, the reason and the watts (CP-SAT power mode)")
+    g.add_argument("--power-target", type=_positive_float("--power-target"), default=0.8,
+                   metavar="U", help="CPU share a host on may carry (default: 0.8)")
+    g.add_argument("--power-max-switch", type=_nonneg_int("--power-max-switch"), default=4,
+                   metavar="N", help="hosts switched on or off at most (default: 4)")
+    g.add_argument("--power-idle-w", type=_nonneg_float("--power-idle-w"), default=180.0,
+                   metavar="W", help="idle watts of hosts without a power.idle_w label")
+    g.add_argument("--power-peak-w", type=_nonneg_float("--power-peak-w"), default=450.0,
+                   metavar="W", help="peak watts of hosts without a power.peak_w label")
+    g.add_argument("--power-command", metavar="TEMPLATE",
+                   help="command for each recommendation, with {action} (standby or wake) and "
+                   "{host}, e.g. 'ipmitool -H {host}-bmc chassis power soft'")
+    g.add_argument("--power-run", action="store_true",
+                   help="run --power-command for each recommendation (wake first)")
 
 
 def _load_snapshot(args: argparse.Namespace) -> Any:
@@ -159,7 +201,62 @@ def _load_snapshot(args: argparse.Namespace) -> Any:
     return snapshot.load(args.snapshot, mem_overcommit=args.mem_overcommit)
 
 
+def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
+    from balancer.report import frontier_plot, frontier_table
+    from balancer.service import frontier
+
+    result = frontier(snap, options, points=args.points)
+    if args.plot:
+        frontier_plot(result, args.plot)
+    if args.format == "json":
+        json.dump(result.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(frontier_table(result))
+        if args.plot:
+            sys.stdout.write(f"plot: {args.plot}\n")
+    return 0
+
+
+def cmd_plan_power(args: argparse.Namespace) -> int:
+    from balancer.power_plan import PowerPlanOptions, plan_power, run_commands
+
+    if args.power_run and not args.power_command:
+        raise InputError("--power-run needs --power-command")
+    if not 0 < args.power_target <= 1:
+        raise InputError(f"--power-target must be in (0, 1], got {args.power_target}")
+    if args.power_peak_w < args.power_idle_w:
+        raise InputError("--power-peak-w must be >= --power-idle-w")
+    snap = _load_snapshot(args)
+    doc = plan_power(snap, PowerPlanOptions(
+        target_util=args.power_target, max_switch=args.power_max_switch,
+        idle_w=args.power_idle_w, peak_w=args.power_peak_w, mem_overcommit=args.mem_overcommit,
+        seed=args.seed, command=args.power_command,
+        time_limit=args.time_limit or 30.0))
+    if args.power_run:
+        doc["power"]["ran"] = run_commands(doc)
+    if args.format == "json":
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    pw = doc["power"]
+    sys.stdout.write(f"power: {pw['watts_before']:.0f} W -> {pw['watts_after']:.0f} W "
+                     f"(saves {pw['watts_saved']:.0f} W), {len(doc['migrations'])} moves\n")
+    for r in pw["recommendations"]:
+        cmd = f"  [{' '.join(r['command'])}]" if r.get("command") else ""
+        sys.stdout.write(f"{r['action']:<8} {r['host']}: {r['reason']}{cmd}\n")
+    for m in doc["migrations"]:
+        sys.stdout.write(f"move     {m['vm']} {m['from']} -> {m['to']}: {m['reason']}\n")
+    for r in pw.get("ran", []):
+        sys.stdout.write(f"ran      {r['action']} {r['host']}: exit {r['exit']}\n")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "power", False):
+        if args.fleet:
+            raise InputError("plan: give --power or --fleet, not both")
+        return cmd_plan_power(args)
     if args.fleet:
         from balancer.fleet import run_fleet
         return run_fleet(args)
@@ -167,9 +264,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.service import PlanOptions
     from balancer.solving import plan_interruptible
 
+    if not args.frontier and (args.plot or args.points != 8):
+        raise InputError("plan: --points and --plot go with --frontier")
+    if args.frontier and args.points < 1:
+        raise InputError("plan: --points must be >= 1")
     snap = _load_snapshot(args)
-    # The solve runs in a worker process: the first Ctrl-C gives the best plan found so far.
-    result = plan_interruptible(snap, PlanOptions(
+    options = PlanOptions(
         threshold=args.threshold,
         max_migrations=args.max_migrations,
         max_moved_mem_gb=args.max_moved_mem_gb,
@@ -178,7 +278,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         solver=args.solver,
-    ))
+        effort=args.effort,
+    )
+    if args.frontier:
+        return _frontier(snap, options, args)
+    # The solve runs in a worker process: the first Ctrl-C gives the best plan found so far.
+    result = plan_interruptible(snap, options)
     from balancer.planner import PlannerLimits, add_waves
 
     doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))

@@ -136,8 +136,14 @@ class ServiceConfig:
     source_path: str | None = None
 
     def token(self) -> str | None:
+        """The API token: ``BALANCER_API_TOKEN``, else the systemd credential
+        ``$CREDENTIALS_DIRECTORY/api_token`` (``LoadCredential=api_token:FILE``), else
+        ``[server] api_token``. Read at each call, so a rotated credential takes effect."""
         env = os.environ.get("BALANCER_API_TOKEN")
-        return env if env else self.server.api_token
+        if env:
+            return env
+        cred = credential_token()
+        return cred if cred else self.server.api_token
 
 
 class _Section:
@@ -394,3 +400,174 @@ def demo_config(store_path: str, port: int = 8080, host: str = "127.0.0.1") -> S
         store=StoreConfig(path=store_path),
         demo=True,
     )
+
+
+# -- systemd credentials -------------------------------------------------------------------------
+TOKEN_CREDENTIAL = "api_token"
+
+
+def credential_token() -> str | None:
+    """The API token from systemd's credential folder, if the unit passes one.
+
+    ``LoadCredential=api_token:/etc/balancer/api_token`` makes systemd copy that file (readable
+    by root only) to ``$CREDENTIALS_DIRECTORY/api_token``, readable by the service's user only
+    and never in the unit's text or environment. Surrounding whitespace is dropped; a missing
+    or empty file means no credential.
+    """
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / TOKEN_CREDENTIAL
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"credential {path}: cannot read: {exc.strerror}") from None
+    return text or None
+
+
+# -- the documented full config (``balancer config example``) -------------------------------------
+# One line per key of the dataclasses above. ``example_config`` walks the dataclasses, so a key
+# added there appears in the example with its default; tests/test_packaging_config.py checks
+# that every key has a line here and that the example parses back to the defaults.
+SECTION_DOCS: dict[str, str] = {
+    "server": "The HTTP API (/v1, /metrics, /healthz).",
+    "loop": "The control loop: one cycle = ingest, estimate, solve, store, execute by level.",
+    "cluster": "The cluster and how the engine may change it.",
+    "ingest": "Where utilisation comes from and how demand is estimated from it.",
+    "prometheus": "The Prometheus server read when [ingest] source = \"prometheus\".",
+    "executor": "How migrations are carried out (automation level partially/fully, or apply).",
+    "store": "The service's state: recommendations, history, cycles, inventory (SQLite).",
+}
+KEY_DOCS: dict[str, str] = {
+    "server.host": "listen address",
+    "server.port": "listen port (0: any free port)",
+    "server.api_token": "bearer token for mutating endpoints; BALANCER_API_TOKEN and the "
+                        "systemd credential $CREDENTIALS_DIRECTORY/api_token win over it. "
+                        "None: mutating endpoints are refused. Prefer the credential.",
+    "server.read_auth": "reads (/v1 GETs, /metrics) need the token too (Prometheus then "
+                        "scrapes with the bearer token)",
+    "server.max_body_mb": "request bodies above this many MB get 413",
+    "server.max_concurrent_solves": "solves requested over HTTP at once (what-if, placement, "
+                                    "cycle, maintenance); more get 429",
+    "server.solve_wall_s": "wall-clock cap of a solve requested over HTTP, seconds (then 503)",
+    "server.tls_cert": "PEM certificate chain: serve HTTPS (with tls_key)",
+    "server.tls_key": "PEM private key for tls_cert",
+    "loop.interval_s": "seconds between control cycles",
+    "loop.imbalance_cycles": "cycles an imbalance must persist before balancing moves",
+    "loop.cooldown_s": "seconds a moved or dismissed VM is held for balance",
+    "cluster.name": "cluster name shown by the API",
+    "cluster.automation": "manual (recommend), partially (also place new VMs), fully (execute)",
+    "cluster.vm_automation": "per-VM override of the automation level: disabled, manual, "
+                             "partially, fully",
+    "cluster.threshold": "migration threshold 1 (mandatory moves only) .. 5 (most aggressive)",
+    "cluster.max_migrations": "at most this many migrations per cycle (unset: no budget)",
+    "cluster.max_moved_mem_gb": "at most this much memory moved per cycle, GB (unset: no budget)",
+    "cluster.mem_overcommit": "host memory capacity x this = what VMs may be given",
+    "cluster.cpu_headroom": "share of host CPU kept free (0.1: plan to 90 %)",
+    "cluster.time_limit_s": "solver wall time per cycle, seconds",
+    "cluster.seed": "solver seed (same input and seed: same plan)",
+    "cluster.inventory": "snapshot v1 file (hosts, VMs, rules) loaded at start; unset: POST "
+                         "/v1/inventory. Relative to this file.",
+    "ingest.source": "push (POST /v1/metrics), prometheus, simulated or libvirt",
+    "ingest.window_s": "estimation window, seconds",
+    "ingest.estimator": "mean, percentile or max of the samples in the window",
+    "ingest.percentile": "the percentile, when estimator = percentile (0, 100]",
+    "ingest.stale_after_s": "a host or VM whose newest sample is older is stale (not moved)",
+    "ingest.retention_s": "pushed samples kept this long, seconds (>= window_s)",
+    "ingest.simulated_period_s": "simulated source: one sample per VM and host per period",
+    "prometheus.url": "Prometheus server (http:// or https://)",
+    "prometheus.step_s": "query_range step, seconds",
+    "prometheus.timeout_s": "HTTP timeout per query, seconds",
+    "prometheus.host_label": "label naming the host in host series (node1:9100 matches node1)",
+    "prometheus.vm_label": "label naming the VM in VM series",
+    "prometheus.queries": "PromQL per quantity, one series per host/VM; CPU in cores used, "
+                          "memory in MiB used",
+    "executor.backend": "simulated or libvirt",
+    "executor.config": "the executor's own config file (limits, timeouts, retries, journal, "
+                       "[backend.libvirt] hosts; the format of `balancer execute --config`). "
+                       "Relative to this file.",
+    "executor.settings": "the same executor config, inline as [executor.settings] (not with "
+                         "config). Neither: the executor's defaults, journal at <store>.journal",
+    "store.path": "SQLite file (recommendations, history, cycles, inventory); relative to this "
+                  "file. Its folder must be writable (journal, WAL files beside it).",
+}
+# Shown (commented out) for keys whose default is unset.
+KEY_EXAMPLES: dict[str, str] = {
+    "server.api_token": '"change-me"',
+    "server.tls_cert": '"/etc/balancer/tls/cert.pem"',
+    "server.tls_key": '"/etc/balancer/tls/key.pem"',
+    "cluster.max_migrations": "10",
+    "cluster.max_moved_mem_gb": "256.0",
+    "cluster.inventory": '"/etc/balancer/inventory.json"',
+    "executor.config": '"/etc/balancer/executor.toml"',
+}
+_NOT_TOML = ("demo", "source_path")  # ServiceConfig fields that are not config keys
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    raise TypeError(f"no TOML literal for {value!r}")
+
+
+def _comment(text: str, indent: str = "") -> list[str]:
+    import textwrap
+
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 96 - len(indent))]
+
+
+def config_sections() -> list[tuple[str, Any]]:
+    """(section name, dataclass type) for every TOML section of ``ServiceConfig``."""
+    import dataclasses
+
+    defaults = ServiceConfig()
+    return [(f.name, type(getattr(defaults, f.name))) for f in dataclasses.fields(ServiceConfig)
+            if f.name not in _NOT_TOML]
+
+
+def example_config() -> str:
+    """The documented full config: every section and key with its default and a comment.
+
+    Generated from the dataclasses the daemon parses into, so it cannot fall behind them; keys
+    whose default is unset are shown commented out with an example value. The text parses
+    (``parse_config``) back to the defaults.
+    """
+    import dataclasses
+
+    out = ["# balancer service config (balancer serve --config FILE). Every key with its default;",
+           "# `balancer config check FILE` validates a file with the daemon's own code.",
+           "# Unknown sections and keys are errors. Generated by `balancer config example`."]
+    for section, cls in config_sections():
+        out += ["", *_comment(SECTION_DOCS.get(section, "")), f"[{section}]"]
+        tables: list[tuple[str, Any]] = []
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = getattr(cls(), f.name)
+            if isinstance(default, dict) or (default is None and key == "executor.settings"):
+                tables.append((f.name, default))
+                continue
+            out += _comment(KEY_DOCS.get(key, "(undocumented)"))
+            if default is None:
+                out.append(f"# {f.name} = {KEY_EXAMPLES.get(key, '...')}")
+            else:
+                out.append(f"{f.name} = {_toml_value(default)}")
+        for name, default in tables:
+            key = f"{section}.{name}"
+            out += ["", *_comment(KEY_DOCS.get(key, "(undocumented)"))]
+            if default is None:
+                out += [f"# [{key}]", "# limits = { max_concurrent = 2 }"]
+                continue
+            out.append(f"[{key}]")
+            if not default:
+                out.append('# vm-042 = "disabled"')
+            for k, v in default.items():
+                out.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(out) + "\n"

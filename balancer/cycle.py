@@ -136,6 +136,7 @@ class ControlCycle:
         age = view.freshness.age
         self.telemetry.ingestion_age.set(float("nan") if age is None else age)
         self.telemetry.stale_vms.set(len(view.freshness.stale_vms))
+        self.telemetry.vms.set(len(snap.vms))
 
     # -- planning ----------------------------------------------------------------------------
     def options(self, threshold: int | None = None) -> PlanOptions:

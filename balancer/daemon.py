@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from balancer import sdnotify
 from balancer.controller import Controller
 from balancer.cycle import ClusterView, CycleReport
 from balancer.execution import PlanExecutor, executor_config, simulated_backend
@@ -71,6 +72,8 @@ class Daemon:
             self._wake.clear()
 
     def request_stop(self) -> None:
+        if not self.controller.stopping.is_set():
+            sdnotify.notify("STOPPING=1", "STATUS=stopping")  # systemd: shutting down
         self.controller.stopping.set()
         if self.stop_solves is not None:
             self.stop_solves()
@@ -90,12 +93,14 @@ class Daemon:
             self.controller.telemetry.leader.set(0)
             lead.on_change = lambda leading, term: self._wake.set()
         self._thread.start()
+        watchdog = sdnotify.Watchdog(alive=self._thread.is_alive)  # WATCHDOG=1 if WatchdogSec
         old = {s: signal.signal(s, lambda *_: self.request_stop())
                for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.server.run()
         finally:
             self.request_stop()
+            watchdog.stop()
             # Let the cycle in progress finish its in-flight migration and journal it.
             self._thread.join(timeout=600.0)
             if lead is not None:  # hand over at once rather than at lease expiry

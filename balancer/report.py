@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from balancer.model import host_loads
-from balancer.service import PlanResult
+from balancer.service import FrontierResult, PlanResult
 
 
 def _bar(x: float, width: int = 20) -> str:
@@ -55,3 +55,69 @@ def plan_table(result: PlanResult) -> str:
         for w, n in sorted(count.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {n} VM(s) {w}")
     return "\n".join(lines) + "\n"
+
+
+def frontier_table(result: FrontierResult, width: int = 48) -> str:
+    """The balance / migration-cost curve for a terminal: one row per point, then a chart of
+    imbalance (rows) against memory moved (columns)."""
+    pts = result.points
+    b = result.before
+    lines = [f"{'#':>2}  {'price/MiB':>10}  {'moves':>5}  {'moved GiB':>9}  {'imbalance':>9}  "
+             f"{'cpu std':>7}  {'mem std':>7}  {'gap':>6}"]
+    lines.append(f"{'-':>2}  {'(start)':>10}  {0:>5}  {0:>9.1f}  {b.imbalance:>9.4f}  "
+                 f"{b.cpu_std:>7.4f}  {b.mem_std:>7.4f}  {'':>6}")
+    for i, p in enumerate(pts, 1):
+        d = p.to_dict()
+        lines.append(f"{i:>2}  {p.price:>10.1f}  {d['moves']:>5}  {d['moved_mem_gb']:>9.1f}  "
+                     f"{d['imbalance']:>9.4f}  {d['cpu_std']:>7.4f}  {d['mem_std']:>7.4f}  "
+                     f"{d['gap']:>6.1%}")
+    if pts:
+        top = max(b.imbalance, max(p.plan.after.imbalance for p in pts)) or 1.0
+        right = max(p.plan.moved_mem for p in pts) or 1
+        rows = 10
+        grid = [[" "] * (width + 1) for _ in range(rows + 1)]
+        marks = [(0, b.imbalance, "s")] + [(p.plan.moved_mem, p.plan.after.imbalance, str(i))
+                                           for i, p in enumerate(pts, 1)]
+        for mem, imb, ch in marks:
+            r = rows - round(imb / top * rows)
+            c = round(mem / right * width)
+            grid[r][c] = ch if grid[r][c] == " " else "*"
+        lines.append("")
+        lines.append("imbalance (cpu std + mem std) vs memory moved; s = start, n = point n")
+        for r, row in enumerate(grid):
+            label = f"{top * (rows - r) / rows:7.3f}" if r % 5 == 0 else " " * 7
+            lines.append(f"{label} |{''.join(row)}")
+        lines.append(" " * 8 + "+" + "-" * (width + 1))
+        lines.append(" " * 9 + f"0{'GiB moved':^{width - 10}}{right / 1024:>9.0f}")
+    s = result.solver
+    lines.append("")
+    lines.append(f"solver: {s.get('name')}, {s.get('points')} points in {s.get('seconds')} s, "
+                 f"stopped by {s.get('stopped_by')}")
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(result: FrontierResult, path: str, title: str | None = None) -> None:
+    """The curve as a PNG: imbalance against memory moved, each point labelled by its price."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result.points
+    xs = [0.0] + [p.plan.moved_mem / 1024 for p in pts]
+    ys = [result.before.imbalance] + [p.plan.after.imbalance for p in pts]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(xs, ys, "o-", color="tab:blue", label="frontier (one verified plan per price)")
+    for p in pts:
+        ax.annotate(f"{p.price:,.0f}", (p.plan.moved_mem / 1024, p.plan.after.imbalance),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(result.before.imbalance, color="grey", lw=0.8, ls=":", label="start")
+    ax.set_xlabel("memory moved (GiB)")
+    ax.set_ylabel("imbalance = cpu std + mem std")
+    ax.set_title(title or f"balance vs migration cost ({len(result.snapshot.hosts)} hosts, "
+                 f"{len(result.snapshot.vms)} VMs); labels: price per MiB")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

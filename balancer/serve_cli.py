@@ -197,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
 
     def listening(host: str, port: int) -> None:
         log.info("listening on %s://%s:%d", "https" if tls else "http", host, port)
+        from balancer import sdnotify
+
+        scheme = "https" if tls else "http"
+        sdnotify.notify("READY=1", f"STATUS=serving on {scheme}://{host}:{port}")  # Type=notify
         if not cfg.token():
             log.warning("no API token configured: mutating endpoints are refused")
 

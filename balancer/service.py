@@ -8,30 +8,44 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from balancer.errors import SolverError
+from balancer.errors import InputError, SolverError
 from balancer.model import ClusterSnapshot, Move, MoveKind, Placement, UtilStats, util_stats
 from balancer.model.problem import Problem, unit_placement, vm_placement
 from balancer.solver import EngineOptions, Status, solve
+from balancer.solver.engine import curve
 from balancer.solver.gains import Imbalance, drop_unpaid, forced_units, moved_units, own_gains
 from balancer.solver.greedy import greedy
 from balancer.solver.objective import Evaluator
+from balancer.solver.price import frontier_prices, reprice
 from balancer.verify import Limits, verify
-from policies import build_problem
+from policies import Policy, build_problem
+from policies.balance import PRICE_PER_MIB, Balance, BalanceArgs, Threshold
+from policies.budget import Budget, BudgetArgs
+from policies.capacity import Capacity, CapacityArgs
+from policies.compatibility import Compatibility
+from policies.evacuation import Evacuation
+from policies.rules import Rules
 
 
 @dataclass(frozen=True)
 class PlanOptions:
-    threshold: int = 3
+    """Everything a plan depends on besides the snapshot: a plain, picklable, frozen value.
+
+    Validated once, here: ``threshold`` becomes a ``Threshold`` and the policy arguments are
+    checked by building them (``policies()``), so a bad value fails at construction with the
+    field named. The same argument objects give the verifier its limits (``limits()``)."""
+
+    threshold: int = Threshold.DEFAULT
     max_migrations: int | None = None
     max_moved_mem_gb: float | None = None
     mem_overcommit: float = 1.0
     cpu_headroom: float = 0.1
-    time_limit: float | None = None  # None: scales with the cluster (see auto_time_limit)
+    time_limit: float | None = None  # wall-clock safety stop; None: auto_time_limit
     seed: int = 0
     max_iterations: int | None = None
     max_dtime: float | None = None
@@ -41,21 +55,46 @@ class PlanOptions:
     effort: float = 1.0  # multiplies the automatic effort
     fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", Threshold(self.threshold))
+        if self.solver not in ("cpsat", "greedy"):
+            raise InputError(f"solver: must be 'cpsat' or 'greedy', got {self.solver!r}")
+        self.capacity_args()
+        self.budget_args()
+        self.balance_args()
+
+    def capacity_args(self) -> CapacityArgs:
+        return CapacityArgs(mem_overcommit=self.mem_overcommit, cpu_headroom=self.cpu_headroom)
+
+    def balance_args(self) -> BalanceArgs:
+        return BalanceArgs(threshold=self.threshold, fixed_cost_mb=self.fixed_cost_mb)
+
+    def budget_args(self) -> BudgetArgs:
+        return BudgetArgs(max_migrations=self.max_migrations,
+                          max_moved_mem_gb=self.max_moved_mem_gb)
+
+    def policies(self) -> list[Policy]:
+        """The policy objects of a plan, built directly (in ``DEFAULT_POLICIES`` order)."""
+        return [Capacity(self.capacity_args()), Evacuation(), Compatibility(), Rules(),
+                Balance(self.balance_args()), Budget(self.budget_args())]
+
     def policy_config(self) -> dict[str, dict[str, Any]]:
+        """The same arguments as a registry config (for callers that build by name)."""
         return {
             "capacity": {"mem_overcommit": self.mem_overcommit, "cpu_headroom": self.cpu_headroom},
-            "balance": {"threshold": self.threshold, "fixed_cost_mb": self.fixed_cost_mb},
+            "balance": {"threshold": int(self.threshold), "fixed_cost_mb": self.fixed_cost_mb},
             "budget": {"max_migrations": self.max_migrations,
                        "max_moved_mem_gb": self.max_moved_mem_gb},
         }
 
     def limits(self) -> Limits:
+        """The verifier's limits, from the same argument objects the policies use."""
+        cap, budget = self.capacity_args(), self.budget_args()
         return Limits(
-            mem_overcommit=self.mem_overcommit,
-            cpu_headroom=self.cpu_headroom,
-            max_migrations=self.max_migrations,
-            max_moved_mem_mb=None if self.max_moved_mem_gb is None
-            else int(self.max_moved_mem_gb * 1024),
+            mem_overcommit=cap.mem_overcommit,
+            cpu_headroom=cap.cpu_headroom,
+            max_migrations=budget.max_migrations,
+            max_moved_mem_mb=budget.max_moved_mem_mb,
         )
 
 
@@ -180,11 +219,14 @@ def auto_time_limit(snapshot: ClusterSnapshot) -> float:
 WORK_PER_VM = 100  # model variables + constraints per VM in the cluster (see auto_work)
 
 
+WORK_CAP = 150_000  # the default effort stops growing here (about 10,000 VMs... and beyond)
+
+
 def auto_work(snapshot: ClusterSnapshot, effort: float = 1.0) -> int:
     """Default search effort in deterministic units (CP-SAT variables + constraints built over
-    all LNS steps): WORK_PER_VM per VM, times ``effort``. Calibrated so that on an idle
-    2-core machine it takes about as long as the default time limit's first half."""
-    return max(20_000, int(WORK_PER_VM * effort * len(snapshot.vms)))
+    all LNS steps): WORK_PER_VM per VM, at least 20,000 and at most WORK_CAP, times ``effort``.
+    On 64 hosts / 1,000 VMs that is about 300 LNS steps, 4 to 5 CPU seconds here."""
+    return int(effort * max(20_000, min(WORK_CAP, WORK_PER_VM * len(snapshot.vms))))
 
 
 def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
@@ -197,7 +239,7 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
     """
     opts = options or PlanOptions()
     t0 = time.monotonic()
-    problem = build_problem(snapshot, opts.policy_config())
+    problem = build_problem(snapshot, policies=opts.policies())
     ev = Evaluator(problem)
     if opts.solver == "greedy":
         unit_hosts = greedy(problem, ev, should_stop=None if stop is None else stop.is_set)
@@ -212,7 +254,9 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
             max_work = auto_work(snapshot, opts.effort)
         result = solve(problem, EngineOptions(
             time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
-            max_dtime=opts.max_dtime, max_work=max_work), ev, stop=stop)
+            max_dtime=opts.max_dtime, max_work=max_work,
+            price=PRICE_PER_MIB.get(int(opts.threshold)), fixed_cost_mb=opts.fixed_cost_mb),
+            ev, stop=stop)
         if result.status is Status.NO_SOLUTION_IN_TIME:
             if result.stopped_by == "stop":
                 raise SolverError("stopped before a feasible plan was found")
@@ -263,3 +307,98 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
         notes=problem.notes,
         eligibility={snapshot.vms[v].name: why for v, why in sorted(problem.eligibility.items())},
     )
+
+
+@dataclass
+class FrontierPoint:
+    price: float  # per MiB moved, in the thresholds' units (policies.balance.PRICE_PER_MIB)
+    plan: PlanResult
+    bound: int  # lower bound on the objective at this price
+    objective: int
+
+    def to_dict(self) -> dict[str, Any]:
+        a = self.plan.after
+        return {
+            "price": round(self.price, 3),
+            "moved_mem_gb": round(self.plan.moved_mem / 1024, 3),
+            "moves": len(self.plan.moves),
+            "imbalance": a.imbalance,
+            "cpu_std": a.cpu_std,
+            "mem_std": a.mem_std,
+            "objective": self.objective,
+            "bound": self.bound,
+            "gap": (0.0 if self.objective <= 0
+                    else round((self.objective - self.bound) / self.objective, 6)),
+            "migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "reason": m.reason,
+                            "mem_mb": m.mem} for m in self.plan.moves],
+        }
+
+
+@dataclass
+class FrontierResult:
+    snapshot: ClusterSnapshot
+    before: UtilStats
+    points: list[FrontierPoint]  # sorted by memory moved
+    solver: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before.as_dict(),
+                "frontier": [p.to_dict() for p in self.points],
+                "solver": self.solver}
+
+
+FRONTIER_HIGH = 300_000.0  # price per MiB of the frontier's first point (3x threshold 2's)
+FRONTIER_LOW = 10.0  # and of its last (a tenth of threshold 5's)
+
+
+def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, points: int = 8,
+             stop: threading.Event | None = None) -> FrontierResult:
+    """The balance / migration-cost curve: ``points`` verified plans, one per price per MiB
+    moved (geometric from ``FRONTIER_HIGH`` to ``FRONTIER_LOW``), from one search that
+    warm-starts each point from the one before; sorted by memory moved.
+
+    ``options`` gives the constraints (capacity, budgets are ignored: the curve is what a
+    budget would pick from), the seed and the effort (twice a plan's, shared between the
+    points); its threshold is not used (each point has its own price).
+    """
+    if points < 1:
+        raise InputError(f"points: must be >= 1, got {points}")
+    opts = options or PlanOptions()
+    t0 = time.monotonic()
+    free = replace(opts, max_migrations=None, max_moved_mem_gb=None, threshold=5)
+    problem = build_problem(snapshot, policies=free.policies())
+    ev = Evaluator(problem)
+    time_limit = opts.time_limit or 2 * auto_time_limit(snapshot)
+    max_work = opts.max_work
+    if max_work is None and opts.max_iterations is None and opts.max_dtime is None:
+        max_work = 2 * auto_work(snapshot, opts.effort)
+    prices = frontier_prices(points, FRONTIER_HIGH, FRONTIER_LOW)
+    pts, stopped_by = curve(problem, prices, EngineOptions(
+        time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
+        max_dtime=opts.max_dtime, max_work=max_work, fixed_cost_mb=opts.fixed_cost_mb),
+        ev, stop=stop)
+    out = []
+    limits = free.limits()
+    for cp in pts:
+        _, evp = reprice(problem, ev, cp.price, opts.fixed_cost_mb)
+        hosts, _undone, room = drop_unpaid(problem, evp, cp.unit_hosts)
+        placement = vm_placement(problem, [int(h) for h in hosts])
+        errors = verify(snapshot, placement, limits)
+        if errors:
+            raise SolverError("internal error: frontier plan failed verification: "
+                              + "; ".join(errors[:5]))
+        obj = evp.objective(hosts)
+        result = PlanResult(
+            snapshot=snapshot, placement=placement,
+            moves=explain_moves(problem, placement, evp, room),
+            before=util_stats(snapshot, snapshot.placement()),
+            after=util_stats(snapshot, placement),
+            solver={"price": cp.price}, notes=problem.notes)
+        out.append(FrontierPoint(price=cp.price, plan=result, bound=min(cp.bound, obj),
+                                 objective=obj))
+    out.sort(key=lambda p: (p.plan.moved_mem, -p.price))
+    return FrontierResult(
+        snapshot=snapshot, before=util_stats(snapshot, snapshot.placement()), points=out,
+        solver={"name": "cpsat-lns-price-curve", "points": len(out),
+                "seconds": round(time.monotonic() - t0, 3), "stopped_by": stopped_by,
+                "seed": opts.seed, "time_limit": time_limit, "max_work": max_work})

@@ -43,9 +43,16 @@ def connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
         raise InputError("--scheduler: Dask is not installed (pip install 'balancer[dask]')") \
             from None
     if scheduler == "local":
+        import dask
+
         n = max(1, min(os.cpu_count() or 1, n_runs))
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+        # a worker holds one task at a time and takes the next when it is free (greedy list
+        # scheduling); the default saturation (1.1) queues two per single-thread worker up front,
+        # which leaves one worker idle at the end of a sweep of unequal replays. The HTTP server
+        # on a free port (the default, 8787, may be taken by another cluster on this machine).
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=40)
         return Client(cluster), cluster
     try:
         return Client(scheduler, timeout="10s"), None

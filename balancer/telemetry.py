@@ -23,7 +23,10 @@ NAMES = (
     "balancer_ingestion_age_seconds",
     "balancer_samples_ingested_total",
     "balancer_stale_vms",
+    "balancer_vms",
     "balancer_cycles_total",
+    "balancer_leader",
+    "balancer_leader_term",
 )
 
 OUTCOMES = ("completed", "failed", "cancelled", "skipped")
@@ -66,6 +69,9 @@ class Telemetry:
         self.stale_vms = Gauge(
             "balancer_stale_vms", "VMs without fresh samples at the last estimate",
             registry=registry)
+        self.vms = Gauge(
+            "balancer_vms", "VMs in the inventory at the last estimate (balancer_stale_vms / "
+            "balancer_vms: the stale share)", registry=registry)
         self.cycles = Counter(
             "balancer_cycles", "Control cycles run, by result", ["result"], registry=registry)
         self.leader = Gauge(
@@ -74,6 +80,8 @@ class Telemetry:
         self.term = Gauge(
             "balancer_leader_term", "The leadership term this daemon last saw",
             registry=registry)
+        for r in ("ok", "error"):  # both series exist from the start (alerts compare them)
+            self.cycles.labels(result=r)
 
     def set_hosts(self, util: dict[str, tuple[float, float]]) -> None:
         """Per-host (cpu, mem) utilisation; hosts gone from the inventory are removed."""

@@ -86,7 +86,7 @@ host = "127.0.0.1"
 interval_s = 3600
 imbalance_cycles = 1
 [cluster]
-name = "bench"
+name = "{extra.get('name', 'bench')}"
 time_limit_s = 2
 {extra.get('cluster', '')}
 [ingest]
@@ -222,7 +222,7 @@ def screenshots(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     inventory = ROOT / "balancer/data/demo-cluster.json"
     with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
-        cfg = config(tmp, source="simulated",
+        cfg = config(tmp, source="simulated", name="demo",
                      cluster=f'inventory = "{inventory}"\nseed = 0',
                      executor="[executor.settings.simulated]\ntime_scale = 0.25")
         proc, url, drain = serve(cfg)

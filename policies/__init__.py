@@ -26,14 +26,19 @@ DEFAULT_POLICIES = ("capacity", "evacuation", "compatibility", "rules", "balance
 
 
 def build_problem(snapshot: ClusterSnapshot, config: dict[str, dict[str, Any]] | None = None,
-                  enabled: tuple[str, ...] = DEFAULT_POLICIES) -> Problem:
-    """Apply the enabled policies (with arguments from ``config``) and freeze the problem."""
-    config = config or {}
-    for name in config:
-        lookup(name)  # unknown names fail loudly
+                  enabled: tuple[str, ...] = DEFAULT_POLICIES,
+                  policies: list[Policy] | None = None) -> Problem:
+    """Apply policies and freeze the problem: the ``policies`` objects as given (the typed
+    path, ``balancer.service.PlanOptions.policies``), or else the ``enabled`` names built
+    through the registry with arguments from ``config`` (a service config's profile)."""
     draft = Draft.new(snapshot)
-    for name in enabled:
-        make(name, config.get(name)).apply(draft)
+    if policies is None:
+        config = config or {}
+        for name in config:
+            lookup(name)  # unknown names fail loudly
+        policies = [make(name, config.get(name)) for name in enabled]
+    for policy in policies:
+        policy.apply(draft)
     return draft.freeze()
 
 

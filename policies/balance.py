@@ -49,17 +49,48 @@ PRICE_PER_MIB = {2: 30_000, 3: 10_000, 4: 1_000, 5: 100}
 ROOM_PRICE_PER_MIB = 10**9
 
 
+class Threshold(int):
+    """The DRS-like migration threshold, 1 (mandatory moves only) to 5 (most aggressive).
+
+    The one type for it: the CLI, the service config, the API and replay all build it with
+    ``Threshold.parse`` (which names the field on bad input), and ``Threshold.DEFAULT`` is the
+    one default. It is an ``int``, so it serialises and compares as one.
+    """
+
+    DEFAULT: ClassVar[int] = 3
+    VALUES: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 5)
+
+    def __new__(cls, value: object = 3) -> Threshold:
+        if isinstance(value, Threshold):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value not in cls.VALUES:
+            raise InputError(f"threshold: must be an integer from 1 to 5, got {value!r}")
+        return super().__new__(cls, value)
+
+    @classmethod
+    def parse(cls, value: object, field: str = "threshold") -> Threshold:
+        """From a config value or command-line text; the error names ``field``."""
+        if isinstance(value, str) and value.strip() in {str(v) for v in cls.VALUES}:
+            value = int(value.strip())
+        try:
+            return cls(value)
+        except InputError:
+            raise InputError(f"{field}: must be an integer from 1 to 5, got {value!r}") from None
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:
+        return (Threshold, (int(self),))
+
+
 @dataclass(frozen=True)
 class BalanceArgs:
-    threshold: int = 3
+    threshold: int = Threshold.DEFAULT
     fixed_cost_mb: int = 1024  # every migration costs as if it moved this much more memory
     weighting: str = "std"  # "std": weigh each dimension by 1 / its starting spread; "equal"
 
     def __post_init__(self) -> None:
         if self.weighting not in ("std", "equal"):
             raise InputError(f"weighting: must be 'std' or 'equal', got {self.weighting!r}")
-        if isinstance(self.threshold, bool) or self.threshold not in (1, 2, 3, 4, 5):
-            raise InputError(f"threshold: must be an integer from 1 to 5, got {self.threshold!r}")
+        object.__setattr__(self, "threshold", Threshold(self.threshold))
         if self.fixed_cost_mb < 0:
             raise InputError(f"fixed_cost_mb: must be >= 0, got {self.fixed_cost_mb}")
 

@@ -35,6 +35,12 @@ class BudgetArgs:
                               or not math.isfinite(g) or g < 0):
             raise InputError(f"max_moved_mem_gb: must be a number >= 0, got {g!r}")
 
+    @property
+    def max_moved_mem_mb(self) -> int | None:
+        """The memory budget in MiB: the one place GiB become MiB (policy and verifier)."""
+        g = self.max_moved_mem_gb
+        return None if g is None else math.floor(g * 1024)
+
 
 @register
 class Budget:
@@ -46,5 +52,4 @@ class Budget:
 
     def apply(self, draft: Draft) -> None:
         draft.max_migrations = self.args.max_migrations
-        if self.args.max_moved_mem_gb is not None:
-            draft.max_moved_mem = math.floor(self.args.max_moved_mem_gb * 1024)
+        draft.max_moved_mem = self.args.max_moved_mem_mb

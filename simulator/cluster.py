@@ -25,7 +25,7 @@ Description
       capacity.
 Requirements
     A ``Trace`` (``simulator.traces``), a ``ClusterConfig`` and a replay policy
-    (``policies.replay_policies``). The engine is reached through ``balancer.service.plan``.
+    (``simulator.replay_policies``). The engine is reached through ``balancer.service.plan``.
 Limitations
     Aggregate CPU per host (no per-core packing); network contention between concurrent
     migrations is not modelled; a migration that has not finished when its VM's host is
@@ -43,8 +43,23 @@ from typing import Any
 import numpy as np
 
 from balancer.errors import InputError
+from balancer.executor.config import ExecutorConfig
+from balancer.executor.journal import Journal, State
+from balancer.executor.runner import Runner
+from balancer.executor.simulated import SimulatedBackend
+from balancer.migration_model import ModelParams
 from balancer.migration_model import estimate as precopy_estimate
-from balancer.model import VM, Automation, ClusterSnapshot, Host, HostState, Rule, RuleType
+from balancer.model import (
+    VM,
+    Automation,
+    ClusterSnapshot,
+    Host,
+    HostState,
+    Move,
+    Rule,
+    RuleType,
+)
+from balancer.planner import PlannerLimits, make_waves
 from simulator.metrics import StepLog, Summary, summarise
 from simulator.traces import Trace
 
@@ -103,6 +118,12 @@ class PowerModel:
     def peak(self) -> float:
         return self.table_w[-1] if self.table_w else self.peak_w
 
+    def table(self) -> tuple[float, ...]:
+        """Watts at 0, 10, ..., 100 % CPU (11 points)."""
+        if self.table_w:
+            return self.table_w
+        return tuple(self.idle_w + (self.peak_w - self.idle_w) * i / 10 for i in range(11))
+
     def watts(self, util: np.ndarray) -> np.ndarray:
         u = np.clip(util, 0.0, 1.0)
         if self.table_w:
@@ -151,6 +172,9 @@ class ClusterConfig:
     memory_binding: bool = True
     mem_overcommit: float = 1.0
     initial_fill: float = 0.7
+    # the executor's limits on concurrent migrations (balancer.executor LimitsConfig)
+    migrations_per_host: int = 2  # incoming and outgoing, each
+    migrations_concurrent: int = 16  # in the whole cluster
     # documented mapping for traces without sizes (PlanetLab): type = i // ceil(n / len(types))
     vm_types: tuple[VmType, ...] = (VmType(2.5, 870), VmType(2.0, 1740), VmType(1.0, 1740),
                                     VmType(0.5, 613))
@@ -173,6 +197,10 @@ class ClusterConfig:
         _check(0 < self.initial_fill <= 1, "cluster.initial_fill",
                f"must be in (0, 1], got {self.initial_fill}")
         _check(len(self.vm_types) > 0, "cluster.vm_types", "needs at least one VM type")
+        for name in ("migrations_per_host", "migrations_concurrent"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"cluster.{name}",
+                   f"must be a whole number >= 1, got {v!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "cluster") -> ClusterConfig:
@@ -202,7 +230,10 @@ class ClusterConfig:
 DEFAULT_HOST_TYPES = (
     HostType("48c-384g", 48.0, 384 * 1024, PowerModel(idle_w=180.0, peak_w=450.0), 120.0),
     HostType("64c-512g", 64.0, 512 * 1024, PowerModel(idle_w=220.0, peak_w=560.0), 120.0),
+    # for traces whose "VMs" are whole machines (Alibaba: 96 cores, 384 GiB normalised)
+    HostType("128c-1024g", 128.0, 1024 * 1024, PowerModel(idle_w=300.0, peak_w=850.0), 120.0),
 )
+DEFAULT_HOST_TYPE = DEFAULT_HOST_TYPES[0]  # default cluster: the first type that holds the VMs
 
 
 # ---------------------------------------------------------------- the VMs of a trace
@@ -265,6 +296,10 @@ class ReplayContext:
         self.host_mem = sim.host_mem  # MiB
         self.host_idle_w = np.array([h.power.idle for h in hs])
         self.host_peak_w = np.array([h.power.peak for h in hs])
+        # watts at 0, 10, ..., 100 % CPU per host (the table, or idle..peak linear)
+        self.host_power_table = [h.power.table() for h in hs]
+        self.host_boot_s = sim.boot_s
+        self.mem_overcommit = sim.cfg.mem_overcommit
         self.power = sim.power.copy()  # OFF / BOOTING / ON
         self.standby = sim.standby.copy()
         self.vm_host = sim.destination()  # where each VM is or is going
@@ -317,7 +352,8 @@ class _Migration:
     vm: int
     src: int
     dst: int
-    left_s: float
+    left_s: float  # until it ends, from the start of the current step
+    start_s: float = 0.0  # until it starts (the runner's wave), from the start of the step
 
 
 @dataclass
@@ -327,6 +363,7 @@ class RunResult:
     host_names: list[str]
     host_types: list[str]
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # the policy's own report
 
 
 class Simulator:
@@ -361,6 +398,9 @@ class Simulator:
         self._step = 0
         self.plan_seconds = 0.0
         self.notes: list[str] = []
+        self.failed_moves = 0  # moves the executor did not carry out
+        self.waves = 0
+        self._exec: tuple[ExecutorConfig, PlannerLimits, ModelParams | None] | None = None
         n_v = len(work.names)
         self.host_names = [f"h-{i:04d}" for i in range(n_h)]
         self.vm_names = [f"vm-{j:05d}" for j in range(n_v)]
@@ -471,11 +511,87 @@ class Simulator:
     # -- migrations -------------------------------------------------------------------------
 
     def migration_seconds(self, vm: int) -> float:
-        mem = float(self.work.mem_mb[vm])
+        """How long one migration of ``vm`` takes alone (the model the executor is given)."""
+        bw, params = self._link()
+        return float(precopy_estimate(float(self.work.mem_mb[vm]), bw, params=params).seconds)
+
+    def _link(self) -> tuple[float, ModelParams | None]:
+        """Bandwidth and model handed to the planner and the simulated backend: the CloudSim
+        rule RAM / (bandwidth / 2) is the pre-copy model with no setup cost, full efficiency
+        and half the bandwidth (an idle guest sends its memory once)."""
         bw = self.cfg.bandwidth_mbps
         if self.cfg.migration_time == "ram-over-half-bandwidth":
-            return mem / (bw / 2.0 / 8.0)  # MB / (MB/s)
-        return float(precopy_estimate(mem, bw).seconds)
+            return bw / 2.0, ModelParams(setup_s=0.0, efficiency=1.0)
+        return bw, None
+
+    def _executor(self) -> tuple[ExecutorConfig, PlannerLimits, ModelParams | None]:
+        if self._exec is None:
+            bw, params = self._link()
+            per, conc = self.cfg.migrations_per_host, self.cfg.migrations_concurrent
+            limits = PlannerLimits(max_incoming_per_host=per, max_outgoing_per_host=per,
+                                   max_concurrent=conc, bandwidth_mbps=bw)
+            cfg = ExecutorConfig.model_validate({
+                "limits": {"max_incoming_per_host": per, "max_outgoing_per_host": per,
+                           "max_concurrent": conc},
+                "migration": {"bandwidth_mbps": bw, "poll_interval_s": 1.0,
+                              "inventory_refresh_s": 0.0},
+                "journal": {"path": ":memory:", "synchronous": "normal"},
+                "simulated": {"seed": self.seed}})
+            self._exec = (cfg, limits, params)
+        return self._exec
+
+    def execute(self, moves: list[tuple[int, int]]) -> list[_Migration]:
+        """Carry out one cycle's moves on the production path: ``balancer.planner.make_waves``
+        orders them into waves within the executor's limits, and the executor's ``Runner`` runs
+        the waves through a ``SimulatedBackend`` holding the cluster as it is now (simulated
+        clock from the start of this step). Returns the migrations that succeeded, with when
+        each starts and ends (seconds from the start of the step)."""
+        cfg, limits, params = self._executor()
+        hosts = sorted({int(self.vm_host[v]) for v, _ in moves} | {h for _, h in moves})
+        dest = self.destination()
+        present = set(hosts)
+        mem_cap = self.snap_mem_capacity()
+        snap_hosts = tuple(
+            Host(self.host_names[i], int(self.host_cpu[i]), int(mem_cap[i] * (
+                1.0 if not self.cfg.memory_binding else self.cfg.mem_overcommit)),
+                HostState.STANDBY if self.standby[i] else HostState.ACTIVE)
+            for i in hosts)
+        vms = []
+        for j in np.flatnonzero(np.isin(dest, hosts) | np.isin(self.vm_host, hosts)):
+            j = int(j)
+            h = int(self.vm_host[j]) if j not in self.migrations else int(dest[j])
+            if h not in present:
+                continue
+            mem = int(self.work.mem_mb[j])
+            vms.append(VM(self.vm_names[j], self.host_names[h], max(1, math.ceil(
+                self.work.vcpus[j])), mem, 0, 0))
+        snap = ClusterSnapshot(hosts=snap_hosts, vms=tuple(vms), rules=())
+        plan = [Move(self.vm_names[v], self.host_names[int(self.vm_host[v])],
+                     self.host_names[h], "replay", int(self.work.mem_mb[v])) for v, h in moves]
+        waves = make_waves(snap, plan, limits, params=params)
+        backend = SimulatedBackend.from_snapshot(snap, cfg, params=params)
+        journal = Journal(":memory:", synchronous="normal")
+        try:
+            runner = Runner(backend, journal, cfg, {h.name: h.mem_capacity for h in snap_hosts})
+            result = runner.run(waves)
+        finally:
+            journal.close()
+        # when each copy really ran (the backend's record; the runner sees the end at its
+        # next poll, up to poll_interval_s later)
+        ran = {m.vm: (m.start, m.end) for m in backend.migrations.values()
+               if m.outcome == "completed"}
+        backend.close()
+        out = []
+        for e in result.entries:
+            if e.state is not State.SUCCEEDED or e.vm not in ran:
+                self.failed_moves += 1
+                continue
+            v = self._vm_ix[e.vm]
+            start, end = ran[e.vm]
+            out.append(_Migration(v, self._host_ix[e.source], self._host_ix[e.target],
+                                  left_s=float(end), start_s=float(start)))
+        self.waves += len(waves.grouped())
+        return out
 
     # -- one replay -------------------------------------------------------------------------
 
@@ -496,18 +612,19 @@ class Simulator:
         for h in d.standby:
             if self.power[h] == ON:
                 self.standby[h] = True
+        todo = []
         for v, h in d.moves:
             if v in self.migrations:
                 continue  # already moving: the engine saw it pinned
             if self.power[h] != ON or self.standby[h]:
                 raise ValueError(f"policy moved {self.vm_names[v]} to {self.host_names[h]}, "
                                  "which cannot receive")
-            src = int(self.vm_host[v])
-            if src == h:
-                continue
-            self.migrations[v] = _Migration(v, src, h, self.migration_seconds(v))
+            if int(self.vm_host[v]) != h:
+                todo.append((int(v), int(h)))
+        for m in self.execute(todo) if todo else []:
+            self.migrations[m.vm] = m
             stats["migrations"] += 1
-            stats["moved_gb"] += float(self.work.mem_mb[v]) / 1024.0
+            stats["moved_gb"] += float(self.work.mem_mb[m.vm]) / 1024.0
 
     def run(self, name: str) -> RunResult:
         w, cfg = self.work, self.cfg
@@ -532,7 +649,7 @@ class Simulator:
             incoming = np.zeros(n_h, dtype=bool)
             done = []
             for m in self.migrations.values():
-                p = min(m.left_s, dt) / dt
+                p = max(0.0, min(m.left_s, dt) - m.start_s) / dt  # share of the step it runs
                 dv = cpu[m.vm]
                 load[m.dst] += dv * p * (1.0 + ovh)
                 load[m.src] += dv * p * ovh
@@ -540,6 +657,7 @@ class Simulator:
                 lost += deg * dv * p
                 incoming[m.dst] = True
                 m.left_s -= dt
+                m.start_s = max(0.0, m.start_s - dt)
                 if m.left_s <= 1e-9:
                     done.append(m.vm)
             # accounting for this step
@@ -588,5 +706,10 @@ class Simulator:
                 self.progress(1)
         seconds = time.monotonic() - t_start
         summary = summarise(name, log, seconds, self.plan_calls)
+        extra: dict[str, Any] = {"waves": self.waves, "failed_moves": self.failed_moves}
+        report = getattr(self.policy, "report", None)
+        if callable(report):
+            extra.update(report())
         return RunResult(summary=summary, log=log, host_names=self.host_names,
-                         host_types=[h.name for h in self.host_types_of], notes=self.notes)
+                         host_types=[h.name for h in self.host_types_of], notes=self.notes,
+                         extra=extra)

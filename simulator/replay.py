@@ -20,8 +20,11 @@ import math
 import re
 import sys
 import tomllib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from balancer.errors import InputError
 
@@ -29,7 +32,7 @@ HELP = "replay a real trace through the balancer, policies side by side"
 
 DEMO_TRACE = "planetlab:sample"
 DEMO_STEPS = 96  # 8 hours of 5-minute steps
-DEMO_POLICIES = ("none", "consolidate")
+DEMO_POLICIES = ("none", "power")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
@@ -146,7 +149,7 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     pol = doc.get("policies", {})
     if not isinstance(pol, dict):
         raise InputError(f"--config {path}: field 'policies' must be a table")
-    from policies import replay_policies
+    from simulator import replay_policies
 
     for name, args in pol.items():
         replay_policies.make(name, args, where=f"--config {path}: policies.{name}")
@@ -156,7 +159,7 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
 
 def policy_from_spec(spec: str, overrides: dict[str, dict[str, Any]]) -> tuple[str, Any]:
     """A policy name or a TOML file -> (label, policy)."""
-    from policies import replay_policies
+    from simulator import replay_policies
 
     if spec.endswith(".toml") or "/" in spec:
         doc = read_toml(spec, "--policy")
@@ -173,24 +176,194 @@ def policy_from_spec(spec: str, overrides: dict[str, dict[str, Any]]) -> tuple[s
     return spec, replay_policies.make(spec, overrides.get(spec, {}))
 
 
-def default_cluster(work: Any, hosts: int | None) -> Any:
-    from simulator.cluster import DEFAULT_HOST_TYPES, ClusterConfig
+SIZING_UTIL = 0.7  # default cluster: hosts enough to hold the trace's peak CPU demand at 70 %
+SIZING_MEM_UTIL = 0.9  # ... and its configured memory at 90 %
 
-    if hosts is None:
-        mean_cpu = sum(t.millicores for t in DEFAULT_HOST_TYPES) / len(DEFAULT_HOST_TYPES)
-        mean_mem = sum(t.mem_mb for t in DEFAULT_HOST_TYPES) / len(DEFAULT_HOST_TYPES)
-        need_mem = float(work.mem_mb.sum()) / (0.8 * mean_mem)
-        need_cpu = float(work.cpu.sum(axis=1).max()) / (0.6 * mean_cpu)
-        hosts = max(2, math.ceil(max(need_mem, need_cpu)))
-    return ClusterConfig(host_types=DEFAULT_HOST_TYPES, hosts=hosts)
+
+@dataclass(frozen=True)
+class Sizing:
+    """How the default cluster was sized from the trace (printed and put in the JSON)."""
+
+    hosts: int
+    host_type: str
+    host_cores: float
+    host_mem_gib: float
+    peak_cpu_cores: float
+    peak_step: int
+    cpu_util: float
+    hosts_for_cpu: int
+    mem_gib: float
+    mem_util: float
+    hosts_for_mem: int
+    given: bool = False  # --hosts overrode the sizing
+
+    def line(self) -> str:
+        if self.given:
+            return f"{self.hosts} hosts of {self.host_type} (--hosts)"
+        return (f"{self.hosts} hosts of {self.host_type} ({self.host_cores:g} cores, "
+                f"{self.host_mem_gib:g} GiB), sized to the trace: peak CPU demand "
+                f"{self.peak_cpu_cores:,.1f} cores (step {self.peak_step}) at "
+                f"{100 * self.cpu_util:g} % -> {self.hosts_for_cpu}; configured memory "
+                f"{self.mem_gib:,.0f} GiB at {100 * self.mem_util:g} % -> {self.hosts_for_mem}"
+                + ("" if self.hosts == max(2, self.hosts_for_cpu, self.hosts_for_mem) else
+                   f"; {self.hosts} for the first placement to fit"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _ffd_bins(sizes: np.ndarray, cap: float) -> int:
+    """Bins of ``cap`` that first-fit decreasing needs for ``sizes`` (one bin per oversize)."""
+    free: list[float] = []
+    for x in sorted(sizes.tolist(), reverse=True):
+        for i, f in enumerate(free):
+            if x <= f:
+                free[i] -= x
+                break
+        else:
+            free.append(max(cap - x, 0.0))
+    return len(free)
+
+
+def size_cluster(work: Any, hosts: int | None = None, *, util: float = SIZING_UTIL,
+                 mem_util: float = SIZING_MEM_UTIL) -> tuple[Any, Sizing]:
+    """The default cluster: ``hosts`` (or enough to hold the trace's peak CPU demand at ``util``
+    of each host's CPU and its configured memory at ``mem_util``, packed first-fit decreasing)
+    of the default host type: the first of ``DEFAULT_HOST_TYPES`` that holds the largest VM."""
+    from simulator.cluster import DEFAULT_HOST_TYPES, ClusterConfig, Simulator
+
+    big_mem = float(work.mem_mb.max()) if len(work.mem_mb) else 0.0
+    big_cpu = float(work.vcpus.max()) if len(work.vcpus) else 0.0
+    fits = [t for t in DEFAULT_HOST_TYPES if t.mem_mb >= big_mem and t.cores >= big_cpu]
+    if not fits:
+        j = int(np.argmax(work.mem_mb))
+        raise InputError(f"trace: VM {work.names[j]!r} ({big_mem / 1024:.1f} GiB, "
+                         f"{work.vcpus[j]:g} cores) is larger than every default host type; "
+                         "give a cluster in --config")
+    ht = fits[0]
+    total = work.cpu.sum(axis=1) / 1000.0  # cores per step
+    peak_step = int(np.argmax(total)) if total.size else 0
+    peak = float(total[peak_step]) if total.size else 0.0
+    n_cpu = math.ceil(peak / (util * ht.cores) - 1e-9)
+    mem_gib = float(work.mem_mb.sum()) / 1024.0
+    n_mem = _ffd_bins(np.asarray(work.mem_mb, dtype=float), mem_util * ht.mem_mb)
+    n = hosts or max(2, n_cpu, n_mem)
+    if hosts is None:  # the first placement (first fit by CPU, within memory) must succeed
+        from simulator.replay_policies import NoMigrations
+        for _ in range(n):
+            try:
+                Simulator(work, ClusterConfig(host_types=(ht,), hosts=n), NoMigrations())
+                break
+            except InputError:
+                n += 1
+    sizing = Sizing(hosts=n, host_type=ht.name, host_cores=ht.cores,
+                    host_mem_gib=ht.mem_mb / 1024.0, peak_cpu_cores=peak, peak_step=peak_step,
+                    cpu_util=util, hosts_for_cpu=n_cpu, mem_gib=mem_gib, mem_util=mem_util,
+                    hosts_for_mem=n_mem, given=hosts is not None)
+    return ClusterConfig(host_types=(ht,), hosts=sizing.hosts), sizing
+
+
+def default_cluster(work: Any, hosts: int | None) -> Any:
+    return size_cluster(work, hosts)[0]
+
+
+# ---------------------------------------------------------------- one replay, as a function
+
+
+def _experiment(config: str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    if config is None:
+        return {"cluster": None, "replay": {}, "policies": {}}
+    if isinstance(config, dict):
+        return config
+    return load_experiment(config)
+
+
+def prepare(trace: str | Any, config: str | Path | dict[str, Any] | None = None, *,
+            hosts: int | None = None, steps: int | None = None, vms: int | None = None,
+            skip_bad: bool = False) -> dict[str, Any]:
+    """Load the trace and the experiment and build the cluster: everything a replay needs but
+    the policy. Returns {trace, exp, cluster, work, sizing (None when the config sets hosts)}."""
+    from dataclasses import replace
+
+    from simulator import traces
+    from simulator.cluster import workload_from_trace
+
+    exp = _experiment(config)
+    if isinstance(trace, str):
+        tr = traces.load(trace, skip_bad=skip_bad, max_vms=vms)
+    else:
+        tr = trace.head(vms=vms) if vms else trace
+    if steps:
+        tr = tr.head(steps=steps)
+    cfg = exp["cluster"]
+    sizing = None
+    if cfg is not None and hosts:
+        cfg = replace(cfg, hosts=hosts)
+    if cfg is None:
+        cfg, sizing = size_cluster(workload_from_trace(tr, default_cluster_probe()), hosts)
+    return {"trace": tr, "exp": exp, "cluster": cfg, "work": workload_from_trace(tr, cfg),
+            "sizing": sizing}
+
+
+def _policy(spec: str, exp: dict[str, Any], params: dict[str, Any] | None) -> tuple[str, Any]:
+    """(label, policy) from a name or TOML file, config overrides, then ``params`` on top."""
+    if not params:
+        return policy_from_spec(spec, exp["policies"])
+    from simulator import replay_policies
+
+    if spec.endswith(".toml") or "/" in spec:
+        label, _ = policy_from_spec(spec, exp["policies"])  # validates the file
+        doc = read_toml(spec, "--policy")
+        args = {**exp["policies"].get(label, {}), **doc.get("args", {}), **params}
+        return label, replay_policies.make(label, args, where=f"--policy {spec}")
+    args = {**exp["policies"].get(spec, {}), **params}
+    return spec, replay_policies.make(spec, args)
+
+
+def run_one(trace: str | Any, policy: str = "consolidate", params: dict[str, Any] | None = None,
+            config: str | Path | dict[str, Any] | None = None, seed: int | None = None,
+            steps: int | None = None, *, vms: int | None = None, hosts: int | None = None,
+            interval_s: float | None = None, progress: Any = None) -> dict[str, Any]:
+    """Replay ONE policy on ONE trace and return its summary as a plain dict.
+
+    ``trace`` is a spec (``planetlab:sample``, ``bitbrains:DIR``...) or a loaded ``Trace``;
+    ``policy`` a registered replay policy name or a policy TOML file; ``params`` override its
+    arguments on top of the config's ``[policies.NAME]``; ``config`` an experiment TOML path (or
+    a dict from ``load_experiment``), None for the default cluster sized to the trace; ``seed``
+    defaults to the config's ``replay.seed`` (else 0); ``progress`` is called with 1 per step.
+    The same arguments give the same figures (all but ``seconds``, the wall time). Keys: the
+    ``Summary`` fields (``policy``, ``energy_kwh``, ``slatah``, ``migrations``...) plus
+    ``hosts``, ``vms``, ``steps``, ``seed``, ``trace`` and ``sizing``.
+    """
+    from simulator.cluster import Simulator
+
+    ready = prepare(trace, config, hosts=hosts, steps=steps, vms=vms)
+    exp, cfg, work, tr = ready["exp"], ready["cluster"], ready["work"], ready["trace"]
+    label, pol = _policy(policy, exp, params)
+    every = _every(interval_s or exp["replay"].get("interval_s") or tr.interval_s, tr.interval_s)
+    seed = int(exp["replay"].get("seed", 0)) if seed is None else int(seed)
+    res = Simulator(work, cfg, pol, every=every, seed=seed, progress=progress).run(label)
+    out = res.summary.as_dict()
+    out.update({"hosts": cfg.hosts, "vms": tr.n_vms, "steps": tr.steps, "seed": seed,
+                "trace": f"{tr.kind}:{tr.source}",
+                "sizing": ready["sizing"].as_dict() if ready["sizing"] else None})
+    out.update(res.extra)
+    return out
+
+
+def _every(interval: float, trace_interval: int) -> int:
+    every = interval / trace_interval
+    if abs(every - round(every)) > 1e-9 or round(every) < 1:
+        raise InputError(f"--interval: {interval:g} s is not a multiple of the trace step "
+                         f"({trace_interval} s)")
+    return int(round(every))
 
 
 # ---------------------------------------------------------------- run
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulator import traces
-    from simulator.cluster import Simulator, workload_from_trace
+    from simulator.cluster import Simulator
     from simulator.metrics import table
 
     if args.demo:
@@ -201,25 +374,12 @@ def run(args: argparse.Namespace) -> int:
         args.policy = args.policy or list(DEMO_POLICIES)
     if not args.trace:
         raise InputError("replay: --trace KIND:PATH (or --demo) is required")
-    exp = load_experiment(args.config) if args.config else \
-        {"cluster": None, "replay": {}, "policies": {}}
-    trace = traces.load(args.trace, skip_bad=args.skip_bad_rows, max_vms=args.vms)
-    if args.steps:
-        trace = trace.head(steps=args.steps)
-    cfg = exp["cluster"]
-    if cfg is not None and args.hosts:
-        from dataclasses import replace
-        cfg = replace(cfg, hosts=args.hosts)
-    if cfg is None:
-        work0 = workload_from_trace(trace, default_cluster_probe())
-        cfg = default_cluster(work0, args.hosts)
-    work = workload_from_trace(trace, cfg)
+    ready = prepare(args.trace, args.config, hosts=args.hosts, steps=args.steps, vms=args.vms,
+                    skip_bad=args.skip_bad_rows)
+    exp, cfg, work, trace = ready["exp"], ready["cluster"], ready["work"], ready["trace"]
+    sizing = ready["sizing"]
     interval = args.interval or exp["replay"].get("interval_s") or trace.interval_s
-    every = interval / trace.interval_s
-    if abs(every - round(every)) > 1e-9 or round(every) < 1:
-        raise InputError(f"--interval: {interval:g} s is not a multiple of the trace step "
-                         f"({trace.interval_s} s)")
-    every = int(round(every))
+    every = _every(interval, trace.interval_s)
     seed = args.seed if args.seed is not None else int(exp["replay"].get("seed", 0))
     specs = args.policy or exp["replay"].get("policies") or ["balance"]
     policies = [policy_from_spec(s, exp["policies"]) for s in specs]
@@ -249,13 +409,14 @@ def run(args: argparse.Namespace) -> int:
                     "migration_time": cfg.migration_time,
                     "bandwidth_mbps": cfg.bandwidth_mbps},
         "replay": {"interval_s": interval, "seed": seed, "config": args.config},
+        "sizing": sizing.as_dict() if sizing else None,
     }
     if args.report:
         from simulator.report import write_report
         write_report(Path(args.report), results, meta)
     if args.format == "json":
         doc = dict(meta)
-        doc["policies"] = [s.as_dict() for s in summaries]
+        doc["policies"] = [{**r.summary.as_dict(), **r.extra} for r in results]
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
@@ -263,9 +424,22 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"trace {t['kind']}:{t['source']}  {t['vms']} VMs x {t['steps']} steps "
                          f"of {t['interval_s']} s  |  {cfg.hosts} hosts  |  balancer every "
                          f"{interval:g} s  |  seed {seed}\n")
+        if sizing is not None:
+            sys.stdout.write(f"cluster: {sizing.line()}\n")
         if trace.skipped:
             sys.stdout.write(f"skipped {trace.skipped} malformed trace rows\n")
         sys.stdout.write(table(summaries))
+        for r in results:
+            x = r.extra
+            if "forecast_wape" in x:
+                sys.stdout.write(
+                    f"{r.summary.policy}: demand forecast {x['forecast']} - WAPE "
+                    f"{x['forecast_wape']:.3f}, under-forecast VM-steps "
+                    f"{100 * x['forecast_under_share']:.1f} %; CP-SAT power solves "
+                    f"{x['power_solves']}\n")
+            if x.get("failed_moves"):
+                sys.stdout.write(f"{r.summary.policy}: {x['failed_moves']} moves not carried "
+                                 "out by the executor\n")
         if args.report:
             sys.stdout.write(f"report: {Path(args.report) / 'index.html'}\n")
     return 0
@@ -278,5 +452,5 @@ def default_cluster_probe() -> Any:
     return ClusterConfig(host_types=DEFAULT_HOST_TYPES, hosts=1)
 
 
-__all__ = ["HELP", "add_arguments", "load_experiment", "parse_duration",
-           "policy_from_spec", "run"]
+__all__ = ["HELP", "SIZING_UTIL", "Sizing", "add_arguments", "load_experiment",
+           "parse_duration", "policy_from_spec", "prepare", "run", "run_one", "size_cluster"]

@@ -119,7 +119,7 @@ def write_report(out: Path, results: list[Any], meta: dict[str, Any]) -> Path:
     for r in results:
         write_csv(out / f"steps-{_slug(r.summary.policy)}.csv", r.log)
     doc = dict(meta)
-    doc["policies"] = [s.as_dict() for s in summaries]
+    doc["policies"] = [{**r.summary.as_dict(), **getattr(r, "extra", {})} for r in results]
     (out / "summary.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     figs = _plots(out, results)
     e = html.escape

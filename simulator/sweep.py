@@ -151,7 +151,7 @@ def trace_label(spec: str) -> str:
 def _policy_fields(name: str) -> set[str]:
     from dataclasses import fields
 
-    from policies import replay_policies
+    from simulator import replay_policies
 
     return {f.name for f in fields(replay_policies.lookup(name).Args)}
 
@@ -212,7 +212,7 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
             base.update(doc.get("args", {}))
             pols.append((name, name, base))
         else:
-            from policies import replay_policies
+            from simulator import replay_policies
             replay_policies.lookup(spec)
             pols.append((spec, spec, dict(overrides.get(spec, {}))))
     labels = [p[0] for p in pols]
@@ -239,7 +239,7 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
             names = [f for f, _ in mine]
             for combo in itertools.product(*[v for _, v in mine]):
                 p = dict(zip(names, combo, strict=True))
-                from policies import replay_policies
+                from simulator import replay_policies
                 replay_policies.make(name, {**base, **p},
                                      where=f"--param ({label}: {_kv(p)})" if p else
                                      f"--policy {label}")
@@ -269,7 +269,7 @@ def replay_one(spec: RunSpec) -> tuple[Any, dict[str, Any]]:
     """The replay ``balancer replay --trace T --config C --policy P --seed S --steps N`` does
     for one policy (policy arguments = config overrides, then the TOML file, then ``params``).
     Returns (RunResult, meta)."""
-    from policies import replay_policies
+    from simulator import replay_policies
     from simulator.cluster import Simulator, workload_from_trace
     from simulator.replay import default_cluster, default_cluster_probe
 

@@ -96,6 +96,16 @@ class Trace:
             mem_mb=None if self.mem_mb is None else self.mem_mb[v],
             start_s=self.start_s, skipped=self.skipped, notes=list(self.notes))
 
+    def window(self, start: int, steps: int) -> Trace:
+        """Steps ``start`` .. ``start + steps - 1`` (e.g. one day of a month-long trace)."""
+        s = slice(start, start + steps)
+        return Trace(
+            kind=self.kind, source=f"{self.source}[{start}:{start + steps}]",
+            interval_s=self.interval_s, names=self.names, cpu_util=self.cpu_util[s],
+            mem_util=None if self.mem_util is None else self.mem_util[s], vcpus=self.vcpus,
+            mem_mb=self.mem_mb, start_s=self.start_s + start * self.interval_s,
+            skipped=self.skipped, notes=list(self.notes))
+
 
 def _err(path: Path | str, line: int | None, msg: str) -> TraceError:
     where = f"{path}:{line}" if line is not None else f"{path}"

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from balancer.errors import InputError
-from policies import replay_policies
-from policies.consolidate import fits, shed_choice
-from simulator import traces
+from simulator import replay_policies, traces
 from simulator.cluster import (
     ClusterConfig,
     HostType,
@@ -24,6 +22,7 @@ from simulator.cluster import (
     Simulator,
     workload_from_trace,
 )
+from simulator.consolidate import fits, shed_choice
 from simulator.replay import load_experiment, policy_from_spec
 from simulator.traces import Trace
 
@@ -316,7 +315,7 @@ def test_demo_replays_the_bundled_day() -> None:
     doc = json.loads(r.stdout)
     assert doc["trace"]["source"].endswith("planetlab/20110303.csv.gz")
     assert doc["trace"]["vms"] == 1052 and doc["trace"]["steps"] == 6
-    assert [p["policy"] for p in doc["policies"]] == ["none", "consolidate"]
+    assert [p["policy"] for p in doc["policies"]] == ["none", "power"]
     r = cli("replay", "--demo", "--trace", "planetlab:sample")
     assert r.returncode == 2 and "not both" in r.stderr
     r = cli("replay")
@@ -365,3 +364,51 @@ def test_consolidate_powers_off_at_night_and_on_before_the_peak() -> None:
     assert r.summary.energy_kwh < none.summary.energy_kwh
     # nothing is lost: every VM is on a host that is on
     assert all(sim.power[h] == 2 for h in set(sim.vm_host.tolist()))
+
+
+# ---------------------------------------------------------------- sizing, run_one, reproducibility
+
+
+def test_default_cluster_is_sized_to_the_trace_peak_and_says_so() -> None:
+    from simulator.cluster import DEFAULT_HOST_TYPES
+    from simulator.replay import SIZING_UTIL, prepare
+
+    ready = prepare("planetlab:sample")
+    work, cfg, sizing = ready["work"], ready["cluster"], ready["sizing"]
+    ht = DEFAULT_HOST_TYPES[0]  # PlanetLab VMs are small: the first default type
+    peak = float((work.cpu.sum(axis=1) / 1000.0).max())
+    want_cpu = int(np.ceil(peak / (SIZING_UTIL * ht.cores)))
+    assert sizing.hosts_for_cpu == want_cpu and want_cpu > sizing.hosts_for_mem
+    assert cfg.hosts == want_cpu == sizing.hosts and cfg.host_types == (ht,)
+    # Bitbrains has a 511.5 GiB VM: the smallest default type that holds it, memory packed
+    ready = prepare("bitbrains:sample", steps=288)
+    work, cfg, sizing = ready["work"], ready["cluster"], ready["sizing"]
+    DEFAULT_HOST_TYPE = DEFAULT_HOST_TYPES[1]
+    assert work.mem_mb.max() > ht.mem_mb and cfg.host_types == (DEFAULT_HOST_TYPE,)
+    assert cfg.hosts >= max(sizing.hosts_for_cpu, sizing.hosts_for_mem)
+    assert sizing.hosts_for_mem * 0.9 * DEFAULT_HOST_TYPE.mem_mb >= work.mem_mb.sum()
+    r = cli("replay", "--trace", "bitbrains:sample", "--steps", "24", "--policy", "none",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (f"cluster: {cfg.hosts} hosts of {DEFAULT_HOST_TYPE.name}" in r.stdout
+            and "sized to the trace: peak CPU demand" in r.stdout and "at 70 %" in r.stdout)
+    r = cli("replay", "--trace", "bitbrains:sample", "--steps", "24", "--policy", "none",
+            "--hosts", "40", "--format", "json", "--no-progress")
+    doc = json.loads(r.stdout)
+    assert doc["cluster"]["hosts"] == 40 and doc["sizing"]["given"] is True
+
+
+def test_run_one_same_config_and_seed_same_figures() -> None:
+    from simulator.replay import run_one
+
+    kw = dict(config=BELOGLAZOV, seed=3, steps=12, vms=150, hosts=40)
+    a = run_one(PLANETLAB, "consolidate", {"window": 1}, **kw)
+    b = run_one(PLANETLAB, "consolidate", {"window": 1}, **kw)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert a["migrations"] > 0 and a["energy_kwh"] > 0 and a["hosts"] == 40
+    assert a["vms"] == 150 and a["steps"] == 12 and a["seed"] == 3
+    # the parameters are really used: another window gives another run
+    c = run_one(PLANETLAB, "consolidate", {"window": 4}, **kw)
+    c.pop("seconds")
+    assert c != a

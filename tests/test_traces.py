@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from balancer.errors import InputError
 from simulator import traces
 from simulator.traces import TraceError
 
@@ -273,3 +274,31 @@ def test_cli_trace_errors_are_one_line_exit_2(tmp_path: Path) -> None:
             "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "skipped 1 malformed trace rows" in r.stdout
+
+
+def test_variants_keep_each_vm_and_the_day_total() -> None:
+    from simulator import variants
+
+    tr = traces.load("planetlab:sample", max_vms=40)
+    s = variants.make(tr, "shift", 1)
+    assert s.cpu_util.shape == tr.cpu_util.shape and s.names == tr.names
+    # each VM keeps its own values, rotated in time
+    assert all(sorted(s.cpu_util[:, j]) == sorted(tr.cpu_util[:, j]) for j in range(40))
+    assert not np.array_equal(s.cpu_util, tr.cpu_util)
+    assert np.array_equal(variants.make(tr, "shift", 1).cpu_util, s.cpu_util)  # seeded
+    b = variants.make(tr, "bootstrap", 2)
+    assert b.n_vms == 40 and len(set(b.names)) == 40
+    src = [n.split("#")[0] for n in b.names]
+    assert set(src) <= set(tr.names) and len(set(src)) < 40  # drawn with replacement
+    c = variants.make(tr, "scale", 1, factor=1.5)
+    assert np.allclose(c.cpu_util, np.clip(tr.cpu_util * 1.5, 0, 1))
+    with pytest.raises(InputError, match="kind .x. is unknown"):
+        variants.make(tr, "x")
+
+
+def test_window_cuts_one_day_of_a_month() -> None:
+    tr = traces.load("bitbrains:sample", max_vms=3)
+    day = tr.window(288, 288)
+    assert day.steps == 288 and np.array_equal(day.cpu_util, tr.cpu_util[288:576],
+                                               equal_nan=True)
+    assert day.start_s == tr.start_s + 288 * 300 and list(day.vcpus) == list(tr.vcpus)

@@ -4,7 +4,8 @@
 
 - ``/`` redirects to ``/ui/``; pages ``/ui/`` (cluster), ``/ui/hosts/{host}``,
   ``/ui/recommendations``, ``/ui/migrations``, ``/ui/whatif``, ``/ui/automation``;
-- ``/ui/part/{name}``: the same pages' live regions as HTML fragments with an ``ETag`` (the
+- ``/ui/part/{name}`` (``summary``, ``cluster``, ``host``, ``recommendations``, ``history``,
+  ``automation``): the same pages' live regions as HTML fragments with an ``ETag`` (the
   console's script swaps them in, htmx-style, and gets ``304`` when nothing changed);
 - ``/ui/events``: the executor's migration events as server-sent events (``balancer.events``);
 - ``/ui/static/...``: the stylesheet and the script (no CDN: the console works air-gapped);
@@ -124,6 +125,7 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
 
     parts: dict[str, tuple[str, Callable[[Request], dict[str, Any]]]] = {
         "cluster": ("_cluster.html", cluster_ctx),
+        "summary": ("_summary.html", cluster_ctx),
         "host": ("_host.html", host_ctx),
         "recommendations": ("_recommendations.html", recs_ctx),
         "history": ("_history.html", history_ctx),
@@ -135,13 +137,13 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
 
     # The cluster fragment of a big cluster is the costly one: it is rendered once per
     # estimate (the controller's view object), configuration and cycle, whoever asks.
-    memo: dict[str, Any] = {"key": None}
+    memo: dict[str, Any] = {"key": None, "html": {}}
     memo_lock = threading.Lock()
 
     def render_part(name: str, request: Request) -> tuple[str, dict[str, Any]]:
         template, fn = parts[name]
         view_of = getattr(controller, "current_view", None)
-        if name != "cluster" or view_of is None:
+        if name not in ("cluster", "summary") or view_of is None:
             ctx = fn(request)
             return render(template, **ctx), ctx
         with memo_lock:
@@ -149,9 +151,10 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
             key = (id(view), view.built, id(controller.cfg),
                    id(getattr(controller, "last_cycle", None)))
             if memo["key"] != key:
-                ctx = fn(request)
-                memo.update(key=key, view=view, html=render(template, **ctx), ctx=ctx)
-            return memo["html"], memo["ctx"]
+                memo.update(key=key, view=view, ctx=fn(request), html={})
+            if name not in memo["html"]:
+                memo["html"][name] = render(template, **memo["ctx"])
+            return memo["html"][name], memo["ctx"]
 
     def page(template: str, active: str, title: str, part_name: str | None = None, *,
              extra: Callable[[Request], dict[str, Any]] | None = None) -> Callable[..., Any]:
@@ -162,6 +165,9 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
             if part_name is not None:
                 html, pctx = render_part(part_name, request)
                 ctx.update(pctx, part=Markup(html), etag=_etag(html.encode()))
+            if part_name == "cluster":
+                html, _ = render_part("summary", request)
+                ctx.update(summary_part=Markup(html), summary_etag=_etag(html.encode()))
             if extra is not None:
                 ctx.update(extra(request))
             return HTMLResponse(render(template, **ctx),

@@ -31,20 +31,23 @@ Limitations
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 from ortools.sat.python import cp_model
 
 from balancer.errors import InfeasibleError
-from balancer.model import Placement, util_stats
+from balancer.model import Placement
 from balancer.model.problem import Problem, vm_placement
 from balancer.solver import cpsat
+from balancer.solver import price as price_mod
 from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
 from balancer.solver.objective import Evaluator
+from balancer.solver.price import Priced, best_within, measure, reprice, search_budget
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,20 @@ class EngineOptions:
     full_dtime: float = 5.0  # deterministic-time limit of the whole-model solve
     max_neighbourhood_hosts: int = 6
     step_dtime: float = 0.5  # deterministic-time limit of one LNS step
-    greedy_cells: int | None = 400_000_000  # (VM, host) pairs the greedy hint may score
+    greedy_cells: int | None = 50_000_000  # (VM, host) pairs the greedy hint may score
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
+    price: float | None = None  # the threshold's price per MiB (budgets are searched by price)
+    fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
+    price_steps: int = 6  # bisection steps of the price search
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
+    # decomposition (large clusters): disjoint host groups solved side by side
+    # balanced hosts from which the decomposition runs; None: never (the default: measured
+    # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
+    decompose_min_hosts: int | None = None
+    group_hosts: int = 8  # hosts per group
+    group_dtime: float = 0.3  # deterministic-time limit of one group's model
+    decompose_rounds: int = 3  # rounds, each with a different grouping
+    threads: int = 2  # group models solved at once (CP-SAT releases the GIL while solving)
 
 
 @dataclass
@@ -114,6 +128,9 @@ def mandatory_violations(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray
     return out
 
 
+NOT_SOLVED = -1  # the stop event was set before the solve began
+
+
 class _Watcher:
     """Stops the CP-SAT solve in progress when ``stop`` is set (a small thread per engine
     run; ``close`` joins it)."""
@@ -121,7 +138,7 @@ class _Watcher:
     def __init__(self, stop: threading.Event | None) -> None:
         self.stop = stop
         self.lock = threading.Lock()
-        self.current: cp_model.CpSolver | None = None
+        self.current: set[cp_model.CpSolver] = set()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
         if stop is not None:
@@ -134,8 +151,8 @@ class _Watcher:
         while not self.done.is_set():
             if self.stop.wait(0.05):
                 with self.lock:
-                    if self.current is not None:
-                        self.current.StopSearch()
+                    for solver in self.current:
+                        solver.StopSearch()
                 if self.done.wait(0.05):
                     return
 
@@ -144,13 +161,13 @@ class _Watcher:
             return solver.Solve(model)
         with self.lock:
             if self.stop.is_set():
-                return cp_model.UNKNOWN
-            self.current = solver
+                return NOT_SOLVED
+            self.current.add(solver)
         try:
             return solver.Solve(model)
         finally:
             with self.lock:
-                self.current = None
+                self.current.discard(solver)
 
     def close(self) -> None:
         self.done.set()
@@ -212,6 +229,9 @@ class _Search:
         prm.catch_sigint_signal = False  # CP-SAT would reset SIGINT to SIG_DFL after a solve
         prm.num_workers = self.o.workers
         prm.random_seed = self.o.seed
+        # small sub-models: probing and symmetry detection cost more than they save
+        prm.cp_model_probing_level = 0
+        prm.symmetry_level = 0
         prm.max_time_in_seconds = max(0.05, min(self.remaining(), wall or self.remaining()))
         caps = [] if dtime is None else [dtime]
         if self.o.max_dtime is not None:
@@ -226,6 +246,9 @@ class _Search:
         proto = sub.model.Proto()
         self.work += len(proto.variables) + len(proto.constraints)
         status = self.watcher.solve(solver, sub.model)
+        if status == NOT_SOLVED:
+            self._stopped("stop")
+            return cp_model.UNKNOWN, solver
         self.dtime += solver.ResponseProto().deterministic_time
         if status == cp_model.UNKNOWN or status == cp_model.FEASIBLE:
             # a wall-clock or stop-event cut is not reproducible: say which one fired
@@ -338,6 +361,87 @@ class _Search:
         return None, False
 
 
+    def groups(self, inc: np.ndarray, rnd: int) -> list[list[int]]:
+        """Disjoint groups of ``group_hosts`` balanced hosts, each with hosts from the whole
+        range of deviations (dealt in snake order over the hosts sorted by deviation), so that
+        each group's load is close to its share of the cluster's and balancing inside the
+        groups balances the cluster. Round 0 sorts by total deviation, odd rounds by CPU minus
+        memory deviation (pairing CPU-heavy with memory-heavy hosts), even rounds by a seeded
+        random key mixed with the total deviation."""
+        ev = self.ev
+        cpu, memd, _ = ev.loads(inc)
+        bal = np.array(self.p.balanced, dtype=np.int64)
+        dc = (cpu[bal] - ev.target_cpu[bal]) / ev.cpu_cap[bal]
+        dm = (memd[bal] - ev.target_mem[bal]) / ev.mem_cap[bal]
+        if rnd == 0:
+            key = dc + dm
+        elif rnd % 2 == 1:
+            key = dc - dm
+        else:
+            key = dc + dm + self.rng.normal(0.0, float(np.std(dc + dm)) + 1e-9, len(bal))
+        order = bal[np.argsort(-key, kind="stable")]
+        n_groups = max(1, len(bal) // self.o.group_hosts)
+        out: list[list[int]] = [[] for _ in range(n_groups)]
+        for i, h in enumerate(order.tolist()):
+            lap, pos = divmod(i, n_groups)
+            out[pos if lap % 2 == 0 else n_groups - 1 - pos].append(int(h))
+        return [sorted(g) for g in out if len(g) >= 2]
+
+    def decompose(self, inc: np.ndarray, inc_obj: int) -> tuple[np.ndarray, int, int]:
+        """Balance disjoint host groups side by side, a few rounds with different groupings.
+
+        Each group's model frees the movable units on its hosts, with the group's hosts as
+        candidates; the groups share no host, so their answers combine (kept only if the whole
+        objective drops). Models are built in order and solved by ``threads`` threads, each
+        solve deterministic, so the result does not depend on scheduling.
+        Returns (placement, objective, improvements)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        p, ev = self.p, self.ev
+        improvements = 0
+        with ThreadPoolExecutor(max_workers=max(1, self.o.threads)) as pool:
+            for rnd in range(self.o.decompose_rounds):
+                if self.exhausted():
+                    break
+                subs = []
+                for hosts in self.groups(inc, rnd):
+                    hs = set(hosts)
+                    free = self.movable_arr[np.isin(inc[self.movable_arr], hosts)].tolist()
+                    if not free:
+                        continue
+                    cands = {u: sorted((set(p.units[u].candidates) & hs) | {int(inc[u])})
+                             for u in free}
+                    sub = cpsat.build(p, ev, inc, free, cands)
+                    proto = sub.model.Proto()
+                    self.work += len(proto.variables) + len(proto.constraints)
+                    subs.append(sub)
+
+                def run(sub: cpsat.SubModel) -> tuple[int, cp_model.CpSolver]:
+                    solver = self._solver(self.o.group_dtime)
+                    return self.watcher.solve(solver, sub.model), solver
+
+                results = list(pool.map(run, subs))
+                cand = inc.copy()
+                for sub, (status, solver) in zip(subs, results, strict=True):
+                    if status == NOT_SOLVED:
+                        self._stopped("stop")
+                        continue
+                    self.dtime += solver.ResponseProto().deterministic_time
+                    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                        for u in sub.free:
+                            for h in sub.cands[u]:
+                                if solver.BooleanValue(sub.x[u, h]):
+                                    cand[u] = h
+                                    break
+                self.iterations += 1
+                c_obj = ev.objective(cand)
+                log.debug("decompose round %d: %d groups obj %d -> %d", rnd, len(subs),
+                          inc_obj, c_obj)
+                if c_obj < inc_obj and not mandatory_violations(p, ev, cand):
+                    inc, inc_obj = cand, c_obj
+                    improvements += 1
+        return inc, inc_obj, improvements
+
     def effort(self) -> float:
         """Share of the effort spent so far, in deterministic units (LNS steps, CP-SAT
         deterministic time); wall time only when neither is set."""
@@ -352,8 +456,11 @@ class _Search:
             shares.append((time.monotonic() - self.t0) / self.o.time_limit)
         return max(shares)
 
-    def lns(self, inc: np.ndarray, inc_obj: int, until: float) -> tuple[np.ndarray, int, int]:
-        """Improve ``inc`` until ``until`` of the effort is spent.
+    def lns(self, inc: np.ndarray, inc_obj: int, until: float | None,
+            work_until: int | None = None, iterations_until: int | None = None,
+            ) -> tuple[np.ndarray, int, int]:
+        """Improve ``inc`` until ``until`` of the effort is spent (or ``work_until`` units
+        of work are done, or the search converges).
 
         Returns (placement, objective, improvements)."""
         p, ev = self.p, self.ev
@@ -361,7 +468,9 @@ class _Search:
         k_max = max(2, min(self.o.max_neighbourhood_hosts, len(p.balanced)))
         patience = max(8, len(p.balanced) // 2)
         improvements = 0
-        while not self.exhausted() and self.effort() < until:
+        while (not self.exhausted() and (until is None or self.effort() < until)
+               and (work_until is None or self.work < work_until)
+               and (iterations_until is None or self.iterations < iterations_until)):
             cand, optimal = self.lns_step(inc, k)
             self.iterations += 1
             improved = False
@@ -383,13 +492,16 @@ class _Search:
                 break
         return inc, inc_obj, improvements
 
-    def project(self, free_inc: np.ndarray) -> np.ndarray | None:
+    def project(self, free_inc: np.ndarray, price: float | None = None,
+                fixed_mb: float = 0.0) -> np.ndarray | None:
         """The best subset of ``free_inc``'s moves within the budgets.
 
         A greedy trim gives a feasible start; one CP-SAT model over the moved units (each may
-        stay or go back) improves on it.
+        stay or go back) improves on it, with moves priced at ``price`` per MiB when given.
         """
         p, ev = self.p, self.ev
+        if price is not None:
+            p, ev = reprice(p, ev, price, fixed_mb, keep_budget=True)
         trimmed = trim_to_budget(p, ev, free_inc)
         if trimmed is None:
             return None
@@ -406,13 +518,6 @@ class _Search:
             if ev.objective(out) < ev.objective(trimmed):
                 return out
         return trimmed
-
-
-def _budget_binds(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> bool:
-    """The placement spends (nearly) all of a budget: every migration, or 98 % of the memory."""
-    migrations, moved_mem = ev.moved(unit_hosts)
-    return ((problem.max_migrations is not None and migrations >= problem.max_migrations)
-            or (problem.max_moved_mem is not None and moved_mem >= 0.98 * problem.max_moved_mem))
 
 
 def explain_infeasible(problem: Problem, opts: EngineOptions,
@@ -462,6 +567,55 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
         if still:
             core = sorted(set(smaller) & set(trial)) or trial
     return sorted(sub.assumptions[i] for i in core)
+
+
+def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
+                     ) -> tuple[np.ndarray, int, int]:
+    """A budgeted plan by price search (``balancer.solver.price``); returns (placement,
+    objective, improvements). The plan kept is the one within the budget with the lowest
+    imbalance (CPU std + memory std) among: the price search's plans, their repairs, the
+    fill of the best of them with the budget in force, and the greedy answer."""
+    ev = s.ev
+    assert opts.price is not None
+    fixed_mb = opts.fixed_cost_mb
+    # a. the unbudgeted engine at the threshold's own price
+    p0, ev0 = reprice(problem, ev, opts.price, fixed_mb)
+    s.p, s.ev = p0, ev0
+    free, _, _ = s.lns(inc, ev0.objective(inc), until=opts.budget_explore * 0.5)
+    s.p, s.ev = problem, ev
+    cands: list[Priced] = [measure(problem, ev, opts.price, inc)]
+    if g_obj is not None:
+        cands.append(measure(problem, ev, math.inf, g))
+    first = measure(problem, ev, opts.price, free)
+    if first.within_budget:
+        cands.append(first)
+    else:
+        # b. the price that fits, by bisection; c. each over-budget plan repaired
+        start = best_within(cands)
+        if opts.max_work:
+            step_work = max(1, int(0.6 * (opts.max_work - s.work) / max(1, opts.price_steps)))
+        else:
+            step_work = max(1, s.work // 4)
+        cands += search_budget(s, problem, start.unit_hosts if start else inc, free, opts.price,
+                               fixed_mb, opts.price_steps, step_work)
+    best = best_within(cands)
+    assert best is not None  # the incumbent fits
+    stats["price_points"] = len(cands)
+    stats["price"] = best.price if math.isfinite(best.price) else None
+    stats["greedy_kept"] = not math.isfinite(best.price)
+    # d. fill what is left of the budget, the budget in force, at the price found
+    fill_price = best.price if math.isfinite(best.price) else opts.price
+    pf, evf = reprice(problem, ev, fill_price, fixed_mb, keep_budget=True)
+    s.p, s.ev = pf, evf
+    filled, _, n = s.lns(best.unit_hosts, evf.objective(best.unit_hosts), until=1.0)
+    s.p, s.ev = problem, ev
+    m = measure(problem, ev, fill_price, filled)
+    if m.within_budget and m.imbalance < best.imbalance:
+        best = m
+        stats["greedy_kept"] = False
+    out = best.unit_hosts
+    return out, ev.objective(out), n + 1
 
 
 def first_cause(problem: Problem, ev: Evaluator | None = None) -> str | None:
@@ -615,33 +769,16 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
     # 3. large neighbourhood search
     if status is not Status.OPTIMAL and s.movable:
         has_budget = problem.max_migrations is not None or problem.max_moved_mem is not None
-        if has_budget:
-            # Spend the budget where it buys most: balance without it first, then keep the
-            # best subset of those moves that fits (one exact CP-SAT model over the moved
-            # units), then search on with the budget in force.
-            relaxed = replace(problem, max_migrations=None, max_moved_mem=None)
-            s.p = relaxed
-            free_inc, _, _ = s.lns(inc, inc_obj, until=opts.budget_explore)
-            s.p = problem
-            proj = s.project(free_inc)
-            if proj is not None:
-                p_obj = ev.objective(proj)
-                if p_obj < inc_obj:
-                    inc, inc_obj = proj, p_obj
-                    improvements += 1
-        inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
-        improvements += n
-        if has_budget and g_obj is not None and _budget_binds(problem, ev, inc):
-            # When the budget binds, the question is which moves within it balance best, so
-            # the plan is judged by the measure plans are judged by (CPU std + memory std), and
-            # the greedy answer — also within the budget — wins if it balances better. The
-            # balance term matches that measure only to first order (docs/engine.md).
-            snap = problem.snapshot
-            here = util_stats(snap, vm_placement(problem, [int(h) for h in inc])).imbalance
-            there = util_stats(snap, vm_placement(problem, [int(h) for h in g])).imbalance
-            if there < here - 1e-9:
-                inc, inc_obj = g, g_obj
-                stats["greedy_kept"] = True
+        if has_budget and not problem.only_mandatory and opts.price is not None:
+            inc, inc_obj, n = _budget_by_price(s, problem, opts, inc, inc_obj, g, g_obj, stats)
+            improvements += n
+        else:
+            if (opts.decompose_min_hosts is not None
+                    and len(problem.balanced) >= opts.decompose_min_hosts):
+                inc, inc_obj, n = s.decompose(inc, inc_obj)
+                improvements += n
+            inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
+            improvements += n
 
     seconds = time.monotonic() - s.t0
     stats["dtime"] = round(s.dtime, 3)
@@ -670,3 +807,68 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
         stats=stats,
     )
 
+
+
+@dataclass
+class CurvePoint:
+    price: float  # per MiB moved (objective units / WEIGHT_ONE)
+    unit_hosts: np.ndarray
+    objective: int  # at this price
+    bound: int  # a lower bound on the objective at this price (see ``lower_bound``)
+
+
+def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = None,
+          ev: Evaluator | None = None, stop: threading.Event | None = None,
+          ) -> tuple[list[CurvePoint], str]:
+    """The balance / migration-cost curve: one plan per price (per MiB moved), from the
+    highest price to the lowest, each point's search warm-started from the plan before it
+    (a lower price only adds moves that now pay). The effort (``max_work`` or
+    ``max_iterations``) is shared evenly between the points. Returns (points, stopped_by).
+    """
+    opts = opts or EngineOptions()
+    s = _Search(problem, opts, ev, stop)
+    try:
+        ev = s.ev
+        start = initial_unit_hosts(problem)
+        inc = start
+        if mandatory_violations(problem, ev, start):
+            inc = greedy(problem, ev, max_cells=0)  # the forced moves only
+        if mandatory_violations(problem, ev, inc):
+            fixed, infeasible = s.repair_model(start.copy())
+            if fixed is None:
+                if infeasible:
+                    raise infeasible_error(problem, opts, ev, stop)
+                return [], s.stopped_by or "wall_clock"
+            inc = fixed
+        points: list[CurvePoint] = []
+        n = len(prices)
+        for i, price in enumerate(sorted(prices, reverse=True)):
+            if opts.max_work:
+                target = opts.max_work * (i + 1) // n
+            else:
+                target = s.work + max(1, s.work // max(1, i))
+            if not s.interrupted() and s.movable:
+                inc = price_mod.improve_at(s, problem, price, opts.fixed_cost_mb, inc,
+                                           max(0, target - s.work), iterations=(
+                                               None if opts.max_iterations is None
+                                               else opts.max_iterations * (i + 1) // n))
+            _, evp = reprice(problem, ev, price, opts.fixed_cost_mb)
+            obj = evp.objective(inc)
+            points.append(CurvePoint(price, inc.copy(), obj, min(obj, lower_bound(
+                problem, evp, inc))))
+        stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
+        return points, stopped_by
+    finally:
+        s.watcher.close()
+
+
+def lower_bound(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> int:
+    """A valid lower bound on the objective: the forced moves' cheapest cost plus the balance
+    term of the fluid relaxation (load divisible, every host's deviation zero is reachable),
+    which is zero, plus the should-rule penalties that no placement can avoid (none assumed).
+    Honest but weak; the whole-model solve reports CP-SAT's own bound instead."""
+    return sum(
+        min(sum(int(ev.move_cost[v]) for v in problem.units[u].members if ev.start[v] != h)
+            for h in problem.units[u].candidates)
+        for u in range(len(problem.units))
+        if not problem.units[u].pinned and u in problem.mandatory_reason)

@@ -8,8 +8,9 @@ migrations. Each policy is one class with a typed ``Args`` dataclass whose ``__p
 rejects bad values naming the field; ``make(name, args)`` rejects unknown names and fields.
 
 Registered here: ``none``, ``balance`` (the default) and ``greedy``; ``consolidate`` lives in
-``policies.consolidate``. This module imports ``balancer.model``/``balancer.errors`` only; the
-engine is reached through the context the simulator hands in.
+``simulator.consolidate`` and ``power`` in ``simulator.power_policy``. Those modules import this
+one; this one never imports them (``lookup`` loads ``BUILTIN_MODULES`` by name on first use, so
+there is no import circle). The engine is reached through the context the simulator hands in.
 """
 
 from __future__ import annotations
@@ -66,11 +67,23 @@ def register(cls: type) -> type:
     return cls
 
 
+BUILTIN_MODULES = ("simulator.consolidate", "simulator.power_policy")
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
 def registered() -> list[str]:
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def lookup(name: str) -> type:
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -215,8 +228,6 @@ class Greedy(Balance):
     name: ClassVar[str] = "greedy"
     Args = GreedyArgs
 
-
-from policies import consolidate as _consolidate  # noqa: E402,F401  (registration)
 
 __all__ = ["Balance", "Decision", "Greedy", "NoMigrations", "ReplayPolicy", "estimate", "lookup",
            "make", "register", "registered"]

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from balancer.errors import InfeasibleError
-from policies.replay_policies import ON, Context, Decision, _need, estimate, register
+from simulator.replay_policies import ON, Context, Decision, _need, estimate, register
 
 OFF = 0
 

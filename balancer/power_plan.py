@@ -1,0 +1,182 @@
+"""``balancer plan --power``: standby and wake recommendations from the CP-SAT power mode.
+
+Description
+    Turns a snapshot into power recommendations an operator can act on. Hosts in the snapshot
+    that are ``active`` are on; hosts in ``standby`` are off and may be woken; hosts in
+    ``maintenance`` stay powered and are evacuated (their VMs move), never switched.
+    ``balancer.solver.power`` decides which hosts stay on and where VMs go (least power +
+    ``migration_w`` per move, CPU demand within ``target_util`` of each host on, memory
+    within capacity, at most ``max_switch`` hosts switched). Each switched host becomes a
+    first-class recommendation:
+
+    * ``standby``: the host, why (how many VMs move off it, where the rest of the cluster's CPU
+      then runs), the watts it draws now, and the command to run after its VMs have left;
+    * ``wake``: the host, why (the hosts on would run above the target), and its command;
+
+    plus the moves (with waves from ``balancer.planner.make_waves``) and the plan's power before
+    and after (the hosts' power tables). Host power comes from host labels
+    ``power.idle_w``/``power.peak_w`` (linear) or ``power.table_w`` (11 comma-separated watts,
+    0..100 % CPU), else from the defaults given.
+
+    The command (``command``, a template with ``{action}`` and ``{host}``, e.g.
+    ``ipmitool -H {host}-bmc -U admin chassis power soft`` or ``wakeonlan {host}``) is run for
+    each recommendation only when asked (``run_commands``): standby after the moves, wake first.
+Requirements
+    A snapshot; ``policies.build_problem``; ``balancer.solver.power``.
+Limitations
+    The moves of a standby recommendation must be carried out (``balancer execute``) before its
+    command runs; ``run_commands`` does not migrate. Demand is the snapshot's CPU demand (pass a
+    forecast there for predictive use; ``balancer.forecast``).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from balancer.errors import InputError
+from balancer.model import ClusterSnapshot, HostState, Move
+from balancer.solver.power import HostPower, PowerOptions, model_watts, solve
+
+
+@dataclass(frozen=True)
+class PowerPlanOptions:
+    target_util: float = 0.8
+    migration_w: float = 30.0
+    max_switch: int = 4
+    idle_w: float = 180.0  # hosts without power labels
+    peak_w: float = 450.0
+    mem_overcommit: float = 1.0
+    max_dtime: float = 5.0
+    time_limit: float = 30.0
+    seed: int = 0
+    command: str | None = None  # template: {action} {host}
+
+
+def host_power(snap: ClusterSnapshot, idle_w: float, peak_w: float) -> list[HostPower]:
+    out = []
+    for h in snap.hosts:
+        lab = dict(h.labels)
+        try:
+            if "power.table_w" in lab:
+                t = tuple(float(x) for x in lab["power.table_w"].split(","))
+                if len(t) != 11 or any(b < a for a, b in zip(t, t[1:], strict=False)):
+                    raise ValueError("needs 11 non-decreasing watts")
+                out.append(HostPower(t))
+            else:
+                out.append(HostPower.linear(float(lab.get("power.idle_w", idle_w)),
+                                            float(lab.get("power.peak_w", peak_w))))
+        except ValueError as exc:
+            raise InputError(f"host {h.name}: label power.*: {exc}") from None
+    return out
+
+
+def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None) -> dict[str, Any]:
+    from policies import build_problem
+
+    o = o or PowerPlanOptions()
+    if o.command is not None:
+        _render(o.command, "standby", "check")  # a bad template fails before anything runs
+    was_on = [h.state is HostState.ACTIVE for h in snap.hosts]
+    woken = replace(snap, hosts=tuple(replace(h, state=HostState.ACTIVE)
+                                      if h.state is HostState.STANDBY else h
+                                      for h in snap.hosts))
+    problem = build_problem(woken, {"capacity": {"cpu_headroom": 0.0,
+                                                 "mem_overcommit": o.mem_overcommit}})
+    power = host_power(snap, o.idle_w, o.peak_w)
+    # hosts in maintenance stay powered (the operator's) and are evacuated, never switched
+    locked = {i for i, h in enumerate(snap.hosts) if h.state is HostState.MAINTENANCE}
+    was_on = [on or i in locked for i, on in enumerate(was_on)]
+    res = solve(problem, power, was_on, PowerOptions(
+        target_util=o.target_util, migration_w=o.migration_w, max_switch=o.max_switch,
+        max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed), locked=locked)
+    cpu = [float(v.cpu_demand) for v in snap.vms]
+    vm_hosts = [res.unit_hosts[problem.unit_of[v]] for v in range(len(snap.vms))]
+    caps = [h.cpu_capacity for h in snap.hosts]
+    on_cap = sum(c for c, on in zip(caps, res.on, strict=True) if on)
+    total = sum(cpu)
+    start = snap.placement()
+    recs = []
+    for h in res.switched_off:
+        name = snap.hosts[h].name
+        n_off = sum(1 for v in range(len(cpu)) if start[v] == h)
+        now = model_watts(problem, power, np.array(cpu),
+                          [i == h for i in range(len(caps))], list(start))
+        recs.append({
+            "action": "standby", "host": name, "watts_now": round(now, 1),
+            "reason": (f"its {n_off} VM(s) fit on the hosts that stay on, which then run at "
+                       f"{100 * total / on_cap:.0f} % CPU on average (target "
+                       f"{100 * o.target_util:.0f} %); it draws {now:.0f} W now"),
+            "command": _render(o.command, "standby", name) if o.command else None})
+    for h in res.switched_on:
+        name = snap.hosts[h].name
+        on_before = sum(c for c, on in zip(caps, was_on, strict=True) if on)
+        recs.append({
+            "action": "wake", "host": name,
+            "watts_now": 0.0,
+            "reason": (f"the hosts on would run at {100 * total / max(on_before, 1):.0f} % CPU, "
+                       f"above the target {100 * o.target_util:.0f} %; it draws about "
+                       f"{power[h].idle_w:.0f} W idle"),
+            "command": _render(o.command, "wake", name) if o.command else None})
+    saved = res.watts_before - res.watts_after
+    load0 = np.bincount(np.asarray(start), weights=np.array(cpu), minlength=len(caps))
+
+    def why(v: int) -> str:
+        src, dst = start[v], vm_hosts[v]
+        if src in res.switched_off:
+            return f"empty {snap.hosts[src].name} for standby"
+        if src in locked:
+            return f"evacuate {snap.hosts[src].name} (maintenance)"
+        if load0[src] > o.target_util * caps[src]:
+            return (f"relieve {snap.hosts[src].name}: {100 * load0[src] / caps[src]:.0f} % CPU, "
+                    f"above the target {100 * o.target_util:.0f} %")
+        return (f"part of the least-power placement found: {snap.hosts[dst].name} runs its "
+                f"demand for fewer watts than {snap.hosts[src].name} (power curves); the plan "
+                f"saves {saved:.0f} W over {len(res.moved_vms)} moves, the price being "
+                f"{o.migration_w:g} W per move")
+    moves = [Move(snap.vms[v].name, snap.hosts[start[v]].name, snap.hosts[vm_hosts[v]].name,
+                  why(v), snap.vms[v].mem) for v in res.moved_vms]
+    from balancer.planner import PlannerLimits, make_waves
+
+    waves = make_waves(woken, moves, PlannerLimits(mem_overcommit=o.mem_overcommit))
+    return {
+        "power": {"status": res.status, "watts_before": round(res.watts_before, 1),
+                  "watts_after": round(res.watts_after, 1),
+                  "watts_saved": round(res.watts_before - res.watts_after, 1),
+                  "target_util": o.target_util, "recommendations": recs},
+        "migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "reason": m.reason,
+                        "mem_mb": m.mem} for m in moves],
+        **waves.to_dict(),
+    }
+
+
+def _render(template: str, action: str, host: str) -> list[str]:
+    try:
+        return [part.format(action=action, host=host) for part in shlex.split(template)]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(f"--power-command: bad template {template!r} ({exc}); use {{action}} "
+                         "and {host}") from None
+
+
+def run_commands(doc: dict[str, Any], timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Run each recommendation's command (wake first, then standby); returns what happened."""
+    out = []
+    recs = sorted(doc["power"]["recommendations"], key=lambda r: r["action"] != "wake")
+    for r in recs:
+        if not r.get("command"):
+            continue
+        try:
+            p = subprocess.run(r["command"], capture_output=True, text=True, timeout=timeout)
+            out.append({"host": r["host"], "action": r["action"], "exit": p.returncode,
+                        "output": (p.stdout + p.stderr).strip()[-500:]})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out.append({"host": r["host"], "action": r["action"], "exit": None,
+                        "output": str(exc)})
+    return out
+
+
+__all__ = ["PowerPlanOptions", "host_power", "plan_power", "run_commands"]

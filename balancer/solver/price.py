@@ -1,0 +1,158 @@
+"""Budgets by price: the migration price as the Lagrange multiplier of a budget.
+
+A budget (at most K migrations, at most G MiB moved) is a hard constraint on the plan's size;
+its Lagrangian relaxation moves it into the objective as a price per unit of budget used. The
+unbudgeted engine already has such a price: ``move_cost = price * (mem + fixed)`` per VM
+moved. Raising the price moves less; so the engine searches the price at which the
+unbudgeted optimum just fits the budget (bisection in log-price, each point warm-started from
+the best plan within the budget found so far), keeps the best plan within the budget, repairs
+each over-budget plan with one exact CP-SAT model over its moved units (each may stay or go
+back, the budget in force), then fills what is left of the budget with the budget in force.
+The same machinery, swept over a grid of prices from high to low (each point warm-started from
+the one before), gives the whole balance / migration-cost curve (``frontier``).
+
+Price shape
+    Memory budget: ``price * (mem_mb + fixed_cost_mb)``, the shape the thresholds use.
+    Count budget: ``price * (COUNT_FIXED x mean VM memory + mem_mb)`` so each move costs
+    mostly the same, as one unit of a count budget does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from balancer.model import util_stats
+from balancer.model.problem import WEIGHT_ONE, Problem, vm_placement
+from balancer.solver.objective import Evaluator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from balancer.solver.engine import _Search
+
+COUNT_FIXED = 4.0  # count budgets: the fixed part of a move's price, in mean VM memories
+PRICE_MAX = 3_000_000.0  # per MiB: above every threshold's price, balance rarely pays
+PRICE_MIN = 3.0
+
+
+@dataclass
+class Priced:
+    """One plan of the price search or the frontier."""
+
+    price: float
+    unit_hosts: np.ndarray
+    imbalance: float
+    migrations: int
+    moved_mem: int
+    within_budget: bool
+
+
+def reprice(problem: Problem, ev: Evaluator, price: float, fixed_mb: float,
+            keep_budget: bool = False) -> tuple[Problem, Evaluator]:
+    """The problem without budgets (unless ``keep_budget``) and with
+    ``price * (mem + fixed_mb)`` per VM moved.
+
+    Mandatory moves keep their cost shape; only the price changes. The evaluator is shared
+    but for the move costs (cheap at any size)."""
+    cost = np.rint(WEIGHT_ONE * price * (ev.vm_mem.astype(float) + fixed_mb)).astype(np.int64)
+    p2 = replace(problem, move_cost=cost.tolist())
+    if not keep_budget:
+        p2 = replace(p2, max_migrations=None, max_moved_mem=None)
+    ev2 = copy.copy(ev)
+    ev2.problem = p2
+    ev2.move_cost = cost
+    ev2.u_move_cost = np.bincount(ev.vm_unit, weights=cost, minlength=len(problem.units)
+                                  ).astype(np.int64)
+    return p2, ev2
+
+
+def fixed_part(problem: Problem, ev: Evaluator, fixed_cost_mb: float) -> float:
+    """The fixed part of the price shape: the threshold's for a memory budget, a few mean
+    VM memories for a count budget (so the price is mostly per move)."""
+    if problem.max_migrations is not None and problem.max_moved_mem is None:
+        return COUNT_FIXED * float(ev.vm_mem.mean() if len(ev.vm_mem) else 1024.0)
+    return fixed_cost_mb
+
+
+def measure(problem: Problem, ev: Evaluator, price: float, unit_hosts: np.ndarray,
+            ) -> Priced:
+    migrations, moved = ev.moved(unit_hosts)
+    snap = problem.snapshot
+    imb = util_stats(snap, vm_placement(problem, [int(h) for h in unit_hosts])).imbalance
+    k, g = problem.max_migrations, problem.max_moved_mem
+    within = (k is None or migrations <= k) and (g is None or moved <= g)
+    return Priced(price, unit_hosts.copy(), imb, migrations, moved, within)
+
+
+def improve_at(s: _Search, problem: Problem, price: float, fixed_mb: float,
+               start: np.ndarray, work: int, iterations: int | None = None) -> np.ndarray:
+    """Run the unbudgeted LNS at ``price`` from ``start`` for about ``work`` units (or until
+    the search has made ``iterations`` steps in all)."""
+    p2, ev2 = reprice(problem, s.ev, price, fixed_mb)
+    saved = s.p, s.ev, s.converged
+    s.p, s.ev, s.converged = p2, ev2, False
+    try:
+        target = s.work + work
+        inc, _, _ = s.lns(start, ev2.objective(start), until=None, work_until=target,
+                          iterations_until=iterations)
+    finally:
+        s.p, s.ev, s.converged = saved
+    return inc
+
+
+def search_budget(s: _Search, problem: Problem, start: np.ndarray, over: np.ndarray,
+                  price0: float, fixed_cost_mb: float, steps: int, step_work: int,
+                  ) -> list[Priced]:
+    """Bisect the price between ``price0`` (whose plan ``over`` breaks the budget) and a price
+    whose plan fits; every plan met is kept (over-budget ones repaired by the exact model over
+    their moved units). ``start`` is a plan within the budget (warm start)."""
+    ev = s.ev
+    fixed_mb = fixed_part(problem, ev, fixed_cost_mb)
+    out: list[Priced] = []
+
+    def keep(price: float, hosts: np.ndarray) -> Priced:
+        m = measure(problem, ev, price, hosts)
+        out.append(m)
+        if not m.within_budget:
+            fixed = s.project(hosts, price=price, fixed_mb=fixed_mb)
+            if fixed is not None:
+                out.append(measure(problem, ev, price, fixed))
+        return m
+
+    keep(price0, over)
+    lo, hi = math.log(price0), None
+    best_start = start
+    price = price0 * 8.0
+    for _ in range(steps):
+        if s.exhausted():
+            break
+        hosts = improve_at(s, problem, price, fixed_mb, best_start, step_work)
+        m = keep(price, hosts)
+        if m.within_budget:
+            hi = math.log(price)
+            best_start = hosts
+        else:
+            lo = math.log(price)
+        if hi is None:
+            price = min(PRICE_MAX, price * 8.0)
+        else:
+            price = math.exp((lo + hi) / 2)
+    return out
+
+
+def best_within(cands: list[Priced]) -> Priced | None:
+    ok = [c for c in cands if c.within_budget]
+    if not ok:
+        return None
+    return min(ok, key=lambda c: (c.imbalance, c.moved_mem, c.price))
+
+
+def frontier_prices(points: int, high: float = 300_000.0, low: float = 10.0) -> list[float]:
+    """``points`` prices per MiB, geometric from ``high`` down to ``low``."""
+    if points <= 1:
+        return [high]
+    r = (low / high) ** (1.0 / (points - 1))
+    return [high * r ** i for i in range(points)]

@@ -1,0 +1,70 @@
+"""The balance / migration-cost curve, and budgets searched by price."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from balancer.model import util_stats
+from balancer.service import PlanOptions, frontier, plan
+from balancer.snapshot import parse_snapshot
+from balancer.verify import Limits, verify
+from simulator.generate import generate, generate_skewed
+
+from conftest import det
+
+CLI = [sys.executable, "-m", "balancer.cli"]
+
+
+def test_frontier_points_are_verified_plans_sorted_by_memory_moved() -> None:
+    snap = parse_snapshot(generate(12, 120, 4, rules=True))
+    f = frontier(snap, PlanOptions(time_limit=300, max_iterations=60, seed=1), points=5)
+    assert len(f.points) == 5
+    moved = [p.plan.moved_mem for p in f.points]
+    assert moved == sorted(moved)
+    for p in f.points:
+        assert verify(snap, p.plan.placement, Limits()) == []
+        assert p.plan.after.imbalance == util_stats(snap, p.plan.placement).imbalance
+        assert p.bound <= p.objective
+        assert all(m.reason for m in p.plan.moves)
+    # more memory moved buys balance: the curve ends far below where it starts
+    assert f.points[-1].plan.after.imbalance < 0.5 * f.before.imbalance
+    assert f.points[0].plan.moved_mem < f.points[-1].plan.moved_mem
+    doc = f.to_dict()
+    assert set(doc["frontier"][0]) >= {"price", "moved_mem_gb", "moves", "imbalance", "cpu_std",
+                                       "mem_std", "migrations", "bound", "gap"}
+
+
+def test_frontier_from_the_command_line_json_table_and_plot(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(generate(8, 80, 2)))
+    p = subprocess.run([*CLI, "plan", str(path), "--frontier", "--points", "3", "--format",
+                        "json", "--time-limit", "120"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert len(doc["frontier"]) == 3
+    assert set(doc["frontier"][0]["migrations"][0] if doc["frontier"][0]["migrations"] else
+               {"vm": 1, "from": 1, "to": 1, "reason": 1}) >= {"vm", "from", "to", "reason"}
+    png = tmp_path / "f.png"
+    p = subprocess.run([*CLI, "plan", str(path), "--frontier", "--points", "3", "--format",
+                        "table", "--plot", str(png), "--time-limit", "120"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "price/MiB" in p.stdout and "GiB moved" in p.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([*CLI, "plan", str(path), "--plot", str(png)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--frontier" in bad.stderr
+
+
+def test_memory_budget_by_price_beats_greedy_at_greedys_memory() -> None:
+    for gen, seed in ((generate, 11), (generate_skewed, 12)):
+        snap = parse_snapshot(gen(16, 240, seed, rules=True))
+        g = plan(snap, det(threshold=5, solver="greedy"))
+        budget = g.moved_mem / 1024
+        c = plan(snap, det(threshold=5, max_moved_mem_gb=budget, max_iterations=120))
+        assert c.moved_mem <= g.moved_mem
+        assert c.after.imbalance <= 0.9 * g.after.imbalance, (gen.__name__, c.solver)

@@ -1,0 +1,261 @@
+"""Power management: the forecast, the CP-SAT power mode, the ``power`` replay policy, and
+replay through the planner and the executor (make_waves, Runner, SimulatedBackend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from balancer.errors import InputError
+from balancer.forecast import (
+    ForecastOptions,
+    ForecastTracker,
+    ewm_last,
+    ewm_last_pandas,
+    forecast_peak,
+)
+from balancer.model import VM, ClusterSnapshot, Host
+from balancer.solver.power import HostPower, PowerOptions, model_watts, solve
+from balancer.verify import Limits, verify
+from policies import build_problem
+from simulator import replay_policies
+from simulator.cluster import ClusterConfig, HostType, PowerModel, Simulator, workload_from_trace
+from simulator.replay import load_experiment, run_one
+from simulator.traces import Trace
+
+ROOT = Path(__file__).resolve().parents[1]
+BELOGLAZOV = ROOT / "configs" / "beloglazov-planetlab.toml"
+LIN = HostPower.linear(100.0, 200.0)
+
+
+# ---------------------------------------------------------------- forecast
+
+
+def test_ewm_is_pandas_ewm() -> None:
+    h = np.random.default_rng(4).random((40, 25)) * 1000
+    for span in (3, 12):
+        a, b = ewm_last(h, span), ewm_last_pandas(h, span)
+        assert np.allclose(a[0], b[0]) and np.allclose(a[1], b[1])
+
+
+def test_forecast_methods_by_hand() -> None:
+    h = np.array([[1.0, 10.0], [5.0, 10.0], [2.0, 10.0], [3.0, 10.0]])
+    assert list(forecast_peak(h, ForecastOptions(method="reactive", window=2))) == [3.0, 10.0]
+    assert list(forecast_peak(h, ForecastOptions(method="reactive", window=3))) == [5.0, 10.0]
+    q = forecast_peak(h, ForecastOptions(method="quantile", q=1.0, history=4))
+    assert list(q) == [5.0, 10.0]
+    e = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=0.0))
+    mean, _ = ewm_last_pandas(h, 3)
+    assert e[0] == pytest.approx(max(3.0, mean[0])) and e[1] == 10.0  # a flat VM: no margin
+    e2 = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=2.0))
+    assert e2[0] > e[0] and e2[1] == 10.0  # the margin grows with the VM's volatility
+    with pytest.raises(InputError, match="field 'method'"):
+        ForecastOptions(method="arima")
+
+
+def test_tracker_scores_wape_and_under_forecasts() -> None:
+    t = ForecastTracker()
+    t.score(np.array([10.0, 10.0]), np.array([8.0, 12.0]))  # |2| + |2| over 20; one under
+    r = t.report()
+    assert r["forecast_wape"] == 0.2 and r["forecast_under_share"] == 0.5
+    assert r["forecast_headroom"] == 0.1
+
+
+# ---------------------------------------------------------------- the CP-SAT power mode
+
+
+def cluster(loads: list[list[int]], cap: int = 4000, mem: int = 16384) -> ClusterSnapshot:
+    hosts = tuple(Host(f"h{i}", cap, mem) for i in range(len(loads)))
+    vms = tuple(VM(f"v{i}-{j}", f"h{i}", 1, 1024, c, 512)
+                for i, cs in enumerate(loads) for j, c in enumerate(cs))
+    return ClusterSnapshot(hosts=hosts, vms=vms, rules=())
+
+
+def _solve(snap: ClusterSnapshot, **kw: object):  # noqa: ANN202
+    problem = build_problem(snap, {"capacity": {"cpu_headroom": 0.0}})
+    opts = PowerOptions(**{"max_dtime": 5.0, **kw})  # type: ignore[arg-type]
+    return problem, solve(problem, [LIN] * len(snap.hosts), [True] * len(snap.hosts), opts)
+
+
+def test_power_mode_empties_hosts_it_can_and_the_verifier_agrees() -> None:
+    # 3 hosts of 4 cores, 100..200 W, each 0.9 cores busy: 2.7 cores fit one host at 80 %
+    snap = cluster([[300, 300, 300]] * 3)
+    problem, res = _solve(snap, target_util=0.8, migration_w=1.0, max_switch=2)
+    assert res.status == "optimal"
+    assert sum(res.on) == 1 and len(res.switched_off) == 2 and len(res.moved_vms) == 6
+    placement = [res.unit_hosts[problem.unit_of[v]] for v in range(len(snap.vms))]
+    assert verify(snap, tuple(placement), Limits(cpu_headroom=0.0)) == []
+    assert all(res.on[h] for h in placement)  # nothing left on a host that goes off
+    # by hand: before 3 x (100 + 100 x 0.225); after 1 x (100 + 100 x 0.675)
+    assert res.watts_before == pytest.approx(3 * 122.5)
+    assert res.watts_after == pytest.approx(167.5)
+
+
+def test_power_mode_prices_migrations_and_caps_switching() -> None:
+    snap = cluster([[300, 300, 300]] * 3)
+    _, res = _solve(snap, target_util=0.8, migration_w=1.0, max_switch=1)
+    assert sum(res.on) == 2 and len(res.moved_vms) == 3  # one host per call
+    # a migration priced above what switching a host off saves (100 W idle over 3 moves)
+    _, res = _solve(snap, target_util=0.8, migration_w=40.0, max_switch=2)
+    assert sum(res.on) == 3 and res.moved_vms == []
+
+
+def test_power_mode_wakes_a_host_when_the_forecast_needs_it() -> None:
+    # host 0 forecast at 3.9 cores of 4 (above 80 %), host 1 off and empty
+    snap = cluster([[1300, 1300, 1300], []])
+    problem = build_problem(snap, {"capacity": {"cpu_headroom": 0.0}})
+    res = solve(problem, [LIN, LIN], [True, False],
+                PowerOptions(target_util=0.8, migration_w=1.0, max_dtime=5.0))
+    assert res.switched_on == [1] and 1 <= len(res.moved_vms) <= 2
+    w = model_watts(problem, [LIN, LIN], np.array([1300.0] * 3), res.on,
+                    [res.unit_hosts[problem.unit_of[v]] for v in range(3)])
+    assert w == pytest.approx(res.watts_after)
+
+
+def test_power_table_hull_is_exact_at_its_vertices() -> None:
+    g5 = HostPower((93.7, 97, 101, 105, 110, 116, 121, 125, 129, 133, 135))
+    cuts = g5.hull(5320)
+    assert len(cuts) >= 2
+    for i, w in enumerate(g5.table_w):
+        load = 532 * i
+        best = max((a + b * load) / d for a, b, d in cuts) / 100.0  # centiwatts -> watts
+        assert best <= w + 0.02  # never above the table
+    lin = HostPower.linear(86, 117).hull(3720)
+    assert len(lin) == 1
+
+
+# ---------------------------------------------------------------- replay on the real path
+
+
+def synthetic(util: list[list[float]], vcpus: list[float], mem: list[float]) -> Trace:
+    a = np.array(util, dtype=float)
+    return Trace(kind="csv", source="test", interval_s=300,
+                 names=tuple(f"v{i}" for i in range(a.shape[1])), cpu_util=a, mem_util=None,
+                 vcpus=np.array(vcpus, dtype=float), mem_mb=np.array(mem, dtype=float))
+
+
+class Scripted:
+    name = "scripted"
+
+    def __init__(self, script: dict[int, replay_policies.Decision]) -> None:
+        self.script = script
+
+    def decide(self, ctx: object) -> replay_policies.Decision:
+        return self.script.get(ctx.step, replay_policies.Decision())  # type: ignore[attr-defined]
+
+
+def test_moves_run_through_the_planner_waves_and_the_runner() -> None:
+    # two VMs leave host 0 for host 1 at step 1; one migration per host at a time: the second
+    # starts when the first ends (a second wave), as the executor would run them
+    tr = synthetic([[0.2, 0.2]] * 3, [1.0, 1.0], [1250, 1250])
+    ht = HostType("h", 4.0, 8192, PowerModel(idle_w=100, peak_w=200), 0.0)
+    cfg = ClusterConfig(host_types=(ht,), hosts=2, bandwidth_mbps=1000.0,
+                        migration_time="ram-over-half-bandwidth", migrations_per_host=1,
+                        empty_host_off=True, memory_binding=True, initial_fill=1.0)
+    work = workload_from_trace(tr, cfg)
+    script = Scripted({1: replay_policies.Decision(moves=((0, 1), (1, 1)))})
+    got = Simulator(work, cfg, script).execute([(0, 1), (1, 1)])
+    assert [round(m.start_s, 1) for m in got] == [0.0, 20.0]  # 1250 MB / 62.5 MB/s = 20 s
+    assert [round(m.left_s, 1) for m in got] == [20.0, 40.0]
+    sim = Simulator(work, cfg, script)
+    r = sim.run("x")
+    assert r.summary.migrations == 2 and r.extra["waves"] == 2 and r.extra["failed_moves"] == 0
+    assert list(sim.vm_host) == [1, 1]
+    # PDM: each VM loses 10 % of its 200 mc demand for 20 s of the 300 s step
+    assert r.summary.pdm == pytest.approx(2 * 0.1 * 200 * 20 / 300 / (3 * 400))
+
+
+def test_power_policy_on_planetlab_slices() -> None:
+    exp = load_experiment(BELOGLAZOV)
+    base = dict(config=exp, steps=24, vms=200, hosts=60)
+    none = run_one("planetlab:sample", "none", **base)
+    power = run_one("planetlab:sample", "power", **base)
+    greedy = run_one("planetlab:sample", "power", {"solver": "greedy"}, **base)
+    assert power["slatah"] < 0.25 * none["slatah"]  # none keeps the tight first placement
+    # default host type, empty hosts draw idle power: switching them off saves energy
+    plain = dict(steps=12, hosts=9)  # 3 more than the trace needs
+    assert run_one("planetlab:sample", "power", **plain)["energy_kwh"] < \
+        run_one("planetlab:sample", "none", **plain)["energy_kwh"]
+    assert power["power_solves"] > 0 and power["waves"] > 0
+    assert sum(power["power_status"].values()) == power["power_solves"]
+    assert 0 < power["forecast_wape"] < 1 and 0 <= power["forecast_under_share"] < 1
+    assert greedy["power_solves"] == 0 and greedy["migrations"] > 0
+
+
+def test_power_args_rejected_by_field() -> None:
+    with pytest.raises(InputError, match="field 'target_util'"):
+        replay_policies.make("power", {"target_util": 1.5})
+    with pytest.raises(InputError, match="field 'method'"):
+        replay_policies.make("power", {"forecast": "arima"})
+    with pytest.raises(InputError, match="field 'solver'"):
+        replay_policies.make("power", {"solver": "x"})
+
+
+def test_power_policy_is_reproducible() -> None:
+    kw = dict(config=BELOGLAZOV, seed=1, steps=10, vms=120, hosts=40)
+    a = run_one("planetlab:20110306", "power", **kw)
+    b = run_one("planetlab:20110306", "power", **kw)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+
+# ---------------------------------------------------------------- plan --power
+
+
+def test_plan_power_recommends_standby_with_reasons_watts_and_commands(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from balancer import snapshot
+
+    log = tmp_path / "ipmi.log"
+    cmd = f"sh -c 'echo {{action}} {{host}} >> {log}'"
+    r = subprocess.run([sys.executable, "-m", "balancer.cli", "plan", "--demo", "--power",
+                        "--power-command", cmd, "--power-run", "--format", "json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    pw = doc["power"]
+    recs = pw["recommendations"]
+    standby = [x["host"] for x in recs if x["action"] == "standby"]
+    assert standby and pw["watts_saved"] > 0
+    assert pw["watts_after"] == pytest.approx(pw["watts_before"] - pw["watts_saved"], abs=0.2)
+    for x in recs:
+        assert x["reason"] and x["watts_now"] > 0 and x["command"][:2] == ["sh", "-c"]
+    # every VM of a host going to standby moves off it, in the waves the executor runs
+    from importlib import resources
+    snap = snapshot.loads(resources.files("balancer").joinpath("data/demo-cluster.json")
+                          .read_text(), source="demo")
+    on_host = {v.name: v.host for v in snap.vms}
+    moved = {m["vm"]: m["to"] for m in doc["migrations"]}
+    for h in standby:
+        assert all(vm in moved and moved[vm] not in standby
+                   for vm, host in on_host.items() if host == h)
+    assert sum(len(w["migrations"]) for w in doc["waves"]) == len(doc["migrations"])
+    # the commands ran, once per recommendation
+    assert sorted(log.read_text().split("\n")[:-1]) == sorted(f"standby {h}" for h in standby)
+    assert [x["exit"] for x in pw["ran"]] == [0] * len(standby)
+    # the final placement keeps every hard promise (hard CPU capacity, memory, rules)
+    hix = {h.name: i for i, h in enumerate(snap.hosts)}
+    final = tuple(hix[moved.get(v.name, v.host)] for v in snap.vms)
+    assert verify(snap, final, Limits(cpu_headroom=0.0)) == []
+
+
+def test_plan_power_bad_input_is_one_line() -> None:
+    import subprocess
+    import sys
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "balancer.cli", "plan", "--demo",
+                               "--power", *a], capture_output=True, text=True, timeout=120)
+    r = run("--power-run")
+    assert r.returncode == 2 and "--power-run needs --power-command" in r.stderr
+    r = run("--power-target", "1.5")
+    assert r.returncode == 2 and "--power-target" in r.stderr
+    r = run("--power-command", "x {nope}")
+    assert r.returncode == 2 and "--power-command" in r.stderr
+    assert all("Traceback" not in x for x in (r.stderr, r.stdout))
