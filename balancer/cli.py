@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from importlib import resources
 from typing import Any, NoReturn
@@ -286,14 +287,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan_interruptible(snap, options)
     from balancer.planner import PlannerLimits, add_waves
 
-    doc = add_waves(result.to_dict(), snap, PlannerLimits(mem_overcommit=args.mem_overcommit))
-    if args.format == "json":
-        json.dump(doc, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(plan_table(result))
-        sys.stdout.write(f"waves: {len(doc['waves'])}   estimated makespan: "
-                         f"{doc['makespan_s']:.0f} s (pre-copy model, see docs/executor.md)\n")
+    # The plan is in hand: it is printed whole (a further Ctrl-C would only truncate it).
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        doc = add_waves(result.to_dict(), snap,
+                        PlannerLimits(mem_overcommit=args.mem_overcommit))
+        if args.format == "json":
+            json.dump(doc, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(plan_table(result))
+            sys.stdout.write(f"waves: {len(doc['waves'])}   estimated makespan: "
+                             f"{doc['makespan_s']:.0f} s (pre-copy model, see docs/executor.md)\n")
+        sys.stdout.flush()
+    finally:
+        signal.signal(signal.SIGINT, old)
     return 0
 
 

@@ -492,6 +492,12 @@ KEY_DOCS: dict[str, str] = {
                          "config). Neither: the executor's defaults, journal at <store>.journal",
     "store.path": "SQLite file (recommendations, history, cycles, inventory); relative to this "
                   "file. Its folder must be writable (journal, WAL files beside it).",
+    "store.url": "PostgreSQL shared by several daemons for high availability "
+                 "(postgresql://user@host:port/db; then one daemon leads); unset: SQLite at path",
+    "store.lease_s": "leader lease, seconds: a follower takes over this long after the "
+                     "leader stops renewing it",
+    "store.node": "this daemon's name in /v1/leader (default: host:pid)",
+    "store.advertise": "the address other daemons and clients are told to use for this one",
 }
 # Shown (commented out) for keys whose default is unset.
 KEY_EXAMPLES: dict[str, str] = {
