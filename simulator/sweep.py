@@ -43,6 +43,7 @@ from typing import Any
 
 from balancer.errors import InputError
 from balancer.tasks import Interrupted, execute, run_tasks, scheduler_arg
+from simulator.replay import _nonneg_int, _positive_int  # the same argument types as replay
 
 HELP = "many replays (traces x policies x parameters) as Dask tasks, compared across days"
 
@@ -57,29 +58,6 @@ COMPARE = (("energy kWh", "energy_kwh", "f2"), ("migrations", "migrations", "int
 
 
 # ---------------------------------------------------------------- arguments
-
-
-def _positive_int(name: str):  # noqa: ANN202
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") \
-                from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {text!r}")
-        return v
-    return parse
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--seed must be >= 0, got {text!r}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
