@@ -89,6 +89,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--variants", nargs="*", default=["shift:1", "bootstrap:1"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--folds-out", default=str(ROOT / "bench" / "power-folds.json"),
+                    help="where each held-out day's choice is written (bench/replay.py's "
+                    "power@heldout replays each day with it)")
     ap.add_argument("--cache", default=None, help="an --out file of an earlier run: its runs "
                     "are reused instead of replayed again")
     args = ap.parse_args()
@@ -131,6 +134,13 @@ def main() -> int:
     every = [n for d in days for n in names[d]]
     i = choose(results, every, len(cands))
     print(f"chosen on every day and variant (ships in the config): {json.dumps(cands[i])}")
+    if args.folds_out:
+        Path(args.folds_out).write_text(json.dumps({
+            "note": "power parameters per PlanetLab day, chosen by bench/tune_power.py with "
+                    "that day held out (on the other days and generated variants only)",
+            "variants": args.variants,
+            "folds": {d: folds[d]["chosen"] for d in days},
+            "all_days": cands[i]}, indent=1) + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "candidates": cands, "folds": folds, "shipped": cands[i],

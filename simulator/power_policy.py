@@ -345,6 +345,12 @@ class PowerPolicy:
         if a.solver == "greedy" or not (empty_c or wake):
             # relieving hot hosts alone is the rule's job; the model decides power states
             return greedy
+        if mem_bind and not wake and not emptied:
+            # memory binds: if no candidate's VMs fit in the receivers' free memory even taken
+            # together, no host can be emptied and the model is not asked (it would say so)
+            free_mem = sum(max(mem_lim[h] - mem_use[h], 0.0) for h in cool[:k])
+            if all(mem_use[h] > free_mem for h in set(empty_c) | set(alt)):
+                return greedy
         # the model decides which of the candidate hosts to empty (and which to wake), over
         # those hosts and the receivers the rule did not already fill with VMs of hot hosts
         # (moves relieving hot hosts and levelling moves stay the rule's; their hosts are not
@@ -451,7 +457,8 @@ class PowerPolicy:
         hint_on = [was_on[i] and scope[i] not in emptied for i in range(len(scope))]
         for h in wake:
             hint_on[ix[h]] = True
-        hint_vm = [ix[place.get(g, int(ctx.vm_host[g]))] for g in vm_global]
+        # the rule's target, unless it is outside the scope (it also takes a hot host's VMs)
+        hint_vm = [ix.get(place.get(g, -1), ix[int(ctx.vm_host[g])]) for g in vm_global]
         hint_units = [hint_vm[u.members[0]] for u in problem.units]
         opts = PowerOptions(target_util=a.target_util, migration_w=a.migration_w,
                             over_w_per_core=a.over_w_per_core, max_switch=a.max_switch,

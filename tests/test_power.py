@@ -51,6 +51,8 @@ def test_forecast_methods_by_hand() -> None:
     assert e[0] == pytest.approx(max(3.0, mean[0])) and e[1] == 10.0  # a flat VM: no margin
     e2 = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=2.0))
     assert e2[0] > e[0] and e2[1] == 10.0  # the margin grows with the VM's volatility
+    e3 = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=0.0, last_floor=False))
+    assert e3[0] == pytest.approx(mean[0]) and e3[0] < 3.0  # the ewm level, below the last
     with pytest.raises(InputError, match="field 'method'"):
         ForecastOptions(method="arima")
 
@@ -248,6 +250,35 @@ def test_power_args_rejected_by_field() -> None:
         replay_policies.make("power", {"forecast": "arima"})
     with pytest.raises(InputError, match="field 'solver'"):
         replay_policies.make("power", {"solver": "x"})
+    with pytest.raises(InputError, match="field 'z'"):
+        replay_policies.make("power", {"z": -1})
+    with pytest.raises(InputError, match="field 'hot_util'"):
+        replay_policies.make("power", {"hot_util": 0.5})
+    with pytest.raises(InputError, match="field 'var_of'"):
+        replay_policies.make("power", {"var_of": "x"})
+    with pytest.raises(InputError, match="field 'level_moves'"):
+        replay_policies.make("power", {"level_moves": 1.5})
+
+
+def test_power_policy_levels_the_hosts() -> None:
+    # host 0 at 80 % (four VMs of 0.8 core), hosts 1 and 2 at 20 %: below the target, nothing
+    # to switch; one levelling move per cycle takes a VM from host 0 to the coolest host
+    tr = synthetic([[0.8] * 4 + [0.8, 0.8]], [1.0] * 6, [512.0] * 6)
+    ht = HostType("h", 4.0, 65536, PowerModel(idle_w=100, peak_w=200), 0.0)
+    cfg = ClusterConfig(host_types=(ht,), hosts=3, bandwidth_mbps=1000.0,
+                        migration_time="ram-over-half-bandwidth", empty_host_off=True,
+                        memory_binding=False, initial_fill=1.0)
+    work = workload_from_trace(tr, cfg)
+    moved = {}
+    for n in (0, 1):
+        pol = replay_policies.make("power", {
+            "solver": "greedy", "level_moves": n, "level_band": 0.05, "target_util": 0.9,
+            "high_util": 0.95, "low_util": 0.1, "forecast": "reactive"})
+        sim = Simulator(work, cfg, pol)
+        sim.vm_host = np.array([0, 0, 0, 0, 1, 2])
+        moved[n] = (sim.run("x").summary.migrations, list(sim.vm_host))
+    assert moved[0] == (0, [0, 0, 0, 0, 1, 2])
+    assert moved[1][0] == 1 and moved[1][1].count(0) == 3 and moved[1][1][4:] == [1, 2]
 
 
 def test_power_policy_is_reproducible() -> None:
