@@ -86,6 +86,7 @@ class EngineOptions:
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
     swap_starts: int = 3  # plans within a budget improved by the budgeted local search
     swap_rounds: int = 400  # its rounds (each applies one add, re-target, undo or swap)
+    frontier_swap_rounds: int = 60  # the same, per frontier point
     # decomposition (large clusters): disjoint host groups solved side by side
     # balanced hosts from which the decomposition runs; None: never (the default: measured
     # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
@@ -843,7 +844,7 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
             # the point's plan: the same memory moved, spent better on the judged imbalance
             _, moved = ev.moved(inc)
             point = swap.improve(replace(problem, max_moved_mem=moved), ev, inc,
-                                 rounds=opts.swap_rounds)
+                                 rounds=opts.frontier_swap_rounds)
             obj = evp.objective(point)
             points.append(CurvePoint(price, point, obj, min(obj, lower_bound(
                 problem, evp, point))))

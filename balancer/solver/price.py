@@ -152,7 +152,7 @@ def best_within(cands: list[Priced]) -> Priced | None:
     return min(ok, key=lambda c: (c.imbalance, c.moved_mem, c.price))
 
 
-def frontier_prices(points: int, high: float = 300_000.0, low: float = 10.0) -> list[float]:
+def frontier_prices(points: int, high: float = 60_000.0, low: float = 10.0) -> list[float]:
     """``points`` prices per MiB, geometric from ``high`` down to ``low``."""
     if points <= 1:
         return [high]

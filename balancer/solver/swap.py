@@ -28,6 +28,7 @@ from balancer.solver.objective import Evaluator
 
 MIN_STEP = 1e-7  # an operation must lower the imbalance by more than this
 SWAP_POOL = 256  # single operations tried as the second half of a swap
+SWAP_UNDO = 64  # moves tried as the first half (those whose undo costs least)
 
 
 def _ops(problem: Problem, ev: Evaluator, st: State, movable: np.ndarray,
@@ -83,47 +84,90 @@ def improve(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, rounds: int
         best_val, best = base - MIN_STEP, None
         # single operations, best first
         cand = np.nonzero(within & (single < best_val))[0]
-        order = cand[np.lexsort((cand, single[cand]))]
-        for i in order[:32].tolist():
+        cand = _smallest(cand, single[cand], 32)
+        for i in cand.tolist():
             if st.can_move(int(u[i]), int(hs[i])):
                 best_val, best = float(single[i]), ((int(u[i]), int(hs[i])),)
                 break
-        # swaps: undo one moved unit, then one of the best single operations
+        # swaps: undo one moved unit, then one of the best single operations (all pairs at
+        # once: the two moves' effects on sum and sum of squares add, plus a cross term on
+        # the hosts they share)
         moved = np.nonzero((st.hosts[u] != home_of[u]) & (hs == home_of[u]))[0]
         if len(moved):
-            pool = np.argsort(single, kind="stable")[:SWAP_POOL]
-            for j in moved.tolist():
-                a = int(u[j])
-                h_from, h_home = int(src[j]), int(home_of[a])
-                c2, m2 = cpu.copy(), memd.copy()
-                c2[h_from] -= ev.u_cpu[a]
-                m2[h_from] -= ev.u_memd[a]
-                c2[h_home] += ev.u_cpu[a]
-                m2[h_home] += ev.u_memd[a]
-                sel = pool[(u[pool] != a) & (d_mig[pool] + d_mig[j] <= room_mig)
-                           & (d_mem[pool] + d_mem[j] <= room_mem)]
-                if len(sel) == 0:
-                    continue
-                vals = imb.shift(c2, m2, st.hosts[u[sel]], hs[sel],
-                                 ev.u_cpu[u[sel]].astype(float),
-                                 ev.u_memd[u[sel]].astype(float))
-                good = np.nonzero(vals < best_val)[0]
-                if len(good) == 0:
-                    continue
-                good = good[np.lexsort((sel[good], vals[good]))]
-                trial = None
-                for g in good[:8].tolist():
-                    i = int(sel[g])
-                    if trial is None:
-                        trial = State(problem, ev, st.hosts)
-                        if not trial.can_move(a, h_home):
-                            break
-                        trial.apply(a, h_home)
+            moved = _smallest(moved, single[moved], SWAP_UNDO)
+            pool = _smallest(np.arange(len(single)), single, SWAP_POOL)
+            vals = _pair_values(imb, cpu, memd, ev, u, src, hs, moved, pool)
+            ok = ((u[moved][:, None] != u[pool][None, :])
+                  & (d_mig[moved][:, None] + d_mig[pool][None, :] <= room_mig)
+                  & (d_mem[moved][:, None] + d_mem[pool][None, :] <= room_mem)
+                  & (vals < best_val))
+            jj, ii = np.nonzero(ok)
+            if len(jj):
+                order = np.lexsort((pool[ii], moved[jj], vals[jj, ii]))
+                tried = 0
+                for t in order.tolist():
+                    if tried >= 16:
+                        break
+                    tried += 1
+                    j, i = int(moved[jj[t]]), int(pool[ii[t]])
+                    a, h_home = int(u[j]), int(home_of[u[j]])
+                    trial = State(problem, ev, st.hosts)
+                    if not trial.can_move(a, h_home):
+                        continue
+                    trial.apply(a, h_home)
                     if trial.can_move(int(u[i]), int(hs[i])):
-                        best_val, best = float(vals[g]), ((a, h_home), (int(u[i]), int(hs[i])))
+                        best_val = float(vals[jj[t], ii[t]])
+                        best = ((a, h_home), (int(u[i]), int(hs[i])))
                         break
         if best is None:
             break
         for a, h in best:
             st.apply(a, h)
     return st.hosts
+
+
+def _pair_values(imb: Imbalance, cpu: np.ndarray, memd: np.ndarray, ev: Evaluator,
+                 u: np.ndarray, src: np.ndarray, dst: np.ndarray, first: np.ndarray,
+                 second: np.ndarray) -> np.ndarray:
+    """Imbalance after operation ``first[j]`` and then ``second[i]``, for every (j, i):
+    a (len(first), len(second)) array. Exact: the sum of utilisations changes by the sum of
+    the two operations' changes, the sum of squares by theirs plus twice the product of
+    their changes on each host they share."""
+    if imb.n == 0:
+        return np.zeros((len(first), len(second)))
+    out = np.zeros((len(first), len(second)))
+    for load, inv, dem in ((cpu, imb.inv_cpu, ev.u_cpu), (memd, imb.inv_mem, ev.u_memd)):
+        x = load * inv
+        s1, s2 = x.sum(), (x * x).sum()
+
+        a1, b1, da1, db1, l1, q1 = _parts(x, inv, dem[u[first]], src[first], dst[first])
+        a2, b2, da2, db2, l2, q2 = _parts(x, inv, dem[u[second]], src[second], dst[second])
+        cross = np.zeros((len(first), len(second)))
+        for h1, d1 in ((a1, da1), (b1, db1)):
+            for h2, d2 in ((a2, da2), (b2, db2)):
+                cross += np.where(h1[:, None] == h2[None, :], d1[:, None] * d2[None, :], 0.0)
+        n1 = s1 + l1[:, None] + l2[None, :]
+        n2 = s2 + q1[:, None] + q2[None, :] + 2 * cross
+        out += np.sqrt(np.maximum(n2 / imb.n - (n1 / imb.n) ** 2, 0.0))
+    return out
+
+
+def _parts(x: np.ndarray, inv: np.ndarray, dem: np.ndarray, a: np.ndarray, b: np.ndarray,
+           ) -> tuple[np.ndarray, ...]:
+    """Per operation (load ``dem`` from host ``a`` to ``b``): hosts, utilisation changes on
+    each, change of the sum and of the sum of squares of utilisations."""
+    d = dem.astype(float)
+    da, db = -d * inv[a], d * inv[b]
+    q = 2 * x[a] * da + da * da + 2 * x[b] * db + db * db
+    return a, b, da, db, da + db, q
+
+
+def _smallest(idx: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` entries of ``idx`` with the smallest ``key``, ordered by (key, idx)."""
+    if len(idx) > k:
+        part = np.argpartition(key, k - 1)[:k]
+        cut = key[part].max()
+        keep = key <= cut  # ties at the cut: keep them all, the sort below decides
+        idx, key = idx[keep], key[keep]
+    order = np.lexsort((idx, key))[:k]
+    return idx[order]
