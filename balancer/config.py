@@ -48,6 +48,7 @@ class ServerConfig:
     max_body_mb: float = 10.0  # request bodies above this get 413
     max_concurrent_solves: int = 2  # what-if, placement, cycle, maintenance; more get 429
     solve_wall_s: float = 60.0  # wall-clock cap of a solve requested over HTTP (then 503)
+    solver_nice: int = 10  # niceness of the solver worker processes (0: the server's)
     tls_cert: str | None = None  # PEM certificate chain: serve HTTPS (with tls_key)
     tls_key: str | None = None  # PEM private key
 
@@ -244,12 +245,16 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
     solves = s.integer("max_concurrent_solves", 2, minimum=1)
     if solves > 64:
         raise ConfigError(f"{where}: [server] max_concurrent_solves: must be 1..64, got {solves}")
+    nice = s.integer("solver_nice", 10, minimum=0)
+    if nice > 19:
+        raise ConfigError(f"{where}: [server] solver_nice: must be 0..19, got {nice}")
     server = ServerConfig(host=s.string("host", "127.0.0.1"), port=port,
                           api_token=s.string("api_token", None),
                           read_auth=s.boolean("read_auth", False),
                           max_body_mb=s.number("max_body_mb", 10.0),
                           max_concurrent_solves=solves,
                           solve_wall_s=s.number("solve_wall_s", 60.0),
+                          solver_nice=nice,
                           tls_cert=tls["tls_cert"], tls_key=tls["tls_key"])
     s.done()
 
@@ -452,6 +457,9 @@ KEY_DOCS: dict[str, str] = {
     "server.max_concurrent_solves": "solves requested over HTTP at once (what-if, placement, "
                                     "cycle, maintenance); more get 429",
     "server.solve_wall_s": "wall-clock cap of a solve requested over HTTP, seconds (then 503)",
+    "server.solver_nice": "niceness (0..19) of the solver worker processes, so that API reads "
+                          "and the control loop get the CPU first while solves run; 0: the "
+                          "server's own priority",
     "server.tls_cert": "PEM certificate chain: serve HTTPS (with tls_key)",
     "server.tls_key": "PEM private key for tls_cert",
     "loop.interval_s": "seconds between control cycles",

@@ -19,6 +19,7 @@ Automation levels (DRS terms), per cluster with per-VM overrides: ``manual`` rec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -89,6 +90,8 @@ class Controller:
             self.set_backend(backend)
         self.cycle_no = int(store.get("cycle_no", 0))
         self.last_cycle: CycleReport | None = None
+        # /v1/cluster's JSON, kept while the view, the last cycle and the config are the same
+        self._cluster_json: tuple[tuple[Any, ...], bytes] | None = None
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self._pending_gauge()
@@ -497,8 +500,22 @@ class Controller:
                 "applied": applied}
 
     # -- state for the API -----------------------------------------------------------------
-    def cluster_state(self) -> dict[str, Any]:
+    def cluster_state_json(self) -> bytes:
+        """``cluster_state()`` as JSON, computed once per (view, last cycle, config)."""
         view = self.current_view()
+        key = (view, self.last_cycle, self.cfg)
+        cached = self._cluster_json
+        if cached is not None and len(cached[0]) == len(key) and all(
+                a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        body = json.dumps(self.cluster_state(view), separators=(",", ":"),
+                          allow_nan=False).encode()
+        self._cluster_json = (key, body)
+        return body
+
+    def cluster_state(self, view: ClusterView | None = None) -> dict[str, Any]:
+        if view is None:
+            view = self.current_view()
         snap, fr = view.snapshot, view.freshness
         stats = util_stats(snap, snap.placement())
         n = len(snap.hosts)

@@ -181,8 +181,10 @@ def run(args: argparse.Namespace) -> int:
     # One worker per HTTP solve slot ([server] max_concurrent_solves) and one for the loop's
     # own cycles. Every solve is asked to stop at 90 % of [server] solve_wall_s, so that its
     # best plan still arrives within the cap the API enforces.
+    # They run at [server] solver_nice, below the server, so reads stay fast while they work.
     solvers = SolverPool(cfg.server.max_concurrent_solves + 1, start=True,
-                         wall_limit=0.9 * cfg.server.solve_wall_s)
+                         wall_limit=0.9 * cfg.server.solve_wall_s,
+                         nice=cfg.server.solver_nice)
     try:
         controller, app, _ = build(cfg, plan_fn=solvers.plan)
     except BaseException:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import threading
@@ -86,10 +87,14 @@ def _watch(stop: Any, parent: Any, local: threading.Event, done: threading.Event
             return
 
 
-def _child(conn: Any, stop: Any) -> None:
+def _child(conn: Any, stop: Any, nice: int = 0) -> None:
     """The worker: receive (snapshot, options), answer ("ok", result) or ("err", exception)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if nice > 0:
+        # below the server: API reads and the loop get the CPU first; the plan is the same
+        # (the search is bounded by deterministic effort, not by wall time)
+        os.nice(nice)
     from balancer.service import plan
 
     parent = mp.parent_process()
@@ -130,11 +135,15 @@ def _child(conn: Any, stop: Any) -> None:
 class SolverProcess:
     """One worker process running ``balancer.service.plan`` (see the module docstring)."""
 
-    def __init__(self, name: str = "solver", method: str = "forkserver") -> None:
+    def __init__(self, name: str = "solver", method: str = "forkserver", *,
+                 nice: int = 0) -> None:
         if method not in ("forkserver", "fork"):
             raise ValueError(f"start method must be forkserver or fork, got {method!r}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0..19, got {nice}")
         self.name = name
         self.method = method
+        self.nice = nice
         self._lock = threading.Lock()  # one job at a time
         self._proc: Any = None
         self._conn: Any = None
@@ -156,7 +165,8 @@ class SolverProcess:
         ctx = _context(self.method)
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         stop = ctx.Event()
-        proc = ctx.Process(target=_child, args=(child_conn, stop), name=self.name, daemon=True)
+        proc = ctx.Process(target=_child, args=(child_conn, stop, self.nice), name=self.name,
+                           daemon=True)
         with _sigint_blocked():
             proc.start()
         child_conn.close()
@@ -261,12 +271,12 @@ class SolverPool:
     """A fixed set of solver workers; ``plan()`` uses an idle one."""
 
     def __init__(self, size: int = 2, *, start: bool = False,
-                 wall_limit: float | None = None) -> None:
+                 wall_limit: float | None = None, nice: int = 0) -> None:
         if size < 1:
             raise ValueError("a solver pool needs at least one worker")
         self.size = size
         self.wall_limit = wall_limit  # default cap of every solve, seconds (None: none)
-        self._workers = [SolverProcess(f"solver-{i}") for i in range(size)]
+        self._workers = [SolverProcess(f"solver-{i}", nice=nice) for i in range(size)]
         self._idle: queue.SimpleQueue[SolverProcess] = queue.SimpleQueue()
         for w in self._workers:
             self._idle.put(w)

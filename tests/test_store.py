@@ -163,3 +163,38 @@ def test_a_bad_url_is_one_line_naming_the_field() -> None:
     with pytest.raises(StoreError, match=r"store: field 'url': cannot connect to "
                                          r"postgresql://nobody:\*\*\*@127.0.0.1:1/x"):
         Store("postgresql://nobody:secret@127.0.0.1:1/x")
+
+
+def test_reads_do_not_wait_for_a_writers_transaction(store: Store) -> None:
+    """A cycle's write transaction must not stall the API's reads: while one thread holds a
+    write transaction open (uncommitted changes in it), another thread reads the last
+    committed state at once, and sees the new state after the commit."""
+    store.replace_pending([rec("a", "h2")], cycle=1)
+    in_tx, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.db.tx() as db:
+            store.check_fence(db)
+            db.execute("UPDATE recommendations SET reason = 'uncommitted' WHERE vm = 'a'")
+            store._bump(db, "recs")
+            in_tx.set()
+            release.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert in_tx.wait(10)
+        seen: list[list[str]] = []
+        reader = threading.Thread(target=lambda: seen.append(
+            [r["reason"] for r in store.recommendations("pending")]
+            + [str(store.get("nothing", "none")), str(len(store.migrations()))]))
+        t0 = time.monotonic()
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "a read waited for the writer's transaction"
+        assert time.monotonic() - t0 < 2
+        assert seen == [["balance: a to h2", "none", "0"]]  # the committed state
+    finally:
+        release.set()
+        t.join(10)
+    assert [r["reason"] for r in store.recommendations("pending")] == ["uncommitted"]

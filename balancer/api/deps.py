@@ -34,23 +34,26 @@ class ApiSettings:
     solver: SolverGate = field(default_factory=lambda: SolverGate(2, 60.0))
 
 
-def get_controller(request: Request) -> Controller:
+# The dependencies below only look things up: they are ``async def`` so that FastAPI calls
+# them on the event loop. A plain ``def`` dependency is run in the thread pool, a thread hop
+# per dependency per request, which was most of a read's cost.
+async def get_controller(request: Request) -> Controller:
     return request.app.state.controller  # type: ignore[no-any-return]
 
 
-def get_telemetry(request: Request) -> Telemetry:
+async def get_telemetry(request: Request) -> Telemetry:
     return request.app.state.telemetry  # type: ignore[no-any-return]
 
 
-def get_settings(request: Request) -> ApiSettings:
+async def get_settings(request: Request) -> ApiSettings:
     return request.app.state.api  # type: ignore[no-any-return]
 
 
 ControllerDep = Annotated[Controller, Depends(get_controller)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
-def get_solver(request: Request) -> SolverGate:
-    return get_settings(request).solver
+async def get_solver(request: Request) -> SolverGate:
+    return request.app.state.api.solver  # type: ignore[no-any-return]
 
 
 SolverDep = Annotated[SolverGate, Depends(get_solver)]
@@ -70,12 +73,12 @@ def _check(settings: ApiSettings, cred: HTTPAuthorizationCredentials | None) -> 
                             headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
-def require_token(settings: SettingsDep, cred: Credentials) -> None:
+async def require_token(settings: SettingsDep, cred: Credentials) -> None:
     """Mutations and computations: the bearer token, always."""
     _check(settings, cred)
 
 
-def require_read_token(settings: SettingsDep, cred: Credentials) -> None:
+async def require_read_token(settings: SettingsDep, cred: Credentials) -> None:
     """Reads: the bearer token when ``[server] read_auth`` is on."""
     if settings.read_auth:
         _check(settings, cred)

@@ -298,8 +298,8 @@ class Store:
             return bool(cur.rowcount == 1)
 
     def dismissed_since(self, since: float) -> set[str]:
-        rows = self.db.execute("SELECT DISTINCT vm FROM recommendations WHERE "
-                               "state = 'dismissed' AND updated >= ?", (since,)).fetchall()
+        rows = self.db.rows("SELECT DISTINCT vm FROM recommendations WHERE "
+                            "state = 'dismissed' AND updated >= ?", (since,))
         return {r[0] for r in rows}
 
     # -- migration history -----------------------------------------------------------------
@@ -336,8 +336,8 @@ class Store:
                              "DESC LIMIT ?", (vm, limit))
 
     def moved_since(self, since: float) -> set[str]:
-        rows = self.db.execute("SELECT DISTINCT vm FROM migrations WHERE "
-                               "state = 'completed' AND finished >= ?", (since,)).fetchall()
+        rows = self.db.rows("SELECT DISTINCT vm FROM migrations WHERE "
+                            "state = 'completed' AND finished >= ?", (since,))
         return {r[0] for r in rows}
 
     # -- cycles ----------------------------------------------------------------------------

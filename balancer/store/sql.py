@@ -2,8 +2,10 @@
 
 The store and the executor's journal write the same SQL for both databases: ``?`` placeholders
 (rewritten to ``%s`` for psycopg), ``INSERT ... ON CONFLICT``, ``RETURNING``. What differs (column
-types, the clock, row locks) is in ``Dialect``. ``Database.tx()`` is one transaction: ``BEGIN
-IMMEDIATE`` on SQLite (the writer lock at once, so a check and the write after it cannot be
+types, the clock, row locks) is in ``Dialect``. Reads outside a transaction go through a small pool of
+reader connections, so a read never waits for a writer's transaction (SQLite in WAL mode and
+PostgreSQL both give a reader the last committed state). ``Database.tx()`` is one transaction:
+``BEGIN IMMEDIATE`` on SQLite (the writer lock at once, so a check and the write after it cannot be
 interleaved with another writer), a plain transaction on PostgreSQL where ``Dialect.lock_row``
 takes the row lock a check needs.
 
@@ -14,6 +16,7 @@ refuses a database written by a newer version of the balancer.
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -51,13 +54,20 @@ def is_url(target: str) -> bool:
 
 
 class Database:
-    """A connection (re-opened after a lost PostgreSQL session) and a lock around it."""
+    """A writer connection (re-opened after a lost PostgreSQL session) with a lock around it,
+    and up to ``readers`` reader connections for reads outside a transaction."""
 
     def __init__(self, target: str | Path, *, synchronous: str = "normal",
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, readers: int = 4) -> None:
         self.target = str(target)
         self.lock = threading.RLock()
         self._depth = 0
+        self._tx_thread: int | None = None
+        # an in-memory SQLite database exists only in its one connection: no readers
+        self._max_readers = 0 if self.target == ":memory:" else readers
+        self._idle_readers: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._reader_count = 0
+        self._reader_lock = threading.Lock()
         self.connect_timeout = connect_timeout
         self.synchronous = synchronous
         if is_url(self.target):
@@ -74,6 +84,9 @@ class Database:
         return self.dialect is POSTGRES
 
     def _connect(self) -> None:
+        self._conn = self._open(writer=True)
+
+    def _open(self, *, writer: bool) -> Any:
         if self.postgres:
             try:
                 import psycopg
@@ -81,19 +94,19 @@ class Database:
                 raise StoreError("store: field 'url': PostgreSQL needs psycopg; install the "
                                  "extra: pip install 'balancer[postgres]'") from None
             try:
-                self._conn = psycopg.connect(self.target, autocommit=True,
-                                             connect_timeout=max(1, int(self.connect_timeout)))
+                return psycopg.connect(self.target, autocommit=True,
+                                       connect_timeout=max(1, int(self.connect_timeout)))
             except psycopg.Error as exc:
                 raise StoreError(f"store: field 'url': cannot connect to {redact(self.target)}: "
                                  f"{str(exc).strip().splitlines()[0]}") from None
-            return
         try:
-            self._conn = sqlite3.connect(self.target, check_same_thread=False,
-                                         isolation_level=None, timeout=30.0)
-            if self.target != ":memory:":
-                self._conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.target, check_same_thread=False,
+                                   isolation_level=None, timeout=30.0)
+            if writer and self.target != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
             sync = "FULL" if self.synchronous == "full" else "NORMAL"
-            self._conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute(f"PRAGMA synchronous={sync}")
+            return conn
         except sqlite3.Error as exc:
             raise StoreError(f"store: field 'path': cannot open {self.target}: {exc}") from None
 
@@ -102,6 +115,59 @@ class Database:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        while True:
+            try:
+                self._idle_readers.get_nowait().close()
+            except queue.Empty:
+                break
+
+    # -- reads that do not wait for a writer ---------------------------------------------
+    def _use_reader(self) -> bool:
+        return self._max_readers > 0 and self._tx_thread != threading.get_ident()
+
+    def _take_reader(self) -> Any:
+        try:
+            return self._idle_readers.get_nowait()
+        except queue.Empty:
+            pass
+        with self._reader_lock:
+            grow = self._reader_count < self._max_readers
+            if grow:
+                self._reader_count += 1
+        if not grow:
+            return self._idle_readers.get()
+        try:
+            return self._open(writer=False)
+        except BaseException:
+            with self._reader_lock:
+                self._reader_count -= 1
+            raise
+
+    def _read(self, sql: str, args: Sequence[Any], fetch: str) -> Any:
+        conn = self._take_reader()
+        try:
+            if self.postgres:
+                cur = conn.execute(sql.replace("?", "%s"), tuple(args))
+            else:
+                cur = conn.execute(sql, tuple(args))
+            if fetch == "one":
+                result: Any = cur.fetchone()
+            else:
+                names = [d[0] for d in cur.description] if fetch == "dicts" else []
+                rows = cur.fetchall()
+                result = ([dict(zip(names, r, strict=True)) for r in rows]
+                          if fetch == "dicts" else [tuple(r) for r in rows])
+        except BaseException:
+            # a reader in doubt (lost server, interrupted) is dropped, not reused
+            with self._reader_lock:
+                self._reader_count -= 1
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001  # already broken
+                pass
+            raise
+        self._idle_readers.put(conn)
+        return result
 
     def _live(self) -> Any:
         if self._conn is None or (self.postgres and (self._conn.closed or self._conn.broken)):
@@ -127,9 +193,18 @@ class Database:
                 conn.executemany(sql, [tuple(r) for r in rows])
 
     def one(self, sql: str, args: Sequence[Any] = ()) -> tuple | None:  # type: ignore[type-arg]
+        if self._use_reader():
+            return self._read(sql, args, "one")  # type: ignore[no-any-return]
         return self.execute(sql, args).fetchone()  # type: ignore[no-any-return]
 
+    def rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:  # type: ignore[type-arg]
+        if self._use_reader():
+            return self._read(sql, args, "rows")  # type: ignore[no-any-return]
+        return [tuple(r) for r in self.execute(sql, args).fetchall()]
+
     def dicts(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if self._use_reader():
+            return self._read(sql, args, "dicts")  # type: ignore[no-any-return]
         cur = self.execute(sql, args)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
@@ -148,16 +223,19 @@ class Database:
             conn = self._live()
             conn.execute("BEGIN IMMEDIATE" if not self.postgres else "BEGIN")
             self._depth = 1
+            self._tx_thread = threading.get_ident()
             try:
                 yield self
             except BaseException:
                 self._depth = 0
+                self._tx_thread = None
                 try:
                     conn.execute("ROLLBACK")
                 except Exception:  # noqa: BLE001  # the connection may be gone: nothing to undo
                     pass
                 raise
             self._depth = 0
+            self._tx_thread = None
             conn.execute("COMMIT")
 
     def errors(self) -> tuple[type[BaseException], ...]:
