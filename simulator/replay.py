@@ -320,6 +320,50 @@ def _policy(spec: str, exp: dict[str, Any], params: dict[str, Any] | None) -> tu
     return spec, replay_policies.make(spec, args)
 
 
+def replay_meta(ready: dict[str, Any], interval: float, seed: int,
+                config: str | Path | None) -> dict[str, Any]:
+    """What a replay report and the JSON say about the trace, the cluster and the settings."""
+    trace, cfg, sizing = ready["trace"], ready["cluster"], ready["sizing"]
+    return {
+        "trace": {"kind": trace.kind, "source": trace.source, "vms": trace.n_vms,
+                  "steps": trace.steps, "interval_s": trace.interval_s,
+                  "skipped_rows": trace.skipped, "notes": trace.notes},
+        "cluster": {"hosts": cfg.hosts, "host_types": [t.name for t in cfg.host_types],
+                    "memory_binding": cfg.memory_binding,
+                    "empty_host_off": cfg.empty_host_off,
+                    "migration_time": cfg.migration_time,
+                    "bandwidth_mbps": cfg.bandwidth_mbps},
+        "replay": {"interval_s": interval, "seed": seed,
+                   "config": str(config) if config is not None else None},
+        "sizing": sizing.as_dict() if sizing else None,
+    }
+
+
+def replay_settings(ready: dict[str, Any], interval_s: float | None = None,
+                    seed: int | None = None) -> tuple[float, int, int]:
+    """(interval seconds, trace steps per balancer cycle, seed): the command line's value, else
+    the config's ``[replay]``, else every trace step and seed 0."""
+    exp, tr = ready["exp"], ready["trace"]
+    interval = interval_s or exp["replay"].get("interval_s") or tr.interval_s
+    every = _every(interval, tr.interval_s)
+    seed = int(exp["replay"].get("seed", 0)) if seed is None else int(seed)
+    return interval, every, seed
+
+
+def replay_policy(ready: dict[str, Any], label: str, policy: Any, *,
+                  interval_s: float | None = None, seed: int | None = None,
+                  progress: Any = None, config: str | Path | None = None) -> tuple[Any, dict]:
+    """Replay one built policy over a ``prepare``d trace: what ``balancer replay`` runs for each
+    of its policies, and what ``run_one`` and every ``balancer sweep`` task run. Returns
+    (``RunResult``, meta as ``replay_meta``)."""
+    from simulator.cluster import Simulator
+
+    interval, every, seed = replay_settings(ready, interval_s, seed)
+    res = Simulator(ready["work"], ready["cluster"], policy, every=every, seed=seed,
+                    progress=progress).run(label)
+    return res, replay_meta(ready, interval, seed, config)
+
+
 def run_one(trace: str | Any, policy: str = "consolidate", params: dict[str, Any] | None = None,
             config: str | Path | dict[str, Any] | None = None, seed: int | None = None,
             steps: int | None = None, *, vms: int | None = None, hosts: int | None = None,
@@ -335,18 +379,15 @@ def run_one(trace: str | Any, policy: str = "consolidate", params: dict[str, Any
     ``Summary`` fields (``policy``, ``energy_kwh``, ``slatah``, ``migrations``...) plus
     ``hosts``, ``vms``, ``steps``, ``seed``, ``trace`` and ``sizing``.
     """
-    from simulator.cluster import Simulator
-
     ready = prepare(trace, config, hosts=hosts, steps=steps, vms=vms)
-    exp, cfg, work, tr = ready["exp"], ready["cluster"], ready["work"], ready["trace"]
-    label, pol = _policy(policy, exp, params)
-    every = _every(interval_s or exp["replay"].get("interval_s") or tr.interval_s, tr.interval_s)
-    seed = int(exp["replay"].get("seed", 0)) if seed is None else int(seed)
-    res = Simulator(work, cfg, pol, every=every, seed=seed, progress=progress).run(label)
+    label, pol = _policy(policy, ready["exp"], params)
+    res, meta = replay_policy(ready, label, pol, interval_s=interval_s, seed=seed,
+                              progress=progress)
+    tr = ready["trace"]
     out = res.summary.as_dict()
-    out.update({"hosts": cfg.hosts, "vms": tr.n_vms, "steps": tr.steps, "seed": seed,
-                "trace": f"{tr.kind}:{tr.source}",
-                "sizing": ready["sizing"].as_dict() if ready["sizing"] else None})
+    out.update({"hosts": meta["cluster"]["hosts"], "vms": tr.n_vms, "steps": tr.steps,
+                "seed": meta["replay"]["seed"], "trace": f"{tr.kind}:{tr.source}",
+                "sizing": meta["sizing"]})
     out.update(res.extra)
     return out
 
@@ -363,7 +404,6 @@ def _every(interval: float, trace_interval: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulator.cluster import Simulator
     from simulator.metrics import table
 
     if args.demo:
@@ -378,9 +418,7 @@ def run(args: argparse.Namespace) -> int:
                     skip_bad=args.skip_bad_rows)
     exp, cfg, work, trace = ready["exp"], ready["cluster"], ready["work"], ready["trace"]
     sizing = ready["sizing"]
-    interval = args.interval or exp["replay"].get("interval_s") or trace.interval_s
-    every = _every(interval, trace.interval_s)
-    seed = args.seed if args.seed is not None else int(exp["replay"].get("seed", 0))
+    interval, _, seed = replay_settings(ready, args.interval, args.seed)
     specs = args.policy or exp["replay"].get("policies") or ["balance"]
     policies = [policy_from_spec(s, exp["policies"]) for s in specs]
     labels = [p[0] for p in policies]
@@ -389,28 +427,18 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     results = []
+    meta: dict[str, Any] = replay_meta(ready, interval, seed, args.config)
     bar = tqdm(total=work.cpu.shape[0] * len(policies), file=sys.stderr, unit="step",
                disable=args.no_progress, dynamic_ncols=True)
     try:
         for label, pol in policies:
             bar.set_description(label)
-            sim = Simulator(work, cfg, pol, every=every, seed=seed, progress=bar.update)
-            results.append(sim.run(label))
+            res, meta = replay_policy(ready, label, pol, interval_s=args.interval, seed=seed,
+                                      progress=bar.update, config=args.config)
+            results.append(res)
     finally:
         bar.close()
     summaries = [r.summary for r in results]
-    meta = {
-        "trace": {"kind": trace.kind, "source": trace.source, "vms": trace.n_vms,
-                  "steps": trace.steps, "interval_s": trace.interval_s,
-                  "skipped_rows": trace.skipped, "notes": trace.notes},
-        "cluster": {"hosts": cfg.hosts, "host_types": [t.name for t in cfg.host_types],
-                    "memory_binding": cfg.memory_binding,
-                    "empty_host_off": cfg.empty_host_off,
-                    "migration_time": cfg.migration_time,
-                    "bandwidth_mbps": cfg.bandwidth_mbps},
-        "replay": {"interval_s": interval, "seed": seed, "config": args.config},
-        "sizing": sizing.as_dict() if sizing else None,
-    }
     if args.report:
         from simulator.report import write_report
         write_report(Path(args.report), results, meta)
@@ -453,4 +481,5 @@ def default_cluster_probe() -> Any:
 
 
 __all__ = ["HELP", "SIZING_UTIL", "Sizing", "add_arguments", "load_experiment",
-           "parse_duration", "policy_from_spec", "prepare", "run", "run_one", "size_cluster"]
+           "parse_duration", "policy_from_spec", "prepare", "replay_meta", "replay_policy",
+           "replay_settings", "run", "run_one", "size_cluster"]

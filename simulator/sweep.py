@@ -245,41 +245,16 @@ def _load_trace(spec: str) -> Any:
 
 def replay_one(spec: RunSpec) -> tuple[Any, dict[str, Any]]:
     """The replay ``balancer replay --trace T --config C --policy P --seed S --steps N`` does
-    for one policy (policy arguments = config overrides, then the TOML file, then ``params``).
-    Returns (RunResult, meta)."""
+    for one policy, through the same functions (``simulator.replay.prepare`` and
+    ``replay_policy``); the policy's arguments are the config's overrides, then the TOML file's,
+    then ``params``. Returns (RunResult, meta)."""
     from simulator import replay_policies
-    from simulator.cluster import Simulator, workload_from_trace
-    from simulator.replay import default_cluster, default_cluster_probe
+    from simulator.replay import prepare, replay_policy
 
-    exp = spec.experiment or {"cluster": None, "replay": {}, "policies": {}}
-    trace = _load_trace(spec.trace_path)
-    if spec.steps:
-        trace = trace.head(steps=spec.steps)
-    cfg = exp["cluster"]
-    if cfg is None:
-        cfg = default_cluster(workload_from_trace(trace, default_cluster_probe()), None)
-    work = workload_from_trace(trace, cfg)
-    interval = exp["replay"].get("interval_s") or trace.interval_s
-    every = interval / trace.interval_s
-    if abs(every - round(every)) > 1e-9 or round(every) < 1:
-        raise InputError(f"replay.interval: {interval:g} s is not a multiple of the trace step "
-                         f"({trace.interval_s} s)")
-    seed = spec.seed if spec.seed is not None else int(exp["replay"].get("seed", 0))
+    ready = prepare(_load_trace(spec.trace_path), spec.experiment, steps=spec.steps)
     pol = replay_policies.make(spec.policy_name, {**spec.policy_args, **spec.params})
-    sim = Simulator(work, cfg, pol, every=int(round(every)), seed=seed)
-    result = sim.run(spec.policy)
-    meta = {
-        "trace": {"kind": trace.kind, "source": trace.source, "vms": trace.n_vms,
-                  "steps": trace.steps, "interval_s": trace.interval_s,
-                  "skipped_rows": trace.skipped, "notes": trace.notes},
-        "cluster": {"hosts": cfg.hosts, "host_types": [t.name for t in cfg.host_types],
-                    "memory_binding": cfg.memory_binding,
-                    "empty_host_off": cfg.empty_host_off,
-                    "migration_time": cfg.migration_time,
-                    "bandwidth_mbps": cfg.bandwidth_mbps},
-        "replay": {"interval_s": interval, "seed": seed, "config": spec.config,
-                   "params": spec.params},
-    }
+    result, meta = replay_policy(ready, spec.policy, pol, seed=spec.seed, config=spec.config)
+    meta["replay"]["params"] = spec.params
     return result, meta
 
 

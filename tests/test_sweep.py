@@ -133,10 +133,14 @@ def test_sweep_equals_serial_replays_and_uses_both_workers(cluster: str, tmp_pat
         assert "What-if replay" in (rep / link).read_text()
         own = json.loads((rep / link).with_name("summary.json").read_text())["policies"][0]
         assert {k: own[k] for k in COMPARED} == {k: x[k] for k in COMPARED}
-    for png in ("spread.png", "by-trace.png"):
+    for png in ("tradeoff.png", "spread.png", "by-trace.png"):
         assert (rep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f'src="{png}"' in page
     assert "Spread over the traces, per policy" in page and "2 traces" in page
+    # each trace's size, from its runs
+    vms = {x["trace"]: x["vms"] for x in runs}
+    for d in DAYS:
+        assert f"{d}</code>: {vms[d]:,} VMs, {steps} steps, " in page
     assert json.loads((rep / "runs.json").read_text())["runs"] == runs
 
 
