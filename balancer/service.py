@@ -347,7 +347,7 @@ class FrontierResult:
                 "solver": self.solver}
 
 
-FRONTIER_HIGH = 300_000.0  # price per MiB of the frontier's first point (3x threshold 2's)
+FRONTIER_HIGH = 60_000.0  # price per MiB of the frontier's first point (2x threshold 2's)
 FRONTIER_LOW = 10.0  # and of its last (a tenth of threshold 5's)
 
 

@@ -16,9 +16,9 @@ Description
        Steps start with pairs of hosts; the neighbourhood grows when steps stop improving and
        shrinks when CP-SAT cannot prove a step optimal; the search stops early once the largest
        neighbourhoods find nothing more.
-    4. With a budget, step 3 first runs without it, then the best subset of those moves that
-       fits the budget is kept (greedy trim, then one exact model over the moved units), then
-       step 3 runs on with the budget in force.
+    4. With a budget, step 3 runs without it at a searched price (``price.py``), over-budget
+       plans are trimmed, and the best plans within the budget are finished by the budgeted
+       local search on the judged imbalance (``swap.py``).
     The same model (``cpsat.build``) serves every step; only the free set differs.
 Requirements
     A ``Problem`` from ``policies.build_problem``.
@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -43,9 +43,9 @@ from ortools.sat.python import cp_model
 from balancer.errors import InfeasibleError
 from balancer.model import Placement
 from balancer.model.problem import Problem, vm_placement
-from balancer.solver import cpsat
+from balancer.solver import cpsat, swap
 from balancer.solver import price as price_mod
-from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
+from balancer.solver.greedy import State, greedy, initial_unit_hosts
 from balancer.solver.objective import Evaluator
 from balancer.solver.price import Priced, best_within, measure, reprice, search_budget
 
@@ -84,6 +84,9 @@ class EngineOptions:
     fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
     price_steps: int = 6  # bisection steps of the price search
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
+    swap_starts: int = 3  # plans within a budget improved by the budgeted local search
+    swap_rounds: int = 400  # its rounds (each applies one add, re-target, undo or swap)
+    frontier_swap_rounds: int = 60  # the same, per frontier point
     # decomposition (large clusters): disjoint host groups solved side by side
     # balanced hosts from which the decomposition runs; None: never (the default: measured
     # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
@@ -492,33 +495,6 @@ class _Search:
                 break
         return inc, inc_obj, improvements
 
-    def project(self, free_inc: np.ndarray, price: float | None = None,
-                fixed_mb: float = 0.0) -> np.ndarray | None:
-        """The best subset of ``free_inc``'s moves within the budgets.
-
-        A greedy trim gives a feasible start; one CP-SAT model over the moved units (each may
-        stay or go back) improves on it, with moves priced at ``price`` per MiB when given.
-        """
-        p, ev = self.p, self.ev
-        if price is not None:
-            p, ev = reprice(p, ev, price, fixed_mb, keep_budget=True)
-        trimmed = trim_to_budget(p, ev, free_inc)
-        if trimmed is None:
-            return None
-        moved = [u for u in self.movable
-                 if any(ev.start[v] != free_inc[u] for v in p.units[u].members)]
-        cands = {}
-        for u in moved:
-            c = {int(free_inc[u])} | {h for h in p.unit_start_hosts(u) if ev.cand_mask[u, h]}
-            cands[u] = sorted(c)
-        sub = cpsat.build(p, ev, trimmed, moved, cands)
-        status, solver = self.run_model(sub, 2 * self.o.step_dtime)
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            out = cpsat.read_solution(sub, solver, trimmed)
-            if ev.objective(out) < ev.objective(trimmed):
-                return out
-        return trimmed
-
 
 def explain_infeasible(problem: Problem, opts: EngineOptions,
                        stop: threading.Event | None = None) -> list[str]:
@@ -572,50 +548,62 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
 def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
                      inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
                      ) -> tuple[np.ndarray, int, int]:
-    """A budgeted plan by price search (``balancer.solver.price``); returns (placement,
-    objective, improvements). The plan kept is the one within the budget with the lowest
-    imbalance (CPU std + memory std) among: the price search's plans, their repairs, the
-    fill of the best of them with the budget in force, and the greedy answer."""
+    """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
+    search (``balancer.solver.swap``); returns (placement, objective, improvements).
+
+    a. The unbudgeted engine at the threshold's price (``budget_explore / 2`` of the effort).
+    b. If its plan fits the budget, the search goes on with the budget in force (it rarely
+       binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
+       effort left), each over-budget plan trimmed to the budget.
+    c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
+       incumbent) go through the budgeted local search on the judged imbalance.
+    The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
+    std); the greedy answer stays a fallback (``greedy_kept``)."""
     ev = s.ev
     assert opts.price is not None
     fixed_mb = opts.fixed_cost_mb
+    improvements = 0
     # a. the unbudgeted engine at the threshold's own price
     p0, ev0 = reprice(problem, ev, opts.price, fixed_mb)
     s.p, s.ev = p0, ev0
-    free, _, _ = s.lns(inc, ev0.objective(inc), until=opts.budget_explore * 0.5)
+    free, _, n = s.lns(inc, ev0.objective(inc), until=opts.budget_explore * 0.5)
     s.p, s.ev = problem, ev
+    improvements += n
     cands: list[Priced] = [measure(problem, ev, opts.price, inc)]
     if g_obj is not None:
         cands.append(measure(problem, ev, math.inf, g))
     first = measure(problem, ev, opts.price, free)
     if first.within_budget:
-        cands.append(first)
+        # b. the budget does not bind at the threshold's price: search on with it in force
+        pb, evb = reprice(problem, ev, opts.price, fixed_mb, keep_budget=True)
+        s.p, s.ev = pb, evb
+        more, _, n = s.lns(free, evb.objective(free), until=1.0)
+        s.p, s.ev = problem, ev
+        improvements += n
+        cands += [first, measure(problem, ev, opts.price, more)]
     else:
-        # b. the price that fits, by bisection; c. each over-budget plan repaired
+        # b. the price that fits, by bisection; each over-budget plan trimmed to the budget
         start = best_within(cands)
         if opts.max_work:
-            step_work = max(1, int(0.6 * (opts.max_work - s.work) / max(1, opts.price_steps)))
+            step_work = max(1, int(0.8 * (opts.max_work - s.work) / max(1, opts.price_steps)))
         else:
             step_work = max(1, s.work // 4)
         cands += search_budget(s, problem, start.unit_hosts if start else inc, free, opts.price,
                                fixed_mb, opts.price_steps, step_work)
+    # c. the best few plans within the budget, improved on the judged imbalance
+    starts = sorted((c for c in cands if c.within_budget),
+                    key=lambda c: (c.imbalance, c.moved_mem, c.price))[:opts.swap_starts]
+    for c in starts:
+        improved = swap.improve(problem, ev, c.unit_hosts, rounds=opts.swap_rounds)
+        price = c.price if math.isfinite(c.price) else opts.price
+        cands.append(measure(problem, ev, price, improved))
     best = best_within(cands)
     assert best is not None  # the incumbent fits
     stats["price_points"] = len(cands)
     stats["price"] = best.price if math.isfinite(best.price) else None
-    stats["greedy_kept"] = not math.isfinite(best.price)
-    # d. fill what is left of the budget, the budget in force, at the price found
-    fill_price = best.price if math.isfinite(best.price) else opts.price
-    pf, evf = reprice(problem, ev, fill_price, fixed_mb, keep_budget=True)
-    s.p, s.ev = pf, evf
-    filled, _, n = s.lns(best.unit_hosts, evf.objective(best.unit_hosts), until=1.0)
-    s.p, s.ev = problem, ev
-    m = measure(problem, ev, fill_price, filled)
-    if m.within_budget and m.imbalance < best.imbalance:
-        best = m
-        stats["greedy_kept"] = False
+    stats["greedy_kept"] = bool(np.array_equal(best.unit_hosts, g))
     out = best.unit_hosts
-    return out, ev.objective(out), n + 1
+    return out, ev.objective(out), improvements + 1
 
 
 def first_cause(problem: Problem, ev: Evaluator | None = None) -> str | None:
@@ -853,9 +841,13 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
                                                None if opts.max_iterations is None
                                                else opts.max_iterations * (i + 1) // n))
             _, evp = reprice(problem, ev, price, opts.fixed_cost_mb)
-            obj = evp.objective(inc)
-            points.append(CurvePoint(price, inc.copy(), obj, min(obj, lower_bound(
-                problem, evp, inc))))
+            # the point's plan: the same memory moved, spent better on the judged imbalance
+            _, moved = ev.moved(inc)
+            point = swap.improve(replace(problem, max_moved_mem=moved), ev, inc,
+                                 rounds=opts.frontier_swap_rounds)
+            obj = evp.objective(point)
+            points.append(CurvePoint(price, point, obj, min(obj, lower_bound(
+                problem, evp, point))))
         stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
         return points, stopped_by
     finally:

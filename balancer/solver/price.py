@@ -28,6 +28,7 @@ import numpy as np
 
 from balancer.model import util_stats
 from balancer.model.problem import WEIGHT_ONE, Problem, vm_placement
+from balancer.solver.greedy import trim_to_budget
 from balancer.solver.objective import Evaluator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,7 +118,8 @@ def search_budget(s: _Search, problem: Problem, start: np.ndarray, over: np.ndar
         m = measure(problem, ev, price, hosts)
         out.append(m)
         if not m.within_budget:
-            fixed = s.project(hosts, price=price, fixed_mb=fixed_mb)
+            p2, ev2 = reprice(problem, ev, price, fixed_mb, keep_budget=True)
+            fixed = trim_to_budget(p2, ev2, hosts)
             if fixed is not None:
                 out.append(measure(problem, ev, price, fixed))
         return m
@@ -150,7 +152,7 @@ def best_within(cands: list[Priced]) -> Priced | None:
     return min(ok, key=lambda c: (c.imbalance, c.moved_mem, c.price))
 
 
-def frontier_prices(points: int, high: float = 300_000.0, low: float = 10.0) -> list[float]:
+def frontier_prices(points: int, high: float = 60_000.0, low: float = 10.0) -> list[float]:
     """``points`` prices per MiB, geometric from ``high`` down to ``low``."""
     if points <= 1:
         return [high]
