@@ -348,8 +348,14 @@ class PowerPolicy:
         if mem_bind and not wake and not emptied:
             # memory binds: if no candidate's VMs fit in the receivers' free memory even taken
             # together, no host can be emptied and the model is not asked (it would say so)
-            free_mem = sum(max(mem_lim[h] - mem_use[h], 0.0) for h in cool[:k])
-            if all(mem_use[h] > free_mem for h in set(empty_c) | set(alt)):
+            frees = [max(mem_lim[h] - mem_use[h], 0.0) for h in cool[:k]]
+            free_mem, most = sum(frees), max(frees, default=0.0)
+
+            def stuck(h: int) -> bool:  # its VMs cannot all leave, whatever the packing
+                return mem_use[h] > free_mem or any(
+                    vm_mem[v] > most for v in np.flatnonzero(ctx.vm_host == h))
+
+            if all(stuck(h) for h in set(empty_c) | set(alt)):
                 return greedy
         # the model decides which of the candidate hosts to empty (and which to wake), over
         # those hosts and the receivers the rule did not already fill with VMs of hot hosts

@@ -333,6 +333,39 @@ def test_plan_power_recommends_standby_with_reasons_watts_and_commands(tmp_path:
     assert verify(snap, final, Limits(cpu_headroom=0.0)) == []
 
 
+def test_plan_power_on_forecast_demand_from_history(tmp_path: Path) -> None:
+    from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power, read_history
+
+    # 3 hosts of 4 cores, one VM of 0.3 cores now on each: the demand now fits one host; the
+    # history says two of them have run at 2.5 cores for the last hour: they cannot share
+    snap = cluster([[300], [300], [300]])
+    rows = ["timestamp,vm,cpu"]
+    for t in range(24):
+        busy = 2.5 if t >= 12 else 0.3
+        rows += [f"{300 * t},v0-0,{busy}", f"{300 * t},v1-0,{busy}", f"{300 * t},v2-0,0.3"]
+    path = tmp_path / "h.csv"
+    path.write_text("\n".join(rows) + "\n")
+    hist = read_history(str(path))
+    fsnap, var, rep = forecast_snapshot(snap, hist)
+    assert rep["vms_forecast"] == 3 and rep["vms_without_history"] == 0
+    assert [v.cpu_demand for v in fsnap.vms][2] == 300  # a flat VM: its level
+    assert 1500 < fsnap.vms[0].cpu_demand < 2500 and var[0] > 0 and var[2] < 1e-9
+    o = PowerPlanOptions(target_util=0.8, max_switch=2, max_dtime=5.0)
+    now = plan_power(snap, o)
+    ahead = plan_power(snap, o, history=hist)
+    off = [r for r in now["power"]["recommendations"] if r["action"] == "standby"]
+    off_ahead = [r for r in ahead["power"]["recommendations"] if r["action"] == "standby"]
+    assert len(off) == 2 and len(off_ahead) == 1
+    assert ahead["power"]["forecast"]["cpu_forecast_cores"] > 3.0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,vm,load\n0,v0-0,1\n")
+    with pytest.raises(InputError, match="field 'cpu' is missing"):
+        read_history(str(bad))
+    bad.write_text("timestamp,vm,cpu\n0,v0-0,1\n300,v0-0,x\n")
+    with pytest.raises(InputError, match="line 3: field 'cpu'"):
+        read_history(str(bad))
+
+
 def test_plan_power_bad_input_is_one_line() -> None:
     import subprocess
     import sys
@@ -346,4 +379,6 @@ def test_plan_power_bad_input_is_one_line() -> None:
     assert r.returncode == 2 and "--power-target" in r.stderr
     r = run("--power-command", "x {nope}")
     assert r.returncode == 2 and "--power-command" in r.stderr
+    r = run("--power-history", "/nonexistent/history.csv")
+    assert r.returncode == 2 and "--power-history" in r.stderr and len(r.stderr.splitlines()) == 1
     assert all("Traceback" not in x for x in (r.stderr, r.stdout))
