@@ -182,6 +182,12 @@ def _add_power_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--power-command", metavar="TEMPLATE",
                    help="command for each recommendation, with {action} (standby or wake) and "
                    "{host}, e.g. 'ipmitool -H {host}-bmc chassis power soft'")
+    g.add_argument("--power-history", metavar="CSV",
+                   help="per-VM CPU history (timestamp, vm, cpu in cores): plan on each VM's "
+                   "forecast for the next cycle (ewm level) instead of its demand now")
+    g.add_argument("--power-z", type=_nonneg_float("--power-z"), default=0.0, metavar="Z",
+                   help="with --power-history: margin per host, Z x sqrt(sum of its VMs' "
+                   "forecast variances) (default: 0)")
     g.add_argument("--power-run", action="store_true",
                    help="run --power-command for each recommendation (wake first)")
 
@@ -220,7 +226,7 @@ def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_plan_power(args: argparse.Namespace) -> int:
-    from balancer.power_plan import PowerPlanOptions, plan_power, run_commands
+    from balancer.power_plan import PowerPlanOptions, plan_power, read_history, run_commands
 
     if args.power_run and not args.power_command:
         raise InputError("--power-run needs --power-command")
@@ -228,12 +234,13 @@ def cmd_plan_power(args: argparse.Namespace) -> int:
         raise InputError(f"--power-target must be in (0, 1], got {args.power_target}")
     if args.power_peak_w < args.power_idle_w:
         raise InputError("--power-peak-w must be >= --power-idle-w")
+    history = read_history(args.power_history) if args.power_history else None
     snap = _load_snapshot(args)
-    doc = plan_power(snap, PowerPlanOptions(
+    doc = plan_power(snap, PowerPlanOptions(z=args.power_z,
         target_util=args.power_target, max_switch=args.power_max_switch,
         idle_w=args.power_idle_w, peak_w=args.power_peak_w, mem_overcommit=args.mem_overcommit,
         seed=args.seed, command=args.power_command,
-        time_limit=args.time_limit or 30.0))
+        time_limit=args.time_limit or 30.0), history=history)
     if args.power_run:
         doc["power"]["ran"] = run_commands(doc)
     if args.format == "json":
@@ -243,6 +250,12 @@ def cmd_plan_power(args: argparse.Namespace) -> int:
     pw = doc["power"]
     sys.stdout.write(f"power: {pw['watts_before']:.0f} W -> {pw['watts_after']:.0f} W "
                      f"(saves {pw['watts_saved']:.0f} W), {len(doc['migrations'])} moves\n")
+    if "forecast" in pw:
+        f = pw["forecast"]
+        sys.stdout.write(f"forecast: {f['vms_forecast']} VMs from {f['samples']} samples "
+                         f"({f['vms_without_history']} without history): "
+                         f"{f['cpu_now_cores']:.1f} cores now, {f['cpu_forecast_cores']:.1f} "
+                         "forecast\n")
     for r in pw["recommendations"]:
         cmd = f"  [{' '.join(r['command'])}]" if r.get("command") else ""
         sys.stdout.write(f"{r['action']:<8} {r['host']}: {r['reason']}{cmd}\n")

@@ -240,13 +240,18 @@ class Controller:
                 self.view = view
         return view
 
-    def current_view(self) -> ClusterView:
+    def _fresh_view(self, now: float) -> ClusterView | None:
+        """The current view if it is still good (no new samples, or built < 2 s ago)."""
         with self._lock:
             view = self.view
-        now = self.clock()
         if view is not None and (view.samples_seen == self.push.total or now - view.built < 2.0):
             return view
-        return self.estimate(now)
+        return None
+
+    def current_view(self) -> ClusterView:
+        now = self.clock()
+        view = self._fresh_view(now)
+        return view if view is not None else self.estimate(now)
 
     def options(self, threshold: int | None = None) -> Any:
         return self.cycle.options(threshold)
@@ -500,14 +505,25 @@ class Controller:
                 "applied": applied}
 
     # -- state for the API -----------------------------------------------------------------
+    def cluster_state_cached(self) -> bytes | None:
+        """``cluster_state_json()`` if it is ready without work (no estimate, no build)."""
+        view = self._fresh_view(self.clock())
+        return None if view is None else self._cached_cluster_json(view)
+
+    def _cached_cluster_json(self, view: ClusterView) -> bytes | None:
+        key = (view, self.last_cycle, self.cfg)
+        cached = self._cluster_json
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        return None
+
     def cluster_state_json(self) -> bytes:
         """``cluster_state()`` as JSON, computed once per (view, last cycle, config)."""
         view = self.current_view()
+        hit = self._cached_cluster_json(view)
+        if hit is not None:
+            return hit
         key = (view, self.last_cycle, self.cfg)
-        cached = self._cluster_json
-        if cached is not None and len(cached[0]) == len(key) and all(
-                a is b for a, b in zip(cached[0], key, strict=True)):
-            return cached[1]
         body = json.dumps(self.cluster_state(view), separators=(",", ":"),
                           allow_nan=False).encode()
         self._cluster_json = (key, body)

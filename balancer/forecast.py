@@ -46,6 +46,7 @@ class ForecastOptions:
     k: float = 1.5  # ewm: margin in weighted standard deviations
     q: float = 0.95  # quantile
     history: int = 36  # steps of history looked at (ewm: 4 x span at least)
+    last_floor: bool = True  # ewm/quantile: never below the last observed value
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,9 +81,10 @@ def forecast_peak(history: np.ndarray, opts: ForecastOptions) -> np.ndarray:
     if opts.method == "reactive":
         return h.max(axis=0)
     if opts.method == "quantile":
-        return np.maximum(last, np.quantile(h, opts.q, axis=0, method="higher"))
+        qv = np.quantile(h, opts.q, axis=0, method="higher")
+        return np.maximum(last, qv) if opts.last_floor else qv
     mean, std = ewm_last(h, opts.span)
-    return np.maximum(last, mean + opts.k * std)
+    return np.maximum(last, mean + opts.k * std) if opts.last_floor else mean + opts.k * std
 
 
 def ewm_last(h: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:

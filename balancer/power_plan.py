@@ -37,8 +37,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from balancer.errors import InputError
+from balancer.forecast import ForecastOptions, ewm_last, forecast_peak
 from balancer.model import ClusterSnapshot, HostState, Move
 from balancer.solver.power import HostPower, PowerOptions, model_watts, solve
 
@@ -55,6 +57,7 @@ class PowerPlanOptions:
     time_limit: float = 30.0
     seed: int = 0
     command: str | None = None  # template: {action} {host}
+    z: float = 0.0  # margin per host: z x sqrt(sum of its VMs' forecast variances)
 
 
 def host_power(snap: ClusterSnapshot, idle_w: float, peak_w: float) -> list[HostPower]:
@@ -75,10 +78,75 @@ def host_power(snap: ClusterSnapshot, idle_w: float, peak_w: float) -> list[Host
     return out
 
 
-def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None) -> dict[str, Any]:
+def read_history(path: str) -> pd.DataFrame:
+    """Per-VM CPU history for the forecast: a CSV with ``timestamp`` (seconds or ISO 8601),
+    ``vm`` and ``cpu`` (cores in use), one row per VM and sample (the replay's long format;
+    other columns are ignored). Bad input names the file and the field."""
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--power-history {path}: {exc}") from None
+    for col in ("timestamp", "vm", "cpu"):
+        if col not in df.columns:
+            raise InputError(f"--power-history {path}: field '{col}' is missing (columns: "
+                             f"{', '.join(map(str, df.columns))})")
+    cpu = pd.to_numeric(df["cpu"], errors="coerce")
+    bad = cpu.isna() | (cpu < 0)
+    if bad.any():
+        line = int(bad.to_numpy().nonzero()[0][0]) + 2
+        raise InputError(f"--power-history {path}: line {line}: field 'cpu' must be a number "
+                         f">= 0 (cores), got {df['cpu'].iloc[line - 2]!r}")
+    ts = pd.to_numeric(df["timestamp"], errors="coerce")
+    if ts.isna().any():
+        ts = pd.to_datetime(df["timestamp"], errors="coerce", utc=True)
+        if ts.isna().any():
+            line = int(ts.isna().to_numpy().nonzero()[0][0]) + 2
+            raise InputError(f"--power-history {path}: line {line}: field 'timestamp' must be "
+                             "seconds or ISO 8601")
+    return pd.DataFrame({"timestamp": ts, "vm": df["vm"].astype(str), "cpu": cpu})
+
+
+def forecast_snapshot(snap: ClusterSnapshot, history: pd.DataFrame,
+                      fopts: ForecastOptions | None = None
+                      ) -> tuple[ClusterSnapshot, list[float], dict[str, Any]]:
+    """The snapshot with each VM's CPU demand replaced by its forecast for the next cycle
+    (``balancer.forecast``, as the replay's ``power`` policy), and each VM's forecast variance
+    (millicores squared) for the margin per host. VMs without history keep their demand and
+    get no variance."""
+    fopts = fopts or ForecastOptions(method="ewm", k=0.0, last_floor=False)
+    wide = (history.pivot_table(index="timestamp", columns="vm", values="cpu", aggfunc="mean")
+            .sort_index().ffill().fillna(0.0) * 1000.0)
+    names = [v.name for v in snap.vms]
+    known = [n for n in names if n in wide.columns]
+    demand = {v.name: float(v.cpu_demand) for v in snap.vms}
+    var = dict.fromkeys(names, 0.0)
+    if known:
+        h = wide[known].to_numpy(dtype=float)
+        est = forecast_peak(h, fopts)
+        _, std = ewm_last(h[-fopts.history:], fopts.span)
+        for i, n in enumerate(known):
+            demand[n] = float(est[i])
+            var[n] = float(std[i] ** 2)
+    vms = tuple(replace(v, cpu_demand=int(round(demand[v.name]))) for v in snap.vms)
+    report = {"method": fopts.method, "span": fopts.span, "k": fopts.k,
+              "samples": int(len(wide)), "vms_forecast": len(known),
+              "vms_without_history": len(names) - len(known),
+              "cpu_now_cores": round(sum(v.cpu_demand for v in snap.vms) / 1000.0, 3),
+              "cpu_forecast_cores": round(sum(v.cpu_demand for v in vms) / 1000.0, 3)}
+    return replace(snap, vms=vms), [var[n] for n in names], report
+
+
+def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
+               history: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Power recommendations for ``snap``; with ``history`` (``read_history``), on the
+    forecast demand of the next cycle with the margin per host ``o.z``."""
     from policies import build_problem
 
     o = o or PowerPlanOptions()
+    vm_var = None
+    forecast = None
+    if history is not None:
+        snap, vm_var, forecast = forecast_snapshot(snap, history)
     if o.command is not None:
         _render(o.command, "standby", "check")  # a bad template fails before anything runs
     was_on = [h.state is HostState.ACTIVE for h in snap.hosts]
@@ -93,7 +161,8 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None) -> dict
     was_on = [on or i in locked for i, on in enumerate(was_on)]
     res = solve(problem, power, was_on, PowerOptions(
         target_util=o.target_util, migration_w=o.migration_w, max_switch=o.max_switch,
-        max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed), locked=locked)
+        max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed), locked=locked,
+        vm_var=vm_var, z=o.z)
     cpu = [float(v.cpu_demand) for v in snap.vms]
     vm_hosts = [res.unit_hosts[problem.unit_of[v]] for v in range(len(snap.vms))]
     caps = [h.cpu_capacity for h in snap.hosts]
@@ -147,7 +216,8 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None) -> dict
         "power": {"status": res.status, "watts_before": round(res.watts_before, 1),
                   "watts_after": round(res.watts_after, 1),
                   "watts_saved": round(res.watts_before - res.watts_after, 1),
-                  "target_util": o.target_util, "recommendations": recs},
+                  "target_util": o.target_util, "recommendations": recs,
+                  **({"forecast": forecast} if forecast is not None else {})},
         "migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "reason": m.reason,
                         "mem_mb": m.mem} for m in moves],
         **waves.to_dict(),
@@ -179,4 +249,5 @@ def run_commands(doc: dict[str, Any], timeout: float = 60.0) -> list[dict[str, A
     return out
 
 
-__all__ = ["PowerPlanOptions", "host_power", "plan_power", "run_commands"]
+__all__ = ["PowerPlanOptions", "forecast_snapshot", "host_power", "plan_power", "read_history",
+           "run_commands"]

@@ -3,10 +3,11 @@
 
 ``connect("local")`` starts a ``LocalCluster`` of worker processes (one per core, one thread
 each, never more workers than tasks); ``connect("tcp://HOST:PORT")`` joins a cluster started
-with ``dask scheduler`` / ``dask worker``. ``execute`` submits one future per task, shows a
-progress bar on a terminal, retries a failed task once (resubmitted, any worker) and then
-records its error without losing the others, and on Ctrl-C cancels what is unfinished and
-raises ``Interrupted`` (the commands exit 130). ``distributed`` is imported lazily: it is the
+with ``dask scheduler`` / ``dask worker``. ``execute`` keeps one future per worker thread
+(longest first, when the caller estimates lengths), shows a progress bar on a terminal,
+retries a failed task once (resubmitted, any worker) and then records its error without losing
+the others, and on Ctrl-C cancels what is unfinished and raises ``Interrupted`` (the commands
+exit 130). ``distributed`` is imported lazily: it is the
 optional extra ``balancer[dask]``.
 """
 
@@ -31,6 +32,13 @@ def scheduler_arg(text: str) -> str:
     return text
 
 
+# environment of the embedded cluster's worker processes (None: unset): one thread per
+# numerical library (each worker is one single-thread process per core), glibc's own malloc
+# trimming
+WORKER_ENV: dict[str, int | None] = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
+                                     "OPENBLAS_NUM_THREADS": 1, "MALLOC_TRIM_THRESHOLD_": None}
+
+
 class Interrupted(Exception):
     """Ctrl-C while the futures ran; they have been cancelled."""
 
@@ -46,11 +54,16 @@ def connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
         import dask
 
         n = max(1, min(os.cpu_count() or 1, n_runs))
-        # a worker holds one task at a time and takes the next when it is free (greedy list
-        # scheduling); the default saturation (1.1) queues two per single-thread worker up front,
-        # which leaves one worker idle at the end of a sweep of unequal replays. The HTTP server
+        # a worker holds one task at a time (``execute`` also submits no more than that); the
+        # default saturation (1.1) would queue two per single-thread worker. The HTTP server
         # on a free port (the default, 8787, may be taken by another cluster on this machine).
-        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        # The worker processes get Dask's single-thread settings for numerical libraries but
+        # not its MALLOC_TRIM_THRESHOLD_=65536: glibc then hands freed memory back to the system
+        # at once and the next numpy array faults it in again, which doubled the CPU time of a
+        # replay (measured, docs/scale.md).
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0,
+                              **{f"distributed.nanny.pre-spawn-environ.{k}": v
+                                 for k, v in WORKER_ENV.items()}}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                    dashboard_address=":0", silence_logs=40)
         return Client(cluster), cluster
@@ -63,11 +76,18 @@ def connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
 
 def execute(client: Any, specs: list[Any], fn: Any, *, retries: int = 1,
             progress: bool | None = None, fn_kwargs: dict[str, Any] | None = None,
-            label: str = "runs") -> list[dict[str, Any]]:
-    """Submit ``fn(spec)`` per spec as one future each; retry a failed one ``retries`` times
+            label: str = "runs", cost: Any = None) -> list[dict[str, Any]]:
+    """Run ``fn(spec)`` per spec as one future each; retry a failed one ``retries`` times
     (resubmitted, any worker), then record its error. Results in spec order; each has
-    ``attempts`` and either the function's dict or ``error``. Ctrl-C cancels every future
-    still pending and raises ``Interrupted``."""
+    ``attempts`` and either the function's dict or ``error``.
+
+    List scheduling: the client keeps one task per worker thread on the cluster and submits the
+    next when one ends, the costliest first when ``cost(spec)`` estimates a task's length
+    (longest-processing-time first: on few workers a long task then never starts last). Dask
+    itself would hand a handful of tasks to the workers as soon as they are submitted, before
+    any has run. Ctrl-C cancels what runs, submits nothing more and raises ``Interrupted``."""
+    from collections import deque
+
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -77,20 +97,30 @@ def execute(client: Any, specs: list[Any], fn: Any, *, retries: int = 1,
     errors: list[str | None] = [None] * len(specs)
     index: dict[str, int] = {}
     live: set[Any] = set()
+    weight = [float(cost(sp)) if cost is not None else 0.0 for sp in specs]
+    # stable: equal estimates keep the order given
+    pending = deque(sorted(range(len(specs)), key=lambda i: -weight[i]))
+    ac = as_completed([], with_results=False)
 
-    def submit(i: int) -> Any:
-        attempts[i] += 1
-        fut = client.submit(fn, specs[i], pure=False, **kw)
-        index[fut.key] = i
-        live.add(fut)
-        return fut
+    def slots() -> int:
+        """Worker threads on the cluster now (workers may come and go)."""
+        return max(1, sum(client.nthreads().values()))
+
+    def fill() -> None:
+        n = slots()
+        while pending and len(live) < n:
+            i = pending.popleft()
+            attempts[i] += 1
+            fut = client.submit(fn, specs[i], pure=False, **kw)
+            index[fut.key] = i
+            live.add(fut)
+            ac.add(fut)
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=len(specs), file=sys.stderr, unit="run", desc=label, disable=not show,
                dynamic_ncols=True)
-    futures = [submit(i) for i in range(len(specs))]
-    ac = as_completed(futures, with_results=False)
     try:
+        fill()
         for fut in ac:
             i = index[fut.key]
             live.discard(fut)
@@ -102,13 +132,14 @@ def execute(client: Any, specs: list[Any], fn: Any, *, retries: int = 1,
                 errors[i] = f"{type(exc).__name__}: {exc}"
                 if attempts[i] <= retries:
                     bar.write(f"run {i + 1} failed ({errors[i]}); retrying", file=sys.stderr)
-                    ac.add(submit(i))
+                    pending.appendleft(i)
                 else:
                     bar.update(1)
             fut.release()
+            fill()
     except KeyboardInterrupt:
         client.cancel(list(live), force=True)
-        raise Interrupted(f"cancelled {len(live)} unfinished runs") from None
+        raise Interrupted(f"cancelled {len(live) + len(pending)} unfinished runs") from None
     finally:
         bar.close()
     out = []
@@ -133,7 +164,7 @@ def close(client: Any, cluster: Any) -> None:
 
 def run_tasks(scheduler: str, specs: list[Any], fn: Any, *,
               fn_kwargs: dict[str, Any] | None = None, progress: bool | None = None,
-              label: str = "runs") -> list[dict[str, Any]]:
+              label: str = "runs", cost: Any = None) -> list[dict[str, Any]]:
     """Connect, ``execute``, close. Ctrl-C at any point (also while the embedded cluster
     starts) raises ``Interrupted`` after cancelling whatever was submitted."""
     old = signal.getsignal(signal.SIGINT)
@@ -141,7 +172,8 @@ def run_tasks(scheduler: str, specs: list[Any], fn: Any, *,
     client = cluster = None
     try:
         client, cluster = connect(scheduler, len(specs))
-        return execute(client, specs, fn, fn_kwargs=fn_kwargs, progress=progress, label=label)
+        return execute(client, specs, fn, fn_kwargs=fn_kwargs, progress=progress, label=label,
+                       cost=cost)
     except KeyboardInterrupt:
         raise Interrupted("stopped before any task was submitted") from None
     finally:

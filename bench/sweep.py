@@ -1,88 +1,152 @@
-"""Sweep benchmark: a 4-task sweep on the embedded LocalCluster against the same 4 replays run
-one after the other in one process.
+"""Sweep benchmark: ``balancer sweep`` of 4 replays on the embedded LocalCluster against the
+same 4 replays one after the other in one process, as ``balancer replay`` runs them.
 
-    python3 bench/sweep.py [--steps 24] [--policy consolidate] [--param target_util=0.8,0.84]
-                           [--config configs/beloglazov-planetlab.toml] [--repeat 1]
+    python3 bench/sweep.py [--repeat 3] [--steps N] [--policy balance]
+                           [--param cpu_headroom=0.1,0.15]
+                           [--config configs/beloglazov-planetlab.toml]
 
-The 4 tasks: both bundled PlanetLab days x the two ``--param`` values. Serial: the replays one
-after the other in this process (trace loads included, as in ``balancer replay``). Sweep:
-``balancer sweep``'s own path (``simulator.sweep.run_task`` through ``balancer.tasks.run_tasks``
-on ``--scheduler local``: one worker process per core), cluster start-up and shutdown
-included. Both produce the same figures (checked). Prints one row per mode with wall seconds,
-the CPU seconds the replays themselves took (thread CPU time, not disturbed by other
-programs), the speed-up, and the load average before and after, because wall-clock figures on
-a shared machine measure the other programs too. The target: speed-up >= 1.8 on 2 cores.
+The 4 tasks: both bundled PlanetLab days (whole: 288 five-minute steps each, unless --steps) x
+``--policy`` with the two ``--param`` values. They are chosen comparable in length: the same
+number of steps, and ``balance`` stops each cycle's search after a fixed number of LNS steps
+(``max_iterations``), so the two runs of a day cost about the same and the two workers end
+together whatever the order.
+
+Both sides are whole processes, timed from their start to their exit, interpreter start-up and
+imports included:
+
+* serial: ``python bench/sweep.py --serial SPEC.json``, one process that calls
+  ``simulator.replay.run`` (what ``balancer replay`` runs) once per task, each loading its trace
+  (``balancer replay --trace DAY --config C --policy VARIANT.toml --format json``);
+* sweep: ``balancer sweep --trace DAY1 --trace DAY2 --policy P --param ... --config C
+  --format json`` on ``--scheduler local`` (2 single-thread worker processes on 2 cores, the
+  longest runs first), cluster start-up and shutdown included.
+
+Both must give the same figures (checked). Neither is niced: run this when the machine is
+otherwise quiet. Prints one row per repetition (wall seconds of each, speed-up, CPU seconds of
+each process tree, the load average before, between and after) and min/median/max of the
+speed-up. The target: >= 1.8x on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from balancer.tasks import run_tasks  # noqa: E402
-from simulator.sweep import COMPARE, plan_runs, run_task  # noqa: E402
+DAYS = ["planetlab:20110303", "planetlab:20110306"]
+COMPARED = ("energy_kwh", "migrations", "slatah", "pdm", "slav", "esv", "moved_gb",
+            "mean_active_hosts", "mean_imbalance", "unmet_share", "plan_calls", "steps")
 
 
-def timed_task(spec: object) -> dict:
-    """``run_task`` plus the CPU seconds of the thread that ran it."""
-    t0 = time.thread_time()
-    out = run_task(spec)  # type: ignore[arg-type]
-    out["cpu_seconds"] = time.thread_time() - t0
-    return out
+def serial(spec_file: str) -> int:
+    """The serial side (a process of its own): ``balancer replay`` once per task, in turn."""
+    from simulator import replay
+
+    spec = json.loads(Path(spec_file).read_text())
+    out = []
+    for task in spec["tasks"]:
+        p = argparse.ArgumentParser()
+        replay.add_arguments(p)
+        argv = ["--trace", task["trace"], "--config", spec["config"], "--policy",
+                task["policy_file"], "--format", "json", "--no-progress"]
+        if spec["steps"]:
+            argv += ["--steps", str(spec["steps"])]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert replay.run(p.parse_args(argv)) == 0
+        doc = json.loads(buf.getvalue())
+        out.append({"trace": task["trace"], "params": task["params"],
+                    **{k: doc["policies"][0][k] for k in COMPARED}})
+    json.dump(out, sys.stdout)
+    return 0
+
+
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the process and its children, stdout)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=7200)
+    wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])}... failed ({p.returncode}): {p.stderr[-2000:]}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.stdout
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--policy", default="consolidate")
-    ap.add_argument("--param", default="target_util=0.8,0.84")
+    ap.add_argument("--serial", metavar="SPEC.json", help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="default: the whole days")
+    ap.add_argument("--policy", default="balance")
+    ap.add_argument("--param", default="cpu_headroom=0.1,0.15")
     ap.add_argument("--config", default=str(ROOT / "configs" / "beloglazov-planetlab.toml"))
-    ap.add_argument("--repeat", type=int, default=1, help="repeat both modes, report each")
     args = ap.parse_args()
-    ns = argparse.Namespace(trace=["planetlab:20110303", "planetlab:20110306"],
-                            policy=[args.policy], param=[args.param], config=args.config,
-                            seed=None, steps=args.steps)
-    specs = plan_runs(ns)
-    print(f"{len(specs)} tasks: {', '.join(s.run_id for s in specs)}; {args.steps} steps each; "
-          f"{os.cpu_count()} cores")
+    if args.serial:
+        return serial(args.serial)
+    from simulator.sweep import _value
+
+    name, _, values = args.param.partition("=")
+    vals = [_value(v) for v in values.split(",")]
+    assert len(vals) == 2, "--param NAME=V1,V2: two values (2 days x 2 values = 4 tasks)"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    tasks = []
+    for day in DAYS:
+        for v in vals:
+            f = tmp / f"{args.policy}-{name}-{v}.toml"
+            f.write_text(f'policy = "{args.policy}"\n[args]\n{name} = {json.dumps(v)}\n')
+            tasks.append({"trace": day, "params": {name: v}, "policy_file": str(f)})
+    spec = tmp / "serial.json"
+    spec.write_text(json.dumps({"tasks": tasks, "config": args.config, "steps": args.steps}))
+    bin_dir = Path(sys.executable).parent
+    serial_cmd = [sys.executable, str(Path(__file__).resolve()), "--serial", str(spec)]
+    sweep_cmd = [str(bin_dir / "balancer"), "sweep", "--trace", DAYS[0], "--trace", DAYS[1],
+                 "--policy", args.policy, "--param", args.param, "--config", args.config,
+                 "--format", "json", "--no-progress", "--scheduler", "local"]
+    if args.steps:
+        sweep_cmd += ["--steps", str(args.steps)]
+    print(f"4 tasks: {', '.join(d.split(':')[1] for d in DAYS)} x {args.policy} "
+          f"{args.param}; {args.steps or 'all'} steps each; {os.cpu_count()} cores; "
+          f"{args.repeat} repetitions", flush=True)
     rows = []
     for rep in range(args.repeat):
-        load0 = os.getloadavg()[0]
-        t0 = time.monotonic()
-        serial = [timed_task(s) for s in specs]
-        t_serial = time.monotonic() - t0
-        load1 = os.getloadavg()[0]
-        t0 = time.monotonic()
-        par = run_tasks("local", specs, timed_task, progress=False, label="bench")
-        t_par = time.monotonic() - t0
-        load2 = os.getloadavg()[0]
-        for a, b in zip(serial, par, strict=True):
-            assert "error" not in b, b
-            same = all(a[k] == b[k] for _, k, _ in COMPARE)
-            assert same, (a, b)
-        cpu_s = sum(r["cpu_seconds"] for r in serial)
-        by_worker: dict[str, float] = {}
-        for r in par:
-            by_worker[r["worker"]] = by_worker.get(r["worker"], 0.0) + r["cpu_seconds"]
-        rows.append((rep, t_serial, t_par, cpu_s, sum(by_worker.values()),
-                     max(by_worker.values()), len(by_worker), load0, load1, load2))
-    print(f"{'run':>3}  {'serial s':>9}  {'sweep s':>8}  {'speed-up':>8}  {'serial CPU s':>12}  "
-          f"{'sweep CPU s':>11}  {'busiest worker CPU s':>20}  {'workers':>7}  "
+        l0 = os.getloadavg()[0]
+        ts, cs, out_s = timed(serial_cmd)
+        l1 = os.getloadavg()[0]
+        tp, cp, out_p = timed(sweep_cmd)
+        l2 = os.getloadavg()[0]
+        ser = json.loads(out_s)
+        runs = json.loads(out_p)["runs"]
+        assert len(runs) == 4 and all("error" not in r for r in runs), runs
+        for a in ser:  # the same figures, run by run
+            b = next(r for r in runs if r["trace"] == a["trace"] and r["params"] == a["params"])
+            assert all(a[k] == b[k] for k in COMPARED), (a, b)
+        workers = {r["worker"] for r in runs}
+        per_worker = {w: sum(r["seconds"] for r in runs if r["worker"] == w) for w in workers}
+        rows.append((rep, ts, tp, cs, cp, max(per_worker.values()), len(workers), l0, l1, l2))
+        print(f"  run {rep}: serial {ts:.1f} s, sweep {tp:.1f} s: {ts / tp:.2f}x "
+              f"(load {l0:.2f} / {l1:.2f} / {l2:.2f})", flush=True)
+    print(f"{'run':>3}  {'serial s':>8}  {'sweep s':>7}  {'speed-up':>8}  {'serial CPU s':>12}  "
+          f"{'sweep CPU s':>11}  {'busiest worker s':>16}  {'workers':>7}  "
           f"{'load before / between / after':>29}")
-    for rep, ts, tp, cs, cp, cmax, nw, l0, l1, l2 in rows:
-        print(f"{rep:>3}  {ts:>9.1f}  {tp:>8.1f}  {ts / tp:>7.2f}x  {cs:>12.1f}  {cp:>11.1f}  "
-              f"{cmax:>20.1f}  {nw:>7}  {l0:>9.1f} / {l1:>5.1f} / {l2:>5.1f}")
-    best = max(r[1] / r[2] for r in rows)
-    worst = min(r[1] / r[2] for r in rows)
-    print(f"speed-up (serial wall / sweep wall): min {worst:.2f}x, max {best:.2f}x "
-          f"(target >= 1.8x); CPU-bound ceiling on a quiet machine: serial CPU / busiest "
-          f"worker CPU = {min(r[3] / r[5] for r in rows):.2f}x")
+    for rep, ts, tp, cs, cp, wmax, nw, l0, l1, l2 in rows:
+        print(f"{rep:>3}  {ts:>8.1f}  {tp:>7.1f}  {ts / tp:>7.2f}x  {cs:>12.1f}  {cp:>11.1f}  "
+              f"{wmax:>16.1f}  {nw:>7}  {l0:>11.2f} / {l1:>5.2f} / {l2:>5.2f}")
+    ups = [r[1] / r[2] for r in rows]
+    print(f"speed-up (serial wall / sweep wall) over {len(rows)} runs: min {min(ups):.2f}x, "
+          f"median {statistics.median(ups):.2f}x, max {max(ups):.2f}x (target >= 1.8x)")
     return 0
 
 

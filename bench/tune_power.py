@@ -34,17 +34,16 @@ MIGRATIONS_PER_VM_DAY = 5.0
 
 
 def candidates() -> list[dict]:
+    """The margin per host (z x sqrt of the summed VM variances, shrunk towards a prior of
+    ``prior_std`` x the VM's size for VMs with little history), three levelling moves per
+    cycle, the ewm mean as the level (not floored at the last value); z and the prior trade
+    energy for SLATAH. The rule alone (``solver = "greedy"``) replays a day in seconds."""
     out = []
-    for t, k in itertools.product((0.85, 0.9), (0.5, 1.0)):
-        out.append({"forecast": "ewm", "k": k, "target_util": t})
-    out.append({"forecast": "reactive", "window": 2, "target_util": 0.85})
-    # the margin per host rather than per VM (VMs do not all peak together)
-    for t, k in ((0.75, 0.0), (0.8, 0.0), (0.8, 0.25), (0.85, 0.25)):
-        out.append({"forecast": "ewm", "k": k, "target_util": t})
-    for c in out:
-        t = c["target_util"]
-        c.update({"high_util": round(min(1.0, t + 0.05), 2), "low_util": round(t - 0.1, 2),
-                  "solver": "greedy"})
+    for z, p in itertools.product((1.5, 1.75, 2.0), (0.1, 0.15, 0.2)):
+        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": z,
+                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
+                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
+                    "solver": "greedy"})
     return out
 
 
@@ -88,8 +87,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "beloglazov-planetlab.toml"))
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--variants", nargs="*", default=["shift:1"])
+    ap.add_argument("--variants", nargs="*", default=["shift:1", "bootstrap:1"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--folds-out", default=str(ROOT / "bench" / "power-folds.json"),
+                    help="where each held-out day's choice is written (bench/replay.py's "
+                    "power@heldout replays each day with it)")
     ap.add_argument("--cache", default=None, help="an --out file of an earlier run: its runs "
                     "are reused instead of replayed again")
     args = ap.parse_args()
@@ -132,6 +134,13 @@ def main() -> int:
     every = [n for d in days for n in names[d]]
     i = choose(results, every, len(cands))
     print(f"chosen on every day and variant (ships in the config): {json.dumps(cands[i])}")
+    if args.folds_out:
+        Path(args.folds_out).write_text(json.dumps({
+            "note": "power parameters per PlanetLab day, chosen by bench/tune_power.py with "
+                    "that day held out (on the other days and generated variants only)",
+            "variants": args.variants,
+            "folds": {d: folds[d]["chosen"] for d in days},
+            "all_days": cands[i]}, indent=1) + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "candidates": cands, "folds": folds, "shipped": cands[i],

@@ -305,6 +305,7 @@ class ReplayContext:
         self.vm_host = sim.destination()  # where each VM is or is going
         self.migrating = sim.migrating_mask()
         self.vm_mem = sim.work.mem_mb
+        self.vm_cores = sim.work.vcpus  # configured size (cores) of each VM
         self.mem_binding = sim.cfg.memory_binding  # configured memory bounds placement
         self.mem_limit = sim.host_mem * sim.cfg.mem_overcommit
         self.n_hosts = len(self.host_cpu)

@@ -51,6 +51,8 @@ def test_forecast_methods_by_hand() -> None:
     assert e[0] == pytest.approx(max(3.0, mean[0])) and e[1] == 10.0  # a flat VM: no margin
     e2 = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=2.0))
     assert e2[0] > e[0] and e2[1] == 10.0  # the margin grows with the VM's volatility
+    e3 = forecast_peak(h, ForecastOptions(method="ewm", span=3, k=0.0, last_floor=False))
+    assert e3[0] == pytest.approx(mean[0]) and e3[0] < 3.0  # the ewm level, below the last
     with pytest.raises(InputError, match="field 'method'"):
         ForecastOptions(method="arima")
 
@@ -112,6 +114,63 @@ def test_power_mode_wakes_a_host_when_the_forecast_needs_it() -> None:
     w = model_watts(problem, [LIN, LIN], np.array([1300.0] * 3), res.on,
                     [res.unit_hosts[problem.unit_of[v]] for v in range(3)])
     assert w == pytest.approx(res.watts_after)
+
+
+def test_power_mode_empties_the_host_cheapest_to_empty_not_the_least_loaded() -> None:
+    # host 0 at 22 % with six small VMs, host 1 at 25 % with one VM, hosts 2-3 at 50 %: the
+    # DPM rule (least loaded first) empties host 0 (six migrations); emptying host 1 saves
+    # the same idle watts (linear power: the load moves, its watts with it) for one migration
+    snap = cluster([[150] * 6, [1000], [1000, 1000], [1000, 1000]])
+    problem = build_problem(snap, {"capacity": {"cpu_headroom": 0.0}})
+    rule_on = [False, True, True, True]
+    rule_hosts = [u_host if u_host != 0 else 2 + (i % 2)
+                  for i, u_host in enumerate(problem.start[u.members[0]] for u in problem.units)]
+    res = solve(problem, [LIN] * 4, [True] * 4,
+                PowerOptions(target_util=0.8, migration_w=10.0, max_switch=1, max_dtime=5.0),
+                hint_on=rule_on, hint_hosts=rule_hosts)
+    assert res.status == "optimal"
+    assert res.switched_off == [1] and len(res.moved_vms) == 1  # not the rule's host 0
+    rule_w = model_watts(problem, [LIN] * 4, np.array([v.cpu_demand for v in snap.vms], float),
+                         rule_on, [rule_hosts[problem.unit_of[v]] for v in range(len(snap.vms))])
+    assert res.watts_after == pytest.approx(rule_w)  # the same watts, 5 migrations fewer
+
+
+def test_power_mode_margin_per_host_keeps_volatile_vms_apart() -> None:
+    # two hosts of 4 cores, one VM of 1.4 cores each: together 2.8 cores fit a host at 80 %
+    # (3.2); with a std of 0.5 core per VM and z = 2, the host would carry 2.8 + 2 x 0.71
+    # = 4.2 cores with its margin, above the target: the model keeps both hosts on
+    snap = cluster([[1400], [1400]])
+    problem = build_problem(snap, {"capacity": {"cpu_headroom": 0.0}})
+    o = PowerOptions(target_util=0.8, migration_w=1.0, max_switch=1, max_dtime=5.0,
+                     over_w_per_core=400.0)
+    plain = solve(problem, [LIN, LIN], [True, True], o)
+    assert sum(plain.on) == 1
+    risky = solve(problem, [LIN, LIN], [True, True], o, vm_var=[500.0 ** 2] * 2, z=2.0)
+    assert sum(risky.on) == 2 and risky.moved_vms == []
+    calm = solve(problem, [LIN, LIN], [True, True], o, vm_var=[100.0 ** 2] * 2, z=2.0)
+    assert sum(calm.on) == 1  # 2.8 + 2 x 0.14 = 3.08 cores: within the target
+
+
+def test_power_policy_model_chooses_other_hosts_than_the_rule() -> None:
+    # the same cluster in a replay (one cycle): the rule empties host 0 (six moves), the
+    # model host 1 (one)
+    tr = synthetic([[0.15] * 6 + [1.0] * 5], [1.0] * 11, [512.0] * 11)
+    ht = HostType("h", 4.0, 65536, PowerModel(idle_w=100, peak_w=200), 0.0)
+    cfg = ClusterConfig(host_types=(ht,), hosts=4, bandwidth_mbps=1000.0,
+                        migration_time="ram-over-half-bandwidth", empty_host_off=True,
+                        memory_binding=False, initial_fill=1.0)
+    work = workload_from_trace(tr, cfg)
+    got = {}
+    for solver in ("greedy", "cpsat"):
+        pol = replay_policies.make("power", {
+            "solver": solver, "choose_from": 2, "max_switch": 1, "target_util": 0.8,
+            "high_util": 0.9, "low_util": 0.7, "forecast": "reactive", "max_dtime": 5.0})
+        sim = Simulator(work, cfg, pol)
+        sim.vm_host = np.array([0] * 6 + [1, 2, 2, 3, 3])
+        r = sim.run(solver)
+        got[solver] = (r.summary.migrations, r.extra)
+    assert got["greedy"][0] == 6 and got["cpsat"][0] == 1
+    assert got["cpsat"][1]["power_differs_hosts"] == 1 and got["greedy"][1]["power_solves"] == 0
 
 
 def test_power_table_hull_is_exact_at_its_vertices() -> None:
@@ -191,6 +250,35 @@ def test_power_args_rejected_by_field() -> None:
         replay_policies.make("power", {"forecast": "arima"})
     with pytest.raises(InputError, match="field 'solver'"):
         replay_policies.make("power", {"solver": "x"})
+    with pytest.raises(InputError, match="field 'z'"):
+        replay_policies.make("power", {"z": -1})
+    with pytest.raises(InputError, match="field 'hot_util'"):
+        replay_policies.make("power", {"hot_util": 0.5})
+    with pytest.raises(InputError, match="field 'var_of'"):
+        replay_policies.make("power", {"var_of": "x"})
+    with pytest.raises(InputError, match="field 'level_moves'"):
+        replay_policies.make("power", {"level_moves": 1.5})
+
+
+def test_power_policy_levels_the_hosts() -> None:
+    # host 0 at 80 % (four VMs of 0.8 core), hosts 1 and 2 at 20 %: below the target, nothing
+    # to switch; one levelling move per cycle takes a VM from host 0 to the coolest host
+    tr = synthetic([[0.8] * 4 + [0.8, 0.8]], [1.0] * 6, [512.0] * 6)
+    ht = HostType("h", 4.0, 65536, PowerModel(idle_w=100, peak_w=200), 0.0)
+    cfg = ClusterConfig(host_types=(ht,), hosts=3, bandwidth_mbps=1000.0,
+                        migration_time="ram-over-half-bandwidth", empty_host_off=True,
+                        memory_binding=False, initial_fill=1.0)
+    work = workload_from_trace(tr, cfg)
+    moved = {}
+    for n in (0, 1):
+        pol = replay_policies.make("power", {
+            "solver": "greedy", "level_moves": n, "level_band": 0.05, "target_util": 0.9,
+            "high_util": 0.95, "low_util": 0.1, "forecast": "reactive"})
+        sim = Simulator(work, cfg, pol)
+        sim.vm_host = np.array([0, 0, 0, 0, 1, 2])
+        moved[n] = (sim.run("x").summary.migrations, list(sim.vm_host))
+    assert moved[0] == (0, [0, 0, 0, 0, 1, 2])
+    assert moved[1][0] == 1 and moved[1][1].count(0) == 3 and moved[1][1][4:] == [1, 2]
 
 
 def test_power_policy_is_reproducible() -> None:
@@ -245,6 +333,39 @@ def test_plan_power_recommends_standby_with_reasons_watts_and_commands(tmp_path:
     assert verify(snap, final, Limits(cpu_headroom=0.0)) == []
 
 
+def test_plan_power_on_forecast_demand_from_history(tmp_path: Path) -> None:
+    from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power, read_history
+
+    # 3 hosts of 4 cores, one VM of 0.3 cores now on each: the demand now fits one host; the
+    # history says two of them have run at 2.5 cores for the last hour: they cannot share
+    snap = cluster([[300], [300], [300]])
+    rows = ["timestamp,vm,cpu"]
+    for t in range(24):
+        busy = 2.5 if t >= 12 else 0.3
+        rows += [f"{300 * t},v0-0,{busy}", f"{300 * t},v1-0,{busy}", f"{300 * t},v2-0,0.3"]
+    path = tmp_path / "h.csv"
+    path.write_text("\n".join(rows) + "\n")
+    hist = read_history(str(path))
+    fsnap, var, rep = forecast_snapshot(snap, hist)
+    assert rep["vms_forecast"] == 3 and rep["vms_without_history"] == 0
+    assert [v.cpu_demand for v in fsnap.vms][2] == 300  # a flat VM: its level
+    assert 1500 < fsnap.vms[0].cpu_demand < 2500 and var[0] > 0 and var[2] < 1e-9
+    o = PowerPlanOptions(target_util=0.8, max_switch=2, max_dtime=5.0)
+    now = plan_power(snap, o)
+    ahead = plan_power(snap, o, history=hist)
+    off = [r for r in now["power"]["recommendations"] if r["action"] == "standby"]
+    off_ahead = [r for r in ahead["power"]["recommendations"] if r["action"] == "standby"]
+    assert len(off) == 2 and len(off_ahead) == 1
+    assert ahead["power"]["forecast"]["cpu_forecast_cores"] > 3.0
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,vm,load\n0,v0-0,1\n")
+    with pytest.raises(InputError, match="field 'cpu' is missing"):
+        read_history(str(bad))
+    bad.write_text("timestamp,vm,cpu\n0,v0-0,1\n300,v0-0,x\n")
+    with pytest.raises(InputError, match="line 3: field 'cpu'"):
+        read_history(str(bad))
+
+
 def test_plan_power_bad_input_is_one_line() -> None:
     import subprocess
     import sys
@@ -258,4 +379,6 @@ def test_plan_power_bad_input_is_one_line() -> None:
     assert r.returncode == 2 and "--power-target" in r.stderr
     r = run("--power-command", "x {nope}")
     assert r.returncode == 2 and "--power-command" in r.stderr
+    r = run("--power-history", "/nonexistent/history.csv")
+    assert r.returncode == 2 and "--power-history" in r.stderr and len(r.stderr.splitlines()) == 1
     assert all("Traceback" not in x for x in (r.stderr, r.stdout))

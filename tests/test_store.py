@@ -198,3 +198,27 @@ def test_reads_do_not_wait_for_a_writers_transaction(store: Store) -> None:
         release.set()
         t.join(10)
     assert [r["reason"] for r in store.recommendations("pending")] == ["uncommitted"]
+
+
+def test_cached_history_follows_writes_of_another_process(target: str) -> None:
+    """``/v1/history``'s cached page is refreshed when any store on the same database (a
+    leader, while this one follows) starts or finishes a migration."""
+    import json as _json
+    follower, leader = Store(target), Store(target)
+    try:
+        assert _json.loads(follower.history_json()) == []
+        mid = leader.migration_started(vm="a", source="h1", target="h2", mem_mb=1024,
+                                       trigger="auto", rec_id=None)
+        page = _json.loads(follower.history_json())
+        assert [(m["vm"], m["state"]) for m in page] == [("a", "started")]
+        leader.migration_finished(mid, "completed")
+        assert _json.loads(follower.history_json())[0]["state"] == "completed"
+        assert follower.history_json() is follower.history_json()  # cached while unchanged
+        for i in range(Store.HISTORY_PAGE + 5):
+            leader.migration_started(vm=f"v{i}", source="h1", target="h2", mem_mb=1,
+                                     trigger="auto", rec_id=None)
+        page = _json.loads(follower.history_json())
+        assert len(page) == Store.HISTORY_PAGE and page[0]["vm"] == f"v{Store.HISTORY_PAGE + 4}"
+    finally:
+        follower.close()
+        leader.close()

@@ -5,6 +5,7 @@
 from typing import Any
 
 from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
 
 from balancer.api.deps import ControllerDep
 from balancer.api.errors import responses
@@ -14,8 +15,12 @@ router = APIRouter(tags=["state"])
 
 
 @router.get("/v1/cluster", response_model=ClusterState, responses=responses(503))
-def get_cluster(controller: ControllerDep) -> Any:
+async def get_cluster(controller: ControllerDep) -> Any:
     """Hosts, VMs, utilisation, imbalance and data freshness (what is held and why)."""
     # Built once per state (view, last cycle, config) and served as is: with thousands of
-    # VMs, building and validating it per request was most of a read's cost.
-    return Response(controller.cluster_state_json(), media_type="application/json")
+    # VMs, building and validating it per request was most of a read's cost. Served from the
+    # event loop when ready; estimating and building go to a worker thread.
+    body = controller.cluster_state_cached()
+    if body is None:
+        body = await run_in_threadpool(controller.cluster_state_json)
+    return Response(body, media_type="application/json")

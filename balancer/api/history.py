@@ -4,7 +4,7 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from balancer.api.deps import ControllerDep
 from balancer.api.errors import responses
@@ -15,8 +15,13 @@ router = APIRouter(tags=["state"])
 
 
 @router.get("/v1/history", response_model=list[Migration], responses=responses(422))
-def history(controller: ControllerDep,
-            limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-            vm: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME)] = None) -> Any:
+async def history(controller: ControllerDep,
+                  limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+                  vm: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME)] = None
+                  ) -> Any:
     """Migrations carried out, newest first, with outcome and error."""
-    return controller.store.migrations(limit=limit, vm=vm)
+    store = controller.store
+    if vm is None and limit == store.HISTORY_PAGE:
+        # The hot path (a console or follower polling): cached JSON of the newest page.
+        return Response(store.history_json(), media_type="application/json")
+    return store.migrations(limit=limit, vm=vm)

@@ -139,10 +139,17 @@ def model_watts(problem: Problem, power: list[HostPower], cpu: np.ndarray, on: l
 def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
           options: PowerOptions | None = None, *, hosts: list[int] | None = None,
           hint_on: list[bool] | None = None, hint_hosts: list[int] | None = None,
-          locked: set[int] | None = None) -> PowerResult:
+          locked: set[int] | None = None, vm_var: list[float] | None = None,
+          z: float = 0.0) -> PowerResult:
     """Decide on/off and placement over ``hosts`` (default: every host); units on other hosts
     stay where they are. ``hint_*`` (per host / per unit) is the greedy rule's answer; hosts in
-    ``locked`` keep their power state (e.g. in maintenance: powered, evacuated, not switched)."""
+    ``locked`` keep their power state (e.g. in maintenance: powered, evacuated, not switched).
+
+    ``vm_var`` (per VM, millicores squared) and ``z`` add a margin per host to the load the
+    target applies to: ``z x sqrt(sum of the variances of its VMs)``, linearised at the hint's
+    placement (``sqrt(V) <= (V / s + s) / 2`` for any ``s > 0``, equal at ``V = s^2``): exact
+    for the hint, an over-estimate elsewhere, so the model never packs a host riskier than
+    the margin allows."""
     o = options or PowerOptions()
     p = problem
     snap = p.snapshot
@@ -181,6 +188,20 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
         by_host[h].append((i, var))
     obj = []
     over_price = int(round(o.over_w_per_core * CW))  # per core = per 1000 millicores
+    # the margin per host, linearised at the hint's placement (tangent point s[h])
+    h_hosts0 = hint_hosts if hint_hosts is not None else start_units
+    u_var = ([float(sum(vm_var[v] for v in u.members)) for u in p.units] if vm_var is not None
+             and z > 0 else None)
+    tangent: dict[int, float] = {}
+    fixed_var = np.zeros(n_h)
+    if u_var is not None:
+        hint_var = np.zeros(n_h)
+        for i in range(len(p.units)):
+            if i not in free_set:
+                fixed_var[start_units[i]] += u_var[i]
+            hint_var[h_hosts0[i] if i in free_set else start_units[i]] += u_var[i]
+        floor = math.sqrt(max([u_var[i] for i in free] + [1.0]))
+        tangent = {h: max(math.sqrt(max(hint_var[h], 0.0)), floor) for h in scope}
     for h in scope:
         if fixed_cpu[h] > 0 or fixed_mem[h] > 0:
             m.Add(on[h] == 1)  # a host with VMs that stay cannot go off
@@ -196,8 +217,17 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
         mem_lim = max(int(p.mem_limit[h]), int(fixed_mem[h]))
         if mem_terms:
             m.Add(int(fixed_mem[h]) + sum(mem_terms) <= mem_lim)
-        over = m.NewIntVar(0, max(hard, 1), f"over[{h}]")
-        m.Add(over >= load - int(o.target_util * caps[h]))
+        if u_var is not None:
+            sh = tangent[h]
+            coef = z / (2.0 * sh)
+            mc = [(int(round(coef * u_var[i])), var) for i, var in by_host[h]]
+            margin = [c * var for c, var in mc]
+            const = int(math.ceil(coef * fixed_var[h] + z * sh / 2.0))
+            over = m.NewIntVar(0, max(hard, 1) + const + sum(c for c, _ in mc), f"over[{h}]")
+            m.Add(over >= load + sum(margin) + const * on[h] - int(o.target_util * caps[h]))
+        else:
+            over = m.NewIntVar(0, max(hard, 1), f"over[{h}]")
+            m.Add(over >= load - int(o.target_util * caps[h]))
         top = int(math.ceil(max(power[h].table_w) * CW))
         pw = m.NewIntVar(0, top, f"P[{h}]")
         for a, b, d in power[h].hull(caps[h]):

@@ -110,6 +110,7 @@ class Store:
             raise
         self.fence: tuple[str, int] | None = None
         self._pending: tuple[int, list[dict[str, Any]], bytes] | None = None
+        self._history: tuple[int, bytes] | None = None
 
     def describe(self) -> str:
         return f"{self.kind} {redact(self.path)}"
@@ -143,6 +144,8 @@ class Store:
                    "SET n = versions.n + 1", (key,))
         if key == "recs":
             self._pending = None
+        elif key == "migs":
+            self._history = None
 
     def version(self, key: str) -> int:
         row = self.db.one("SELECT n FROM versions WHERE key = ?", (key,))
@@ -311,6 +314,7 @@ class Store:
                          "state, started, term) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
                          (rec_id, vm, source, target, mem_mb, trigger, "started", time.time(),
                           term))
+            self._bump(db, "migs")
             return int(row[0])  # type: ignore[index]
 
     def migration_finished(self, mig_id: int, state: str, error: str | None = None) -> None:
@@ -319,6 +323,7 @@ class Store:
         with self._write() as db:
             db.execute("UPDATE migrations SET state = ?, finished = ?, error = ? WHERE id = ?",
                        (state, time.time(), error, mig_id))
+            self._bump(db, "migs")
 
     def migration(self, mig_id: int) -> dict[str, Any] | None:
         rows = self.db.dicts(f"SELECT {_MIG_COLS} FROM migrations WHERE id = ?", (mig_id,))
@@ -334,6 +339,19 @@ class Store:
                                  "LIMIT ?", (limit,))
         return self.db.dicts(f"SELECT {_MIG_COLS} FROM migrations WHERE vm = ? ORDER BY id "
                              "DESC LIMIT ?", (vm, limit))
+
+    HISTORY_PAGE = 100
+
+    def history_json(self) -> bytes:
+        """The newest ``HISTORY_PAGE`` migrations as a JSON array (``/v1/history``'s default
+        page), cached until a migration starts or ends (in any process sharing the store)."""
+        v = self.version("migs")
+        cached = self._history
+        if cached is None or cached[0] != v:
+            rows = self.migrations(limit=self.HISTORY_PAGE)
+            cached = (v, json.dumps(rows, separators=(",", ":")).encode())
+            self._history = cached
+        return cached[1]
 
     def moved_since(self, since: float) -> set[str]:
         rows = self.db.rows("SELECT DISTINCT vm FROM migrations WHERE "

@@ -1,13 +1,13 @@
 """One small connection wrapper over SQLite and PostgreSQL (psycopg 3).
 
 The store and the executor's journal write the same SQL for both databases: ``?`` placeholders
-(rewritten to ``%s`` for psycopg), ``INSERT ... ON CONFLICT``, ``RETURNING``. What differs (column
-types, the clock, row locks) is in ``Dialect``. Reads outside a transaction go through a small pool of
-reader connections, so a read never waits for a writer's transaction (SQLite in WAL mode and
-PostgreSQL both give a reader the last committed state). ``Database.tx()`` is one transaction:
-``BEGIN IMMEDIATE`` on SQLite (the writer lock at once, so a check and the write after it cannot be
-interleaved with another writer), a plain transaction on PostgreSQL where ``Dialect.lock_row``
-takes the row lock a check needs.
+(rewritten to ``%s`` for psycopg), ``INSERT ... ON CONFLICT``, ``RETURNING``. What differs
+(column types, the clock, row locks) is in ``Dialect``. Reads outside a transaction go through a
+small pool of reader connections, so a read never waits for a writer's transaction (SQLite in
+WAL mode and PostgreSQL both give a reader the last committed state). ``Database.tx()`` is one
+transaction: ``BEGIN IMMEDIATE`` on SQLite (the writer lock at once, so a check and the write
+after it cannot be interleaved with another writer), a plain transaction on PostgreSQL where
+``Dialect.lock_row`` takes the row lock a check needs.
 
 Schema changes are versioned: ``migrate(db, steps)`` applies each step whose number is above the
 one stored in ``schema_version`` (created on first use), each in its own transaction, and
