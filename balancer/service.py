@@ -219,14 +219,21 @@ def auto_time_limit(snapshot: ClusterSnapshot) -> float:
 WORK_PER_VM = 100  # model variables + constraints per VM in the cluster (see auto_work)
 
 
-WORK_CAP = 150_000  # the default effort stops growing here (about 10,000 VMs... and beyond)
+WORK_CAP = 100_000  # the default effort stops growing here (1,000 VMs and beyond)
+# From this many active hosts the engine pre-balances the whole fleet by pairs of hot and
+# cold hosts (``balancer.solver.pairs``, EngineOptions.pairs_min_hosts) and the search after it
+# only polishes: the default effort stops at FLEET_WORK_CAP.
+FLEET_HOSTS = 200
+FLEET_WORK_CAP = 50_000
 
 
 def auto_work(snapshot: ClusterSnapshot, effort: float = 1.0) -> int:
     """Default search effort in deterministic units (CP-SAT variables + constraints built over
-    all LNS steps): WORK_PER_VM per VM, at least 20,000 and at most WORK_CAP, times ``effort``.
+    all LNS steps): WORK_PER_VM per VM, at least 20,000 and at most WORK_CAP (FLEET_WORK_CAP
+    from FLEET_HOSTS active hosts), times ``effort``.
     On 64 hosts / 1,000 VMs that is about 300 LNS steps, 4 to 5 CPU seconds here."""
-    return int(effort * max(20_000, min(WORK_CAP, WORK_PER_VM * len(snapshot.vms))))
+    cap = FLEET_WORK_CAP if len(snapshot.active_hosts()) >= FLEET_HOSTS else WORK_CAP
+    return int(effort * max(20_000, min(cap, WORK_PER_VM * len(snapshot.vms))))
 
 
 def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,

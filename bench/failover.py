@@ -1,6 +1,7 @@
 """High-availability benchmark: real ``balancer serve`` daemons on one PostgreSQL store.
 
-    python3 bench/failover.py [--kills 20] [--rate 200] [--seconds 20] [--skip-kills]
+    python3 bench/failover.py [--kills 20] [--daemons 2] [--rate 200] [--seconds 20]
+                              [--seed 11] [--skip-kills]
 
 1. Reads on a follower (target p99 <= 50 ms at 200 req/s): two daemons on one PostgreSQL
    store (127.0.0.1:5432, a fresh database), a host evacuated by the leader so that history
@@ -63,7 +64,7 @@ def follower_reads(rate: float, seconds: float) -> list[tuple[str, str, str, boo
     return rows
 
 
-def kills(n: int, seed: int) -> list[tuple[str, str, str, bool | None]]:
+def kills(n: int, seed: int, daemons: int = 2) -> list[tuple[str, str, str, bool | None]]:
     rng = random.Random(seed)
     delays = [round(rng.uniform(0.3, 3.5), 2) for _ in range(n)]
     url = create_database()
@@ -77,7 +78,7 @@ def kills(n: int, seed: int) -> list[tuple[str, str, str, bool | None]]:
                       f"{inv}", file=sys.stderr, flush=True)
 
             t0 = time.monotonic()
-            times = kill_run(c, delays, daemons=2, report=report)
+            times = kill_run(c, delays, daemons=daemons, report=report)
             wall = time.monotonic() - t0
         finally:
             c.stop_all()
@@ -85,7 +86,8 @@ def kills(n: int, seed: int) -> list[tuple[str, str, str, bool | None]]:
     srt = sorted(times)
     last = checks[-1]
     return [
-        (f"kill -9 of the leader at {n} points (0.3-3.5 s into a wave, seed {seed})",
+        (f"kill -9 of the leader at {n} points (0.3-3.5 s into a wave, seed {seed}, "
+         f"{daemons} daemons)",
          f"failover min {srt[0]:.1f} s, median {statistics.median(srt):.1f} s, "
          f"max {srt[-1]:.1f} s ({wall:.0f} s in all)", "<= 15 s", srt[-1] <= 15.0),
         ("  after every kill: lost / started twice / stuck applying / VM not on one host",
@@ -100,11 +102,13 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--daemons", type=int, default=2,
+                    help="daemons sharing the store in the kill run (2 or more)")
     ap.add_argument("--skip-kills", action="store_true")
     args = ap.parse_args()
     rows = follower_reads(args.rate, args.seconds)
     if not args.skip_kills:
-        rows += kills(args.kills, args.seed)
+        rows += kills(args.kills, args.seed, args.daemons)
     w = max(len(r[0]) for r in rows)
     print(f"{'measure':<{w}}  {'result':<70}  target")
     for name, result, target, ok in rows:

@@ -43,7 +43,7 @@ from ortools.sat.python import cp_model
 from balancer.errors import InfeasibleError
 from balancer.model import Placement
 from balancer.model.problem import Problem, vm_placement
-from balancer.solver import cpsat, swap
+from balancer.solver import cpsat, pairs, swap
 from balancer.solver import price as price_mod
 from balancer.solver.greedy import State, greedy, initial_unit_hosts
 from balancer.solver.objective import Evaluator
@@ -95,6 +95,10 @@ class EngineOptions:
     group_dtime: float = 0.3  # deterministic-time limit of one group's model
     decompose_rounds: int = 3  # rounds, each with a different grouping
     threads: int = 2  # group models solved at once (CP-SAT releases the GIL while solving)
+    # fleet scale: hot and cold hosts paired, one move per pair per round (``pairs.py``),
+    # before the search, from this many balanced hosts (None: never)
+    pairs_min_hosts: int | None = 200
+    pair_rounds: int = 60
 
 
 @dataclass
@@ -706,7 +710,13 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
     options: list[tuple[int, int, np.ndarray]] = []
     if not mandatory_violations(problem, ev, start):
         options.append((start_obj, 0, start))
-    g = greedy(problem, ev, max_cells=opts.greedy_cells, should_stop=s.interrupted)
+    has_budget = problem.max_migrations is not None or problem.max_moved_mem is not None
+    fleet = (opts.pairs_min_hosts is not None and not has_budget
+             and len(problem.balanced) >= opts.pairs_min_hosts)
+    # at fleet scale without a budget the pairs pass (below) replaces the greedy hint: the
+    # greedy baseline then makes only the forced moves
+    g = greedy(problem, ev, max_cells=0 if fleet else opts.greedy_cells,
+               should_stop=s.interrupted)
     g_obj: int | None = None
     if not mandatory_violations(problem, ev, g):
         g_obj = ev.objective(g)
@@ -736,8 +746,8 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
     improvements = 0
 
     # 2. whole model when small
-    pairs = sum(len(problem.units[u].candidates) for u in s.movable)
-    if s.movable and pairs <= opts.full_model_pairs and not s.exhausted():
+    n_pairs = sum(len(problem.units[u].candidates) for u in s.movable)
+    if s.movable and n_pairs <= opts.full_model_pairs and not s.exhausted():
         st, solver, sub = s.full(inc, opts.full_dtime if opts.max_dtime is None
                                  else min(opts.full_dtime, opts.max_dtime / 2))
         s.iterations += 1
@@ -755,8 +765,15 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
                 bound = inc_obj
 
     # 3. large neighbourhood search
+    if status is not Status.OPTIMAL and s.movable and fleet and not s.exhausted():
+        # fleet scale: the whole fleet pre-balanced by pairs of hot and cold hosts
+        paired, n = pairs.pair_rounds(problem, ev, inc, opts.pair_rounds)
+        p_obj = ev.objective(paired)
+        stats["pair_moves"] = n
+        if p_obj < inc_obj and not mandatory_violations(problem, ev, paired):
+            inc, inc_obj = paired, p_obj
+            improvements += 1
     if status is not Status.OPTIMAL and s.movable:
-        has_budget = problem.max_migrations is not None or problem.max_moved_mem is not None
         if has_budget and not problem.only_mandatory and opts.price is not None:
             inc, inc_obj, n = _budget_by_price(s, problem, opts, inc, inc_obj, g, g_obj, stats)
             improvements += n
@@ -791,7 +808,7 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
         iterations=s.iterations,
         improvements=improvements,
         start_objective=start_obj,
-        greedy_objective=g_obj,
+        greedy_objective=None if fleet else g_obj,
         stats=stats,
     )
 
