@@ -92,6 +92,7 @@ class Controller:
         self.last_cycle: CycleReport | None = None
         # /v1/cluster's JSON, kept while the view, the last cycle and the config are the same
         self._cluster_json: tuple[tuple[Any, ...], bytes] | None = None
+        self._cluster_json_lock = threading.Lock()  # one build at a time; the others wait
         self.stopping = threading.Event()
         self.ready = threading.Event()
         self._pending_gauge()
@@ -303,6 +304,13 @@ class Controller:
                                 note="; ".join(report.notes)[:2000] or None)
         self.last_cycle = report
         self.ready.set()
+        if self._cluster_json is not None:
+            # /v1/cluster is read (a console, a tool): build its new state now, on the cycle's
+            # thread, rather than in the first request after the cycle
+            try:
+                self.cluster_state_json()
+            except (BalancerError, ValueError) as exc:
+                log.debug("cluster state not prepared after cycle %d: %s", report.cycle, exc)
         return report
 
     # -- execution -------------------------------------------------------------------------
@@ -519,15 +527,16 @@ class Controller:
 
     def cluster_state_json(self) -> bytes:
         """``cluster_state()`` as JSON, computed once per (view, last cycle, config)."""
-        view = self.current_view()
-        hit = self._cached_cluster_json(view)
-        if hit is not None:
-            return hit
-        key = (view, self.last_cycle, self.cfg)
-        body = json.dumps(self.cluster_state(view), separators=(",", ":"),
-                          allow_nan=False).encode()
-        self._cluster_json = (key, body)
-        return body
+        with self._cluster_json_lock:
+            view = self.current_view()
+            hit = self._cached_cluster_json(view)
+            if hit is not None:
+                return hit
+            key = (view, self.last_cycle, self.cfg)
+            body = json.dumps(self.cluster_state(view), separators=(",", ":"),
+                              allow_nan=False).encode()
+            self._cluster_json = (key, body)
+            return body
 
     def cluster_state(self, view: ClusterView | None = None) -> dict[str, Any]:
         if view is None:

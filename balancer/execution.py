@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -162,7 +163,12 @@ class PlanExecutor:
                     vm=m.vm, source=m.source, target=m.target, mem_mb=m.mem_mb,
                     trigger=trigger, rec_id=rec_ids.get(m.vm))
             caps = {h.name: float(h.mem_capacity) for h in snapshot.hosts}
-            plan_id = plan_fingerprint(waves)
+            # Each execution is a run of its own. The fingerprint alone would make the same
+            # moves, proposed again after an earlier run of them ended (cancelled by a
+            # shutdown, or failed over from a killed leader), resolve to that finished run and
+            # do nothing, cycle after cycle. What an interrupted run left in flight is settled
+            # by recovery (and by the runner's start-up), not by re-using its id.
+            plan_id = f"{plan_fingerprint(waves)}-{uuid.uuid4().hex[:12]}"
             done: set[int] = set()
 
             def on_event(kind: str, e: Entry, progress: Any) -> None:
@@ -191,7 +197,7 @@ class PlanExecutor:
             self._runner = Runner(self.backend, self.journal, self.exec_cfg, caps,
                                   on_event=on_event, gate=self.gate)
             try:
-                summary = self._runner.run(waves, json.dumps(waves.to_dict()))
+                summary = self._runner.run(waves, json.dumps(waves.to_dict()), plan_id=plan_id)
             except BackendError as exc:
                 for mid, row in rows.items():
                     m = waves.migrations[mid] if mid < len(waves.migrations) else None

@@ -108,3 +108,49 @@ def test_a_second_daemon_on_the_same_state_is_refused(tmp_path: Path) -> None:
         first.wait(timeout=60)
         if first.stderr is not None:
             first.stderr.close()
+
+
+def test_an_evacuation_that_failed_runs_again_when_proposed_again(tmp_path: Path) -> None:
+    """The same moves proposed after an earlier run of them ended (failed here; cancelled by a
+    shutdown or a killed leader in real life) are carried out: a finished run of an identical
+    plan must not stand in for a new one (it did, and a host never drained after a failover)."""
+    from prometheus_client import CollectorRegistry
+
+    from balancer.config import parse_config
+    from balancer.serve_cli import build
+
+    def daemon(failure_rate: float) -> Any:
+        cfg = parse_config({
+            "server": {"api_token": TOKEN},
+            "loop": {"imbalance_cycles": 1, "cooldown_s": 0},
+            "cluster": {"automation": "fully", "time_limit_s": 2.0, "seed": 1},
+            "ingest": {"source": "push", "window_s": 300, "stale_after_s": 120},
+            "store": {"path": str(tmp_path / "state.db")},
+            "executor": {"settings": {
+                "journal": {"path": str(tmp_path / "journal.sqlite")},
+                "simulated": {"faults": {"failure_rate": failure_rate}}}},
+        })
+        controller, _, _ = build(cfg, registry=CollectorRegistry())
+        return controller
+
+    doc = scenario_doc("hot-cold")
+    host = doc["hosts"][0]["name"]
+    on_host = sorted(v["name"] for v in doc["vms"] if v["host"] == host)
+    assert on_host
+
+    first = daemon(failure_rate=1.0)
+    first.set_inventory(doc)
+    feed(first, doc)
+    out = first.maintenance(host, True)
+    assert out["executed"] and all(m["state"] == "failed" for m in out["executed"])
+    first.close()
+
+    second = daemon(failure_rate=0.0)
+    try:
+        feed(second, doc)
+        out = second.maintenance(host, True)
+        assert out["executed"] and all(m["state"] == "completed" for m in out["executed"])
+        where = {v.name: v.host for v in second.inventory.vms}
+        assert not [vm for vm in on_host if where[vm] == host], where
+    finally:
+        second.close()

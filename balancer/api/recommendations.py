@@ -25,9 +25,11 @@ async def list_recommendations(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Any:
     """Recommendations, each with its reason and expected gain (pending by default)."""
-    if state == "pending" and len(controller.store.recommendations("pending")) <= limit:
+    if state == "pending":
         # The hot path: the cached JSON of the pending set (same shape as the model).
-        return Response(controller.store.pending_json(), media_type="application/json")
+        body = controller.store.pending_page(limit)
+        if body is not None:
+            return Response(body, media_type="application/json")
     return controller.store.recommendations(None if state == "all" else state, limit)
 
 

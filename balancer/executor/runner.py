@@ -316,9 +316,12 @@ class Runner:
                                             f"{loc or 'no host'}, neither source nor target")
 
     # -- the run ---------------------------------------------------------------------------
-    def run(self, waves: Waves, plan_doc: str = "", *, dry_run: bool = False) -> RunSummary:
+    def run(self, waves: Waves, plan_doc: str = "", *, dry_run: bool = False,
+            plan_id: str | None = None) -> RunSummary:
+        """Run ``waves`` under ``plan_id`` (default: the plan's fingerprint, so running the
+        same plan again resumes it, and what it already did is not done twice)."""
         t_wall = time.monotonic()
-        plan_id = plan_fingerprint(waves)
+        plan_id = plan_fingerprint(waves) if plan_id is None else plan_id
         self._plan_id = plan_id
         entries = self.journal.open_plan(plan_id, entries_for(waves, plan_id), plan_doc)
         t_clock = self.backend.now()

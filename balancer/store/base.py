@@ -272,6 +272,12 @@ class Store:
         process sharing the store)."""
         return self._pending_cached()[1]
 
+    def pending_page(self, limit: int) -> bytes | None:
+        """``pending_json()`` if there are at most ``limit`` pending recommendations, else
+        None (one version check either way)."""
+        rows, body = self._pending_cached()
+        return body if len(rows) <= limit else None
+
     def recommendation(self, rec_id: int) -> dict[str, Any] | None:
         rows = self.db.dicts(f"SELECT {_REC_COLS} FROM recommendations WHERE id = ?", (rec_id,))
         return rows[0] if rows else None
