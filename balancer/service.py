@@ -288,6 +288,8 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
             "max_work": max_work,
             "converged": bool(result.stats.get("converged", False)),
             "greedy_kept": bool(result.stats.get("greedy_kept", False)),
+            "bound_kind": result.stats.get("bound_kind", "solver" if result.status is
+                                           Status.OPTIMAL else "forced moves"),
         }
     # Final pass: a balancing move stays only if its own gain is positive.
     unit_hosts, undone, room = drop_unpaid(problem, ev, np.asarray(unit_hosts, dtype=np.int64))
@@ -297,6 +299,9 @@ def plan(snapshot: ClusterSnapshot, options: PlanOptions | None = None,
             solver_info["status"] = "FEASIBLE"  # optimal for the model, pruned for people
         if solver_info.get("bound") is not None:
             solver_info["bound"] = min(solver_info["bound"], solver_info["objective"])
+    if solver_info.get("bound") is not None:
+        obj = solver_info["objective"]
+        solver_info["gap"] = 0.0 if obj <= 0 else round((obj - solver_info["bound"]) / obj, 6)
     solver_info["moves_undone"] = undone
     placement = vm_placement(problem, [int(h) for h in unit_hosts])
     solver_info["seconds"] = round(time.monotonic() - t0, 3)

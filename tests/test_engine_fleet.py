@@ -103,3 +103,23 @@ def test_count_budget_by_price_not_worse_than_greedy_on_both_generators() -> Non
             c = plan(snap, det(threshold=5, max_migrations=k, max_iterations=60))
             assert len(c.moves) <= k
             assert c.after.imbalance <= g.after.imbalance + 1e-9, (gen.__name__, k)
+
+
+def test_fluid_bound_is_below_the_proven_optimum_and_in_the_solver_block() -> None:
+    from balancer.solver.bound import fluid_bound
+
+    for gen, seed, kw in ((generate, 3, {}), (generate, 4, {"max_migrations": 3}),
+                          (generate_skewed, 5, {})):
+        snap = parse_snapshot(gen(6, 40, seed))
+        opts, problem, ev = _problem(snap, **kw)
+        r = solve(problem, EngineOptions(time_limit=120, full_dtime=60.0, price=100.0), ev)
+        b = fluid_bound(problem, ev)
+        assert b is not None and b > 0
+        assert b <= r.objective
+        if r.status.value == "OPTIMAL":
+            assert b <= r.bound == r.objective
+    snap = parse_snapshot(generate(24, 360, 8, rules=True))
+    out = plan(snap, det(threshold=5))
+    s = out.solver
+    assert s["bound_kind"] == "fluid" and 0 < s["bound"] <= s["objective"]
+    assert 0 <= s["gap"] < 1

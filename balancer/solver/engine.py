@@ -24,8 +24,8 @@ Requirements
     A ``Problem`` from ``policies.build_problem``.
 Limitations
     Beyond the whole-model case the answer is not proven optimal; the bound reported then is
-    the trivial one (mandatory move costs). Deterministic for a given seed when stopped by
-    ``max_iterations`` or ``max_dtime`` rather than wall time.
+    the fluid relaxation's (``bound.py``), weak where single VMs are large. Deterministic for
+    a given seed when stopped by ``max_iterations`` or ``max_dtime`` rather than wall time.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ortools.sat.python import cp_model
 from balancer.errors import InfeasibleError
 from balancer.model import Placement
 from balancer.model.problem import Problem, vm_placement
+from balancer.solver import bound as bound_mod
 from balancer.solver import cpsat, pairs, swap
 from balancer.solver import price as price_mod
 from balancer.solver.greedy import State, greedy, initial_unit_hosts
@@ -99,6 +100,7 @@ class EngineOptions:
     # before the search, from this many balanced hosts (None: never)
     pairs_min_hosts: int | None = 200
     pair_rounds: int = 60
+    fluid_bound: bool = True  # report the fluid relaxation's bound (an LP, ``bound.py``)
 
 
 @dataclass
@@ -785,6 +787,14 @@ def _solve(s: _Search, problem: Problem, opts: EngineOptions) -> SolveResult:
             inc, inc_obj, n = s.lns(inc, inc_obj, until=1.0)
             improvements += n
 
+    # 4. an honest bound: the fluid relaxation (balancer.solver.bound)
+    if (status is not Status.OPTIMAL and opts.fluid_bound and not fleet
+            and not s.interrupted()):  # at fleet scale the LP costs more than the search
+        fluid = bound_mod.fluid_bound(problem, ev)
+        if fluid is not None:
+            bound = max(bound, fluid)
+            stats["bound_kind"] = "fluid"
+
     seconds = time.monotonic() - s.t0
     stats["dtime"] = round(s.dtime, 3)
     stats["work"] = s.work
@@ -863,8 +873,10 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
             point = swap.improve(replace(problem, max_moved_mem=moved), ev, inc,
                                  rounds=opts.frontier_swap_rounds)
             obj = evp.objective(point)
-            points.append(CurvePoint(price, point, obj, min(obj, lower_bound(
-                problem, evp, point))))
+            low = lower_bound(problem, evp, point)
+            if opts.fluid_bound and not s.interrupted():
+                low = max(low, bound_mod.fluid_bound(problem, evp) or 0)
+            points.append(CurvePoint(price, point, obj, min(obj, low)))
         stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
         return points, stopped_by
     finally:
