@@ -370,7 +370,7 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     warm-starts each point from the one before; sorted by memory moved.
 
     ``options`` gives the constraints (capacity, budgets are ignored: the curve is what a
-    budget would pick from), the seed and the effort (twice a plan's, shared between the
+    budget would pick from), the seed and the effort (three times a plan's, shared between the
     points); its threshold is not used (each point has its own price).
     """
     if points < 1:
@@ -383,7 +383,7 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     time_limit = opts.time_limit or 2 * auto_time_limit(snapshot)
     max_work = opts.max_work
     if max_work is None and opts.max_iterations is None and opts.max_dtime is None:
-        max_work = 2 * auto_work(snapshot, opts.effort)
+        max_work = 3 * auto_work(snapshot, opts.effort)
     prices = frontier_prices(points, FRONTIER_HIGH, FRONTIER_LOW)
     pts, stopped_by = curve(problem, prices, EngineOptions(
         time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
