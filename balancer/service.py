@@ -216,7 +216,7 @@ def auto_time_limit(snapshot: ClusterSnapshot) -> float:
     return float(min(120.0, max(10.0, 6.0 * len(snapshot.vms) / 1000)))
 
 
-WORK_PER_VM = 100  # model variables + constraints per VM in the cluster (see auto_work)
+WORK_PER_VM = 70  # model variables + constraints per VM in the cluster (see auto_work)
 
 
 WORK_CAP = 100_000  # the default effort stops growing here (1,000 VMs and beyond)
@@ -231,7 +231,7 @@ def auto_work(snapshot: ClusterSnapshot, effort: float = 1.0) -> int:
     """Default search effort in deterministic units (CP-SAT variables + constraints built over
     all LNS steps): WORK_PER_VM per VM, at least 20,000 and at most WORK_CAP (FLEET_WORK_CAP
     from FLEET_HOSTS active hosts), times ``effort``.
-    On 64 hosts / 1,000 VMs that is about 300 LNS steps, 4 to 5 CPU seconds here."""
+    On 64 hosts / 1,000 VMs that is about 220 LNS steps, 3 to 4 CPU seconds here."""
     cap = FLEET_WORK_CAP if len(snapshot.active_hosts()) >= FLEET_HOSTS else WORK_CAP
     return int(effort * max(20_000, min(cap, WORK_PER_VM * len(snapshot.vms))))
 
@@ -370,7 +370,7 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     warm-starts each point from the one before; sorted by memory moved.
 
     ``options`` gives the constraints (capacity, budgets are ignored: the curve is what a
-    budget would pick from), the seed and the effort (twice a plan's, shared between the
+    budget would pick from), the seed and the effort (three times a plan's, shared between the
     points); its threshold is not used (each point has its own price).
     """
     if points < 1:
@@ -383,7 +383,7 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     time_limit = opts.time_limit or 2 * auto_time_limit(snapshot)
     max_work = opts.max_work
     if max_work is None and opts.max_iterations is None and opts.max_dtime is None:
-        max_work = 2 * auto_work(snapshot, opts.effort)
+        max_work = 3 * auto_work(snapshot, opts.effort)
     prices = frontier_prices(points, FRONTIER_HIGH, FRONTIER_LOW)
     pts, stopped_by = curve(problem, prices, EngineOptions(
         time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,

@@ -65,7 +65,8 @@ class PowerArgs:
     var_of: str = "level"  # the VM variance: of its level (ewm), or of its step-to-step change
     prior_std: float = 0.0  # prior std of a VM's demand, share of its size (with z)
     prior_steps: float = 12.0  # weight of the prior, in steps of history
-    choose_from: int = 0  # cpsat: the model picks the hosts to empty among this many (0: max_switch)
+    # cpsat: the model picks the hosts to empty among this many (0: max_switch)
+    choose_from: int = 0
     level_moves: int = 0  # moves per cycle that level the hosts' forecast load (with margin)
     level_band: float = 0.05  # level only hosts more than this above the mean utilisation
     q: float = 0.95  # quantile
