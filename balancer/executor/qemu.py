@@ -476,7 +476,8 @@ class QemuBackend:
                 return
             if state == "incoming-done":
                 with f.lock, contextlib.suppress(BackendError):
-                    if self._status(f.dst, vm) == "incoming-done":
+                    # not once the backend is closed (close() waits for this lock)
+                    if not f.stop.is_set() and self._status(f.dst, vm) == "incoming-done":
                         self._hand_over(f.src, f.dst, vm)
                 return
             f.stop.wait(0.03)
@@ -621,9 +622,15 @@ class QemuBackend:
         time.sleep(max(0.0, seconds))
 
     def close(self) -> None:
-        """Forget in-flight handles (QEMU migrations go on; ``inventory`` reconciles later)."""
-        for f in self._flights.values():
+        """Forget in-flight handles (QEMU migrations go on; ``inventory`` reconciles later).
+
+        Once it returns, no switch-over watcher acts: a hand-over in progress is waited for."""
+        flights = list(self._flights.values())
+        for f in flights:
             f.stop.set()
+        for f in flights:
+            with f.lock:
+                pass
         self._flights.clear()
 
     # ------------------------------------------------------------------ crash recovery
