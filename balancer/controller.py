@@ -35,7 +35,7 @@ from balancer.executor.base import Backend, BackendError
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.inventory import Inventory
 from balancer.leadership import Leadership
-from balancer.model import VM, ClusterSnapshot, HostState, MoveKind, util_stats
+from balancer.model import VM, ClusterSnapshot, HostState, MoveKind, host_loads, util_stats
 from balancer.recommendations import Recommendation, Recommendations, RecState
 from balancer.service import plan
 from balancer.service_errors import Conflict, NotFound, NotLeader, Unavailable
@@ -542,15 +542,11 @@ class Controller:
         if view is None:
             view = self.current_view()
         snap, fr = view.snapshot, view.freshness
-        stats = util_stats(snap, snap.placement())
-        n = len(snap.hosts)
-        cpu = [0] * n
-        mem = [0] * n
-        count = [0] * n
-        for v in snap.vms:
-            h = snap.host_index[v.host]
-            cpu[h] += v.cpu_demand
-            mem[h] += v.mem_demand
+        placement = snap.placement()
+        stats = util_stats(snap, placement)
+        cpu, mem = host_loads(snap, placement)
+        count = [0] * len(snap.hosts)
+        for h in placement:
             count[h] += 1
         stale_h = set(fr.stale_hosts)
         stale_v = set(fr.stale_vms)
