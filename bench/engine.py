@@ -11,6 +11,10 @@ sizes, popularity-skewed load). The engine was tuned on seeds 101-103; report on
     python3 bench/engine.py --scale                         # 500/10,000 and 5,000/30,000
     python3 bench/engine.py --plot docs/engine-frontier.png # the frontier plot of one cluster
 
+Beside the targets it prints the certified floor of the imbalance (``balancer/solver/floor.py``:
+no plan of any size can go below it) as a multiple of each baseline: a target "<= limit x
+baseline" cannot be met on a cluster where the floor is already above it.
+
 The Watcher-like baseline follows OpenStack Watcher's workload_stabilization strategy as we
 re-implement it (``watcher_audits``): one audit takes the most loaded host (mean of CPU and
 memory utilisation), simulates moving each of its VMs to every other host that can take it,
@@ -33,6 +37,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from balancer.service import PlanOptions  # noqa: E402
+from balancer.snapshot import parse_snapshot  # noqa: E402
+from balancer.solver.floor import imbalance_floor  # noqa: E402
+from policies import build_problem  # noqa: E402
 from simulator.generate import generate, generate_skewed  # noqa: E402
 
 GENERATORS = {"generate": generate, "skewed": generate_skewed}
@@ -129,6 +137,14 @@ def at_memory(frontier: list[dict], gb: float) -> dict | None:
     return min(ok, key=lambda p: p["imbalance"]) if ok else None
 
 
+# rows that are not targets: no plan can go below the certified floor, so a target of
+# "<= limit x baseline" is reachable only where floor / baseline <= limit
+FLOORS = [  # key, label, limit the floor must stay under for the target to be reachable
+    ("floor_x", "certified floor of any plan, x greedy (no budget target reachable?)", 0.1),
+    ("floor_watcher_x", "certified floor of any plan, x Watcher-like (any memory)", 0.35),
+]
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -162,6 +178,14 @@ def targets(gen_name: str, seed: int, tmp: Path, points: int) -> dict[str, float
     r["frontier_at_watcher_x"] = (pw["imbalance"] / w_imb) if pw else float("inf")
     pg = at_memory(f["frontier"], gb)
     r["frontier_at_greedy_x"] = (pg["imbalance"] / imb(g)) if pg else float("inf")
+    # the certified floor of any plan (balancer/solver/floor.py), in-process
+    t0 = time.process_time()
+    fl = imbalance_floor(build_problem(parse_snapshot(doc), policies=PlanOptions(
+        threshold=5).policies()))
+    r["floor"], r["floor_cpu"] = fl.imbalance, time.process_time() - t0
+    r["floor_x"] = fl.imbalance / imb(g)
+    r["floor_watcher_x"] = fl.imbalance / w_imb
+    r["free_over_floor"] = imb(c) / fl.imbalance if fl.imbalance > 0 else float("inf")
     print(f"  {gen_name} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()),
           file=sys.stderr, flush=True)
     return r
@@ -239,6 +263,12 @@ def main() -> int:
                 print(f"| {label} | <= {limit:g} | "
                       + " | ".join(spread(vals[g]) for g in args.generators)
                       + f" | {'yes' if met else 'NO'} |")
+            for key, label, limit in FLOORS:
+                vals = {g: [r[key] for r in rs] for g, rs in results.items()}
+                ok = all(v <= limit + 1e-9 for vs in vals.values() for v in vs)
+                print(f"| {label} | <= {limit:g} | "
+                      + " | ".join(spread(vals[g]) for g in args.generators)
+                      + f" | {'reachable' if ok else 'NOT REACHABLE on some seeds'} |")
     return 0
 
 
