@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from balancer.service import PlanOptions  # noqa: E402
 from balancer.snapshot import parse_snapshot  # noqa: E402
-from balancer.solver.floor import imbalance_floor  # noqa: E402
+from balancer.solver.floor import budget_floor, imbalance_floor  # noqa: E402
 from policies import build_problem  # noqa: E402
 from simulator.generate import generate, generate_skewed  # noqa: E402
 
@@ -141,7 +141,8 @@ def at_memory(frontier: list[dict], gb: float) -> dict | None:
 # "<= limit x baseline" is reachable only where floor / baseline <= limit
 FLOORS = [  # key, label, limit the floor must stay under for the target to be reachable
     ("floor_x", "certified floor of any plan, x greedy (no budget target reachable?)", 0.1),
-    ("floor_watcher_x", "certified floor of any plan, x Watcher-like (any memory)", 0.35),
+    ("floor_k25_x", "certified floor of 25-move plans, x greedy's (K = 25 reachable?)", 0.95),
+    ("floor_watcher_x", "certified floor at Watcher-like memory, x Watcher-like", 0.35),
 ]
 
 
@@ -170,6 +171,7 @@ def targets(gen_name: str, seed: int, tmp: Path, points: int) -> dict[str, float
         gk = run_plan(path, *th, "--solver", "greedy", "--max-migrations", str(k))
         ck = run_plan(path, *th, "--max-migrations", str(k))
         r[f"k{k}_x"] = imb(ck) / imb(gk)
+        r[f"g{k}"] = imb(gk)
     f = run_plan(path, "--frontier", "--points", str(points))
     r["frontier_wall"], r["frontier_cpu"] = f["wall"], f["cpu"]
     w_imb, w_gb, w_moves = watcher_audits(doc)
@@ -180,11 +182,16 @@ def targets(gen_name: str, seed: int, tmp: Path, points: int) -> dict[str, float
     r["frontier_at_greedy_x"] = (pg["imbalance"] / imb(g)) if pg else float("inf")
     # the certified floor of any plan (balancer/solver/floor.py), in-process
     t0 = time.process_time()
-    fl = imbalance_floor(build_problem(parse_snapshot(doc), policies=PlanOptions(
-        threshold=5).policies()))
+    problem = build_problem(parse_snapshot(doc), policies=PlanOptions(threshold=5).policies())
+    fl = imbalance_floor(problem)
     r["floor"], r["floor_cpu"] = fl.imbalance, time.process_time() - t0
     r["floor_x"] = fl.imbalance / imb(g)
-    r["floor_watcher_x"] = fl.imbalance / w_imb
+    # with a budget: the fluid LP within it (budget_floor), or the whole-VM floor, per
+    # dimension whichever is higher (both are valid)
+    fw = budget_floor(problem, max_moved_mem=int(w_gb * 1024))
+    r["floor_watcher_x"] = (max(fw.cpu_std, fl.cpu_std) + max(fw.mem_std, fl.mem_std)) / w_imb
+    f25 = budget_floor(problem, max_migrations=25)
+    r["floor_k25_x"] = (max(f25.cpu_std, fl.cpu_std) + max(f25.mem_std, fl.mem_std)) / r["g25"]
     r["free_over_floor"] = imb(c) / fl.imbalance if fl.imbalance > 0 else float("inf")
     print(f"  {gen_name} seed {seed}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()),
           file=sys.stderr, flush=True)

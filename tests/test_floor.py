@@ -7,9 +7,9 @@ import numpy as np
 
 from balancer.service import PlanOptions
 from balancer.snapshot import parse_snapshot
-from balancer.solver.floor import _dual_max, imbalance_floor
+from balancer.solver.floor import _dual_max, budget_floor, imbalance_floor
 from policies import build_problem
-from simulator.generate import generate_skewed
+from simulator.generate import generate, generate_skewed
 
 from conftest import checked_plan, det, doc, host, vm
 
@@ -68,3 +68,26 @@ def test_dual_matches_the_primal_on_small_instances() -> None:
         primal = float((w * (u - c) ** 2).sum(1).min())
         assert dual <= primal + 1e-9
         assert primal - dual <= 1e-3 * primal + 1e-5  # the grid in c is 1e-3 wide
+
+
+def test_budget_floor_is_the_start_with_no_moves_allowed() -> None:
+    s = parse_snapshot(generate_skewed(16, 160, 3))
+    f = budget_floor(build_problem(s, policies=PlanOptions(threshold=5).policies()),
+                     max_migrations=0)
+    before = checked_plan(s, det(threshold=5)).before
+    assert before.cpu_std * (1 - 1e-3) <= f.cpu_std <= before.cpu_std + 1e-12
+    assert before.mem_std * (1 - 1e-3) <= f.mem_std <= before.mem_std + 1e-12
+
+
+def test_budget_floor_never_above_budgeted_plans() -> None:
+    for gen in (generate, generate_skewed):
+        s = parse_snapshot(gen(24, 300, 11, rules=True))
+        problem = build_problem(s, policies=PlanOptions(threshold=5).policies())
+        for kw, budget in (({"max_migrations": 6}, {"max_migrations": 6}),
+                           ({"max_moved_mem_gb": 64.0}, {"max_moved_mem": 64 * 1024})):
+            f = budget_floor(problem, **budget)
+            for solver in ("cpsat", "greedy"):
+                r = checked_plan(s, det(threshold=5, solver=solver, **kw))
+                assert f.cpu_std <= r.after.cpu_std + 1e-12
+                assert f.mem_std <= r.after.mem_std + 1e-12
+            assert f.imbalance > 0  # six moves cannot balance 24 skewed hosts

@@ -87,6 +87,10 @@ class EngineOptions:
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
     swap_starts: int = 3  # plans within a budget improved by the budgeted local search
     swap_rounds: int = 400  # its rounds (each applies one add, re-target, undo or swap)
+    # then the best plan within the budget goes through an iterated local search: this many
+    # kicks, each undoing ``kick_size`` moves drawn at random (seeded) before the local search
+    kicks: int = 12
+    kick_size: int = 8
     frontier_swap_rounds: int = 60  # the same, per frontier point
     # decomposition (large clusters): disjoint host groups solved side by side
     # balanced hosts from which the decomposition runs; None: never (the default: measured
@@ -562,7 +566,10 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
        binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
        effort left), each over-budget plan trimmed to the budget.
     c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
-       incumbent) go through the budgeted local search on the judged imbalance.
+       incumbent) go through the budgeted local search on the judged imbalance, and so does
+       the current placement (the local search then chooses every move itself).
+    d. The best of them goes through an iterated local search (``kicks`` random kicks of
+       ``kick_size`` undone moves, seeded).
     The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
     std); the greedy answer stays a fallback (``greedy_kept``)."""
     ev = s.ev
@@ -603,8 +610,21 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
         improved = swap.improve(problem, ev, c.unit_hosts, rounds=opts.swap_rounds)
         price = c.price if math.isfinite(c.price) else opts.price
         cands.append(measure(problem, ev, price, improved))
+    # the local search from the current placement too (no move yet: it picks the budget's
+    # moves on the judged imbalance alone), when that placement keeps every hard constraint
+    here = initial_unit_hosts(problem)
+    if not mandatory_violations(problem, ev, here):
+        cands.append(measure(problem, ev, opts.price, swap.improve(
+            problem, ev, here, rounds=opts.swap_rounds)))
+    # d. iterated local search from the best plan within the budget
     best = best_within(cands)
     assert best is not None  # the incumbent fits
+    if opts.kicks > 0 and not s.interrupted():
+        kicked = swap.kick_improve(problem, ev, best.unit_hosts, opts.kicks, opts.kick_size,
+                                   opts.seed, rounds=opts.swap_rounds)
+        cands.append(measure(problem, ev, best.price, kicked))
+        best = best_within(cands)
+        assert best is not None
     stats["price_points"] = len(cands)
     stats["price"] = best.price if math.isfinite(best.price) else None
     stats["greedy_kept"] = bool(np.array_equal(best.unit_hosts, g))

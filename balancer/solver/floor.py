@@ -230,3 +230,118 @@ def _dual_max(w: np.ndarray, k: np.ndarray, low: np.ndarray, t: float,
         x1, x2, f1, f2 = x1n, x2n, f1n, f2n
         best = np.maximum(best, np.maximum(f1, f2))
     return best
+
+
+def budget_floor(problem: Problem, ev: Evaluator | None = None,
+                 max_migrations: int | None = None, max_moved_mem: int | None = None,
+                 rounds: int = 30) -> Floor:
+    """A certified floor of ``cpu std + mem std`` for plans within a budget (at most
+    ``max_migrations`` VMs moved, at most ``max_moved_mem`` MiB): the fluid relaxation of
+    ``bound.py`` on the judged measure, an LP per dimension.
+
+    A unit may leave its start host in part (``s_u`` in [0, 1], counted in the budgets as
+    ``s_u`` x its members and x its memory; units whose start host is not a candidate leave
+    whole); what leaves is poured in any shares onto the active hosts; pinned units stay.
+    Minimised: ``sum_h (u_h - c)^2`` over the shares, the pouring and ``c``, with the square
+    replaced by tangent lines added by cutting planes (each at the LP point, per host, up to
+    ``rounds`` rounds; any set of tangents under-estimates the square, so every round's
+    optimum is a valid bound). GLOP solves it; the result is rounded down by a relative 1e-5.
+    Every plan within the budget is a point of this LP, so ``sqrt(optimum / n)`` is a floor
+    of its standard deviation in that dimension. Whole VMs are not kept whole here: with a
+    budget the shares, not the VM sizes, are what binds."""
+    from ortools.linear_solver import pywraplp
+
+    ev = ev or Evaluator(problem)
+    snap = problem.snapshot
+    active = np.array([h.active for h in snap.hosts], dtype=bool)
+    n = int(active.sum())
+    if n == 0:
+        return Floor(0.0, 0.0, 0)
+    n_members = np.bincount(ev.vm_unit, minlength=len(problem.units))
+    out = []
+    for dem, cap in ((ev.u_cpu.astype(float), ev.cpu_cap.astype(float)),
+                     (ev.u_memd.astype(float), ev.mem_cap.astype(float))):
+        solver = pywraplp.Solver.CreateSolver("GLOP")
+        if solver is None:  # pragma: no cover - GLOP ships with OR-Tools
+            out.append(0.0)
+            continue
+        inf = solver.infinity()
+        base = np.zeros(len(active))
+        pool_const = 0.0
+        used_k = used_g = 0.0
+        s_vars: list[tuple[int, int, object]] = []
+        for u, unit in enumerate(problem.units):
+            home = int(ev.unit_home[u])
+            if unit.pinned:
+                base[unit.candidates[0]] += dem[u]
+                continue
+            if home < 0:  # members started apart: poured whole, at the least budget
+                pool_const += dem[u]
+                used_k += min(sum(1 for v in unit.members if ev.start[v] != h)
+                               for h in unit.candidates)
+                used_g += min(sum(int(ev.vm_mem[v]) for v in unit.members if ev.start[v] != h)
+                              for h in unit.candidates)
+                continue
+            base[home] += dem[u]
+            must = not ev.cand_mask[u, home] or not active[home]
+            s_vars.append((u, home, solver.NumVar(1.0 if must else 0.0, 1.0, f"s{u}")))
+        pool = solver.Constraint(pool_const, pool_const)
+        c = solver.NumVar(-inf, inf, "c")
+        e_rows = {}
+        e_vars = {}
+        y_vars = {}
+        obj = solver.Objective()
+        obj.SetMinimization()
+        for h in np.nonzero(active)[0].tolist():
+            f = solver.NumVar(0.0, inf, f"f{h}")
+            pool.SetCoefficient(f, 1.0)  # poured = what leaves (+ units poured whole)
+            e = solver.NumVar(-inf, inf, f"e{h}")
+            # e = (base - out + f) / cap - c, written e - f / cap + c + out / cap = base / cap
+            row = solver.Constraint(base[h] / cap[h], base[h] / cap[h])
+            row.SetCoefficient(e, 1.0)
+            row.SetCoefficient(f, -1.0 / cap[h])
+            row.SetCoefficient(c, 1.0)
+            e_rows[h], e_vars[h] = row, e
+            y_vars[h] = solver.NumVar(0.0, inf, f"y{h}")
+            obj.SetCoefficient(y_vars[h], 1.0)
+        for u, home, s in s_vars:
+            pool.SetCoefficient(s, -dem[u])
+            if home in e_rows:
+                e_rows[home].SetCoefficient(s, dem[u] / cap[home])
+        if max_migrations is not None:
+            row = solver.Constraint(-inf, float(max_migrations) - used_k)
+            for u, _h, s in s_vars:
+                row.SetCoefficient(s, float(n_members[u]))
+        if max_moved_mem is not None:
+            row = solver.Constraint(-inf, float(max_moved_mem) - used_g)
+            for u, _h, s in s_vars:
+                row.SetCoefficient(s, float(ev.u_mem[u]))
+
+        for h in e_vars:
+            for p in (-0.4, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.4):
+                _tangent(solver, y_vars[h], e_vars[h], p)
+        value = 0.0
+        for _ in range(max(1, rounds)):
+            if solver.Solve() != pywraplp.Solver.OPTIMAL:
+                value = 0.0  # no bound from a failed solve
+                break
+            value = obj.Value()
+            point = {h: (e.solution_value(), y_vars[h].solution_value())
+                     for h, e in e_vars.items()}
+            new = 0
+            for h, (e_val, y_val) in point.items():
+                if e_val * e_val > y_val + 1e-9 * max(1.0, abs(y_val)):
+                    _tangent(solver, y_vars[h], e_vars[h], e_val)
+                    new += 1
+            if new == 0:
+                break
+        value = max(0.0, value * (1 - 1e-5))
+        out.append(float(np.sqrt(value / n)))
+    return Floor(cpu_std=out[0], mem_std=out[1], placements=0)
+
+
+def _tangent(solver: object, y: object, e: object, p: float) -> None:
+    """y >= 2 p e - p^2: the tangent of e^2 at p (an LP row)."""
+    row = solver.Constraint(-p * p, solver.infinity())  # type: ignore[attr-defined]
+    row.SetCoefficient(y, 1.0)
+    row.SetCoefficient(e, -2.0 * p)

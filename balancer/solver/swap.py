@@ -171,3 +171,36 @@ def _smallest(idx: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
         idx, key = idx[keep], key[keep]
     order = np.lexsort((idx, key))[:k]
     return idx[order]
+
+
+def kick_improve(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, kicks: int,
+                 kick_size: int, seed: int, rounds: int = 400,
+                 imb: Imbalance | None = None) -> np.ndarray:
+    """Iterated local search: ``kicks`` times, undo ``kick_size`` moves of the best plan drawn
+    at random (seeded: the result depends only on the input and ``seed``), improve the rest
+    with ``improve`` and keep the result if its imbalance is lower. A move is undone only if
+    ``State.can_move`` allows its unit home (forced moves stay). ``unit_hosts`` must satisfy
+    every hard constraint; so does the answer."""
+    imb = imb or Imbalance.of(problem, ev)
+    rng = np.random.default_rng(seed)
+    home = ev.unit_home
+
+    def value(hosts: np.ndarray) -> float:
+        cpu, memd, _ = ev.loads(hosts)
+        return imb.value(cpu.astype(float), memd.astype(float))
+
+    best = unit_hosts.copy()
+    best_val = value(best)
+    for _ in range(kicks):
+        moved = np.nonzero((best != home) & (home >= 0) & ~ev.unit_pinned)[0]
+        if len(moved) == 0:
+            break
+        st = State(problem, ev, best)
+        for u in rng.choice(moved, size=min(kick_size, len(moved)), replace=False).tolist():
+            if st.can_move(int(u), int(home[u])):
+                st.apply(int(u), int(home[u]))
+        cand = improve(problem, ev, st.hosts, rounds=rounds, imb=imb)
+        v = value(cand)
+        if v < best_val - MIN_STEP:
+            best, best_val = cand, v
+    return best
