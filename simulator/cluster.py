@@ -304,6 +304,10 @@ class ReplayContext:
         self.standby = sim.standby.copy()
         self.vm_host = sim.destination()  # where each VM is or is going
         self.migrating = sim.migrating_mask()
+        # host-steps observed so far (steps before this one): overloaded, and active; what
+        # a real balancer reads from its hosts' CPU saturation metrics
+        self.overloaded_host_steps = sim.over_host_steps
+        self.active_host_steps = sim.active_host_steps
         self.vm_mem = sim.work.mem_mb
         self.vm_cores = sim.work.vcpus  # configured size (cores) of each VM
         self.mem_binding = sim.cfg.memory_binding  # configured memory bounds placement
@@ -400,6 +404,8 @@ class Simulator:
         self.plan_seconds = 0.0
         self.notes: list[str] = []
         self.failed_moves = 0  # moves the executor did not carry out
+        self.over_host_steps = 0  # overloaded host-steps so far (policies may read them)
+        self.active_host_steps = 0
         self.waves = 0
         self._exec: tuple[ExecutorConfig, PlannerLimits, ModelParams | None] | None = None
         n_v = len(work.names)
@@ -677,6 +683,8 @@ class Simulator:
                     u = np.where(self.power[sel] == BOOTING, 0.0, util[sel])
                     watts[sel] = ht.power.watts(u)
             over = active & (load > self.host_cpu + 1e-9)
+            self.over_host_steps += int(over.sum())
+            self.active_host_steps += int(active.sum())
             unmet = np.maximum(load - self.host_cpu, 0.0)[active].sum()
             au = util[active]
             amu = (memu / mem_cap)[active]
