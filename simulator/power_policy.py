@@ -83,6 +83,7 @@ class PowerArgs:
     z_min: float = 0.5
     z_max: float = 4.0
     z_prior: float = 600.0
+    z_every: int = 12  # cycles between updates of z (a margin that moves every cycle churns)
 
     def __post_init__(self) -> None:
         for name in ("target_util", "high_util", "low_util"):
@@ -98,7 +99,7 @@ class PowerArgs:
             self.hot_util == 0 or self.target_util <= self.hot_util <= 1),
             f"field 'hot_util' must be 0 or in [target_util, 1], got {self.hot_util!r}")
         for name in ("max_switch", "receivers", "min_on_cycles", "level_moves",
-                     "choose_from"):
+                     "choose_from", "z_every"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
@@ -412,6 +413,8 @@ class PowerPolicy:
         a = self.args
         if not a.slatah_target:
             return a.z
+        if a.z_every > 1 and (self._cycle - 1) % a.z_every:
+            return self.z_now
         over = float(getattr(ctx, "overloaded_host_steps", 0))
         act = float(getattr(ctx, "active_host_steps", 0))
         rate = (over + a.slatah_target * a.z_prior) / (act + a.z_prior)

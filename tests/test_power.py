@@ -224,6 +224,14 @@ def test_moves_run_through_the_planner_waves_and_the_runner() -> None:
     assert list(sim.vm_host) == [1, 1]
     # PDM: each VM loses 10 % of its 200 mc demand for 20 s of the 300 s step
     assert r.summary.pdm == pytest.approx(2 * 0.1 * 200 * 20 / 300 / (3 * 400))
+    # CloudSim's accounting: host 0 draws until its last VM has left (40 s into step 1),
+    # host 1 from the start of the first migration into it (0 s); then only host 1
+    power = r.log.array("power_w")
+    load0 = 400 + 2 * 200 * (20 / 300) * 0.1  # both VMs, plus the copies' CPU overhead
+    load1 = 2 * 200 * (20 / 300) * 1.1  # the reservations of the copies into it
+    assert power[1] == pytest.approx((100 + 100 * load0 / 4000) * 40 / 300
+                                     + (100 + 100 * load1 / 4000))
+    assert power[2] == pytest.approx(100 + 100 * 400 / 4000)
 
 
 def test_power_policy_on_planetlab_slices() -> None:
