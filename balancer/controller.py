@@ -18,6 +18,7 @@ Automation levels (DRS terms), per cluster with per-VM overrides: ``manual`` rec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -281,7 +282,14 @@ class Controller:
             if inv is None:
                 raise Unavailable("no inventory yet: POST /v1/inventory or set [cluster] "
                                   "inventory")
-            view, result, gains = self.cycle.think(inv, now, report)
+            try:
+                view, result, gains = self.cycle.think(inv, now, report)
+            except (BalancerError, ValueError):
+                # no plan: the view and its metrics (stale VMs, imbalance) still follow the
+                # samples, as they would after a plan
+                with contextlib.suppress(BalancerError, ValueError):
+                    self.estimate(now)
+                raise
             with self._lock:
                 if self.inventory is inv:
                     self.view = view
