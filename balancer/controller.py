@@ -18,6 +18,7 @@ Automation levels (DRS terms), per cluster with per-VM overrides: ``manual`` rec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from balancer.config import ServiceConfig
-from balancer.cycle import ClusterView, ControlCycle, CycleReport, PlanFn
+from balancer.cycle import ClusterView, ControlCycle, CycleReport, PlanFn, RunFn, run_here
 from balancer.errors import BalancerError, InfeasibleError, InputError
 from balancer.execution import PlanExecutor, executor_config, simulated_backend
 from balancer.executor.base import Backend, BackendError
@@ -56,7 +57,7 @@ class Controller:
                  sources: Sequence[Source] = (), backend: Backend | None = None,
                  inventory: ClusterSnapshot | None = None,
                  clock: Callable[[], float] = time.time,
-                 plan_fn: PlanFn = plan,
+                 plan_fn: PlanFn = plan, run_fn: RunFn = run_here,
                  leadership: Leadership | None = None) -> None:
         self.cfg = cfg
         # None: a lone controller (tests, tools) that always leads and writes unfenced.
@@ -67,10 +68,12 @@ class Controller:
         self.clock = clock
         self.push = SampleBuffer(cfg.ingest.retention_s)
         self.sources: list[Source] = [self.push, *sources]
-        # Every solve goes through plan_fn (same signature as balancer.service.plan), so the
-        # service can run it in a worker process.
+        # Every solve goes through plan_fn (same signature as balancer.service.plan), and the
+        # cycle's estimate-and-plan through run_fn, so the service can run them in a worker
+        # process.
         self.plan_fn = plan_fn
-        self.cycle = ControlCycle(cfg, store, telemetry, self.push, self.sources, plan_fn)
+        self.cycle = ControlCycle(cfg, store, telemetry, self.push, self.sources, plan_fn,
+                                  run_fn)
         self.recs = Recommendations(store)
         self._lock = threading.RLock()  # the view
         self._cycle_lock = threading.Lock()  # one cycle (or maintenance plan) at a time
@@ -274,10 +277,23 @@ class Controller:
         try:
             if self.cfg.ingest.source == "libvirt":
                 self.refresh_from_backend()
-            view = self.estimate()
-            result = self.cycle.plan(view, report)
-            recs = self.recs.propose(result.moves, self.cycle.gains(result),
-                                     cycle=self.cycle_no)
+            now = self.clock()
+            inv = self.inventory
+            if inv is None:
+                raise Unavailable("no inventory yet: POST /v1/inventory or set [cluster] "
+                                  "inventory")
+            try:
+                view, result, gains = self.cycle.think(inv, now, report)
+            except (BalancerError, ValueError):
+                # no plan: the view and its metrics (stale VMs, imbalance) still follow the
+                # samples, as they would after a plan
+                with contextlib.suppress(BalancerError, ValueError):
+                    self.estimate(now)
+                raise
+            with self._lock:
+                if self.inventory is inv:
+                    self.view = view
+            recs = self.recs.propose(result.moves, gains, cycle=self.cycle_no)
             report.recommendations = [r.to_dict() for r in recs]
             if recs:
                 report.executed = self._execute_auto(recs, trigger="auto")

@@ -6,12 +6,15 @@ Description
     sees (``balancer.ingest.demand``), with VMs *held* (pinned) for a reason: automation
     disabled, or a cool-down after a move or a dismissal (``[loop] cooldown_s``; VMs on a host
     leaving service or in a broken mandatory rule, per ``balancer.verify.broken_rules``, are
-    exempt). ``ControlCycle.plan`` solves through the injected ``plan_fn`` (same signature as
-    ``balancer.service.plan``; the service may run it in a worker process) and applies
-    anti-flapping: balancing moves (``Move.kind`` is ``MoveKind.BALANCE``, set where the
-    engine writes the reasons) are recommended only once the plan has wanted them for
-    ``imbalance_cycles`` consecutive cycles; evacuations and rule fixes are never delayed (the
-    plan is then re-solved at threshold 1 for them alone).
+    exempt). ``ControlCycle.think`` runs the estimate and the first solve as one call,
+    ``estimate_and_plan``, through the injected ``run_fn``: the service runs it in a solver
+    worker process, so neither the estimate's nor the solve's CPU competes with API reads for
+    the GIL (by default it runs in-process). Further solves go through ``plan_fn`` (same
+    signature as ``balancer.service.plan``). ``ControlCycle.plan`` applies anti-flapping:
+    balancing moves (``Move.kind`` is ``MoveKind.BALANCE``, set where the engine writes the
+    reasons) are recommended only once the plan has wanted them for ``imbalance_cycles``
+    consecutive cycles; evacuations and rule fixes are never delayed (the plan is then re-solved
+    at threshold 1 for them alone).
 Requirements
     Sample sources; the service config.
 Limitations
@@ -21,24 +24,32 @@ Limitations
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from balancer.config import ServiceConfig
+from balancer.config import IngestConfig, ServiceConfig
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.model import ClusterSnapshot, MoveKind, host_loads, util_stats
-from balancer.service import PlanOptions, PlanResult
+from balancer.service import PlanOptions, PlanResult, plan
 from balancer.store import Store
 from balancer.telemetry import Telemetry
 from balancer.verify import broken_rules
 
 PlanFn = Callable[[ClusterSnapshot, PlanOptions], PlanResult]
+# run_fn(fn, *args): fn(*args, stop=...) where the caller chooses (a solver worker, in-process)
+RunFn = Callable[..., Any]
+
+
+def run_here(fn: Callable[..., Any], *args: Any) -> Any:
+    """The default ``run_fn``: in this process."""
+    return fn(*args, stop=None)
 
 
 @dataclass
@@ -69,13 +80,15 @@ class CycleReport:
 
 class ControlCycle:
     def __init__(self, cfg: ServiceConfig, store: Store, telemetry: Telemetry,
-                 push: SampleBuffer, sources: Sequence[Source], plan_fn: PlanFn) -> None:
+                 push: SampleBuffer, sources: Sequence[Source], plan_fn: PlanFn,
+                 run_fn: RunFn = run_here) -> None:
         self.cfg = cfg
         self.store = store
         self.telemetry = telemetry
         self.push = push
         self.sources = list(sources)
         self.plan_fn = plan_fn
+        self.run_fn = run_fn
         self.streak = 0
 
     # -- estimation --------------------------------------------------------------------------
@@ -110,15 +123,27 @@ class ControlCycle:
 
     def estimate(self, inv: ClusterSnapshot, now: float) -> ClusterView:
         """Estimate demand from the samples and build the snapshot the engine sees."""
-        ic = self.cfg.ingest
-        est = estimate(self.frame(now), now, window_s=ic.window_s, method=ic.estimator,
-                       percentile=ic.percentile)
-        snap, fresh = apply_estimates(inv, est, now, stale_after_s=ic.stale_after_s,
-                                      pins=self.pins(inv, now))
-        view = ClusterView(snapshot=snap, freshness=fresh, built=now,
-                           samples_seen=self.push.total)
+        seen = self.push.total
+        snap, fresh = estimated(inv, self.frame(now), now, self.cfg.ingest, self.pins(inv, now))
+        view = ClusterView(snapshot=snap, freshness=fresh, built=now, samples_seen=seen)
         self.export(view)
         return view
+
+    def think(self, inv: ClusterSnapshot, now: float, report: CycleReport
+              ) -> tuple[ClusterView, PlanResult, list[float]]:
+        """The cycle's estimate, its plan (anti-flapping applied, see ``plan``) and each move's
+        gain. The estimate and the first solve run as one ``run_fn`` call."""
+        seen = self.push.total
+        t = time.monotonic()
+        th: Thought = self.run_fn(estimate_and_plan, inv, self.frame(now), now, self.cfg.ingest,
+                                  self.pins(inv, now), self.options())
+        solve_s = time.monotonic() - t - th.estimate_s
+        self.telemetry.solve.observe(solve_s)
+        view = ClusterView(snapshot=th.snapshot, freshness=th.freshness, built=now,
+                           samples_seen=seen)
+        self.export(view)
+        result = self.plan(view, report, first=(th.result, solve_s))
+        return view, result, th.gains if result is th.result else self.gains(result)
 
     def export(self, view: ClusterView) -> None:
         snap = view.snapshot
@@ -157,38 +182,19 @@ class ControlCycle:
     @staticmethod
     def gains(result: PlanResult) -> list[float]:
         """Per move: how much worse (CPU std + memory std) the plan would be without it."""
-        snap = result.snapshot
-        base = result.after.imbalance
-        if not result.moves:
-            return []
-        # The final loads once, then per move only its VM put back on its source (numpy over
-        # the active hosts): util_stats per move cost O(moves x VMs) in the API's process.
-        cpu, mem = (np.asarray(x, dtype=float) for x in host_loads(snap, result.placement))
-        active = np.asarray(snap.active_hosts(), dtype=int)
-        cap_c = np.asarray([h.cpu_capacity for h in snap.hosts], dtype=float)
-        cap_m = np.asarray([h.mem_capacity for h in snap.hosts], dtype=float)
-        out = []
-        for m in result.moves:
-            v = snap.vm_index[m.vm]
-            vm = snap.vms[v]
-            now, back = result.placement[v], snap.host_index[m.source]
-            c, mm = cpu.copy(), mem.copy()
-            c[now] -= vm.cpu_demand
-            c[back] += vm.cpu_demand
-            mm[now] -= vm.mem_demand
-            mm[back] += vm.mem_demand
-            without = (float(np.std(c[active] / cap_c[active])) +
-                       float(np.std(mm[active] / cap_m[active]))) if active.size else 0.0
-            out.append(round(without - base, 6))
-        return out
+        return move_gains(result)
 
-    def plan(self, view: ClusterView, report: CycleReport) -> PlanResult:
-        """The plan to recommend this cycle, anti-flapping applied; fills ``report``."""
+    def plan(self, view: ClusterView, report: CycleReport,
+             first: tuple[PlanResult, float] | None = None) -> PlanResult:
+        """The plan to recommend this cycle, anti-flapping applied; fills ``report``.
+        ``first``: (the plan of ``view`` at the configured options, its solve seconds) when
+        solved already."""
         for vm, why in list(view.freshness.pinned.items())[:5]:
             report.notes.append(f"{vm} held: {why}")
         if len(view.freshness.pinned) > 5:
             report.notes.append(f"... {len(view.freshness.pinned) - 5} more VMs held")
-        result, report.solve_s = self.solve(view.snapshot, self.options())
+        result, report.solve_s = (self.solve(view.snapshot, self.options()) if first is None
+                                  else first)
         report.imbalance_before = result.before.imbalance
         report.imbalance_after = result.after.imbalance
         kinds = [m.kind for m in result.moves]
@@ -211,3 +217,61 @@ class ControlCycle:
         report.streak = self.streak
         report.notes.extend(result.notes)
         return result
+
+
+def move_gains(result: PlanResult) -> list[float]:
+    """Per move: how much worse (CPU std + memory std) the plan would be without it."""
+    snap = result.snapshot
+    base = result.after.imbalance
+    if not result.moves:
+        return []
+    # The final loads once, then per move only its VM put back on its source (numpy over
+    # the active hosts): util_stats per move cost O(moves x VMs) in the API's process.
+    cpu, mem = (np.asarray(x, dtype=float) for x in host_loads(snap, result.placement))
+    active = np.asarray(snap.active_hosts(), dtype=int)
+    cap_c = np.asarray([h.cpu_capacity for h in snap.hosts], dtype=float)
+    cap_m = np.asarray([h.mem_capacity for h in snap.hosts], dtype=float)
+    out = []
+    for m in result.moves:
+        v = snap.vm_index[m.vm]
+        vm = snap.vms[v]
+        now, back = result.placement[v], snap.host_index[m.source]
+        c, mm = cpu.copy(), mem.copy()
+        c[now] -= vm.cpu_demand
+        c[back] += vm.cpu_demand
+        mm[now] -= vm.mem_demand
+        mm[back] += vm.mem_demand
+        without = (float(np.std(c[active] / cap_c[active])) +
+                   float(np.std(mm[active] / cap_m[active]))) if active.size else 0.0
+        out.append(round(without - base, 6))
+    return out
+
+
+class Thought(NamedTuple):
+    """What ``estimate_and_plan`` sends back from the worker."""
+
+    snapshot: ClusterSnapshot
+    freshness: Freshness
+    result: PlanResult
+    gains: list[float]
+    estimate_s: float
+
+
+def estimated(inv: ClusterSnapshot, frame: pd.DataFrame, now: float, ic: IngestConfig,
+              pins: dict[str, str]) -> tuple[ClusterSnapshot, Freshness]:
+    """The snapshot the engine sees: the inventory with demand estimated from ``frame``."""
+    est = estimate(frame, now, window_s=ic.window_s, method=ic.estimator,
+                   percentile=ic.percentile)
+    return apply_estimates(inv, est, now, stale_after_s=ic.stale_after_s, pins=pins)
+
+
+def estimate_and_plan(inv: ClusterSnapshot, frame: pd.DataFrame, now: float, ic: IngestConfig,
+                      pins: dict[str, str], options: PlanOptions,
+                      stop: threading.Event | None = None) -> Thought:
+    """A cycle's thinking in one call (the service runs it in a solver worker): the estimate,
+    the plan at ``options`` and each move's gain."""
+    t = time.monotonic()
+    snap, fresh = estimated(inv, frame, now, ic, pins)
+    took = time.monotonic() - t
+    result = plan(snap, options, stop=stop)
+    return Thought(snap, fresh, result, move_gains(result), took)

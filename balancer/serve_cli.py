@@ -76,10 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log lines on stderr as text or JSON objects (default: text)")
 
 
-def build(cfg: Any, *, registry: Any = None, plan_fn: Any = None) -> tuple[Any, Any, Any]:
+def build(cfg: Any, *, registry: Any = None, solvers: Any = None) -> tuple[Any, Any, Any]:
     """Controller, app and telemetry for ``cfg`` (what ``serve`` runs; tests reuse it).
 
-    ``plan_fn`` replaces in-process planning (``serve`` passes a worker-process pool)."""
+    ``solvers`` (a ``balancer.solving.SolverPool``) replaces in-process planning: every plan,
+    and each cycle's estimate with its plan, then run in its worker processes."""
     from prometheus_client import CollectorRegistry
 
     from balancer import snapshot
@@ -118,7 +119,7 @@ def build(cfg: Any, *, registry: Any = None, plan_fn: Any = None) -> tuple[Any, 
             period_s=cfg.ingest.simulated_period_s, window_s=cfg.ingest.window_s,
             retention_s=cfg.ingest.retention_s, seed=cfg.cluster.seed))
     try:
-        extra = {} if plan_fn is None else {"plan_fn": plan_fn}
+        extra = {} if solvers is None else {"plan_fn": solvers.plan, "run_fn": solvers.call}
         controller = Controller(cfg, store, telemetry, sources=sources, backend=backend,
                                 inventory=inventory, **extra)
     except InputError:
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                          wall_limit=0.9 * cfg.server.solve_wall_s,
                          nice=cfg.server.solver_nice)
     try:
-        controller, app, _ = build(cfg, plan_fn=solvers.plan)
+        controller, app, _ = build(cfg, solvers=solvers)
     except BaseException:
         solvers.close()
         if held is not None:

@@ -1,7 +1,9 @@
 """Solving in worker processes: every plan the CLI, the daemon and the API ask for runs here.
 
 Description
-    ``SolverProcess`` owns one child process that runs ``balancer.service.plan``. The child is
+    ``SolverProcess`` owns one child process that runs ``balancer.service.plan`` (``plan``), or
+    any module-level function that takes ``stop=`` (``call``: the control cycle runs its demand
+    estimate and its plan there, so that their CPU stays out of the API's process). The child is
     forked from a *fork server* that has already imported the engine (``forkserver`` start
     method with ``balancer.service`` preloaded), so a new worker costs a fork, not an
     interpreter start, and no thread of the caller (uvicorn, the control loop) is copied into
@@ -42,7 +44,7 @@ from balancer.errors import BalancerError, SolverError
 log = logging.getLogger("balancer.solving")
 
 # What the fork server imports once, so that each worker starts with the engine loaded.
-PRELOAD = ["balancer.service"]
+PRELOAD = ["balancer.service", "balancer.cycle"]
 # After a stop request the engine answers within about 0.5 s; past this the worker is killed.
 STOP_GRACE_S = 3.0
 
@@ -88,15 +90,14 @@ def _watch(stop: Any, parent: Any, local: threading.Event, done: threading.Event
 
 
 def _child(conn: Any, stop: Any, nice: int = 0) -> None:
-    """The worker: receive (snapshot, options), answer ("ok", result) or ("err", exception)."""
+    """The worker: receive (function, args), answer ("ok", function(*args, stop=event)) or
+    ("err", exception)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if nice > 0:
         # below the server: API reads and the loop get the CPU first; the plan is the same
         # (the search is bounded by deterministic effort, not by wall time)
         os.nice(nice)
-    from balancer.service import plan
-
     parent = mp.parent_process()
     while True:
         try:
@@ -105,14 +106,14 @@ def _child(conn: Any, stop: Any, nice: int = 0) -> None:
             return
         if job is None:
             return
-        snapshot, options = job
+        fn, args = job
         local = threading.Event()
         done = threading.Event()
         watcher = threading.Thread(target=_watch, args=(stop, parent, local, done),
                                    name="stop-watcher", daemon=True)
         watcher.start()
         try:
-            result = plan(snapshot, options, stop=local)
+            result = fn(*args, stop=local)
             answer: tuple[str, Any] = ("ok", result)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             answer = ("err", exc)
@@ -223,12 +224,20 @@ class SolverProcess:
         ``STOP_GRACE_S`` later); ``cancelled()``: polled; when true the solve is asked to stop.
         A stopped solve returns the engine's best verified plan; with none, ``Stopped``.
         """
+        from balancer.service import plan
+
+        return self.call(plan, snapshot, options, wall_limit=wall_limit, cancelled=cancelled)
+
+    def call(self, fn: Callable[..., Any], *args: Any, wall_limit: float | None = None,
+             cancelled: Callable[[], bool] | None = None) -> Any:
+        """``fn(*args, stop=event)`` in the worker (``fn`` module-level: it is sent by name);
+        ``wall_limit`` and ``cancelled`` as for ``plan``, whose solve ``fn`` runs."""
         with self._lock:
             self._ensure()
             self._stop.clear()
             conn, proc = self._conn, self._proc
             try:
-                conn.send((snapshot, options))
+                conn.send((fn, args))
             except (BrokenPipeError, OSError) as exc:
                 self._reap(kill=True)
                 raise SolverError(f"solver worker unavailable: {exc}") from None
@@ -290,12 +299,21 @@ class SolverPool:
 
     def plan(self, snapshot: Any, options: Any = None, *, wall_limit: float | None = None,
              wait: float | None = None, cancelled: Callable[[], bool] | None = None) -> Any:
+        from balancer.service import plan
+
+        return self.call(plan, snapshot, options, wall_limit=wall_limit, wait=wait,
+                         cancelled=cancelled)
+
+    def call(self, fn: Callable[..., Any], *args: Any, wall_limit: float | None = None,
+             wait: float | None = None, cancelled: Callable[[], bool] | None = None) -> Any:
+        """``SolverProcess.call`` on an idle worker (``Busy`` if none is idle within ``wait``
+        seconds)."""
         try:
             worker = self._idle.get(timeout=wait) if wait is not None else self._idle.get()
         except queue.Empty:
             raise Busy(f"all {self.size} solver workers are busy") from None
         try:
-            return worker.plan(snapshot, options, cancelled=cancelled,
+            return worker.call(fn, *args, cancelled=cancelled,
                                wall_limit=self.wall_limit if wall_limit is None else wall_limit)
         finally:
             self._idle.put(worker)

@@ -39,6 +39,21 @@ WORKER_ENV: dict[str, int | None] = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1,
                                      "OPENBLAS_NUM_THREADS": 1, "MALLOC_TRIM_THRESHOLD_": None}
 
 
+# Dask settings of the embedded cluster: its background work off or slowed down. Each of these
+# runs beside the replays on the same cores; together they took about 10 % of a run's wall
+# time on 2 cores (a task of 13.1 CPU s: 14.5 s wall with Dask's defaults, 13.2 s with these;
+# docs/scale.md). The statistical profiler samples every worker's task thread 100 times a
+# second; the system and memory monitors and the event-loop tick wake every 20-500 ms; work
+# stealing has nothing to do when each worker holds one task.
+QUIET_CONFIG: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "2s",
+    "distributed.scheduler.work-stealing": False,
+}
+
+
 class Interrupted(Exception):
     """Ctrl-C while the futures ran; they have been cancelled."""
 
@@ -61,7 +76,7 @@ def connect(scheduler: str, n_runs: int) -> tuple[Any, Any]:
         # not its MALLOC_TRIM_THRESHOLD_=65536: glibc then hands freed memory back to the system
         # at once and the next numpy array faults it in again, which doubled the CPU time of a
         # replay (measured, docs/scale.md).
-        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0,
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0, **QUIET_CONFIG,
                               **{f"distributed.nanny.pre-spawn-environ.{k}": v
                                  for k, v in WORKER_ENV.items()}}):
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,

@@ -21,10 +21,15 @@ imports included:
   --format json`` on ``--scheduler local`` (2 single-thread worker processes on 2 cores, the
   longest runs first), cluster start-up and shutdown included.
 
-Both must give the same figures (checked). Neither is niced: run this when the machine is
+and, as the machine's own ceiling for any scheduler, two plain processes started at once
+(``--serial`` each, one run of each day apiece: no Dask at all), timed until both have exited.
+
+All must give the same figures (checked). None is niced: run this when the machine is
 otherwise quiet. Prints one row per repetition (wall seconds of each, speed-up, CPU seconds of
 each process tree, the load average before, between and after) and min/median/max of the
-speed-up. The target: >= 1.8x on 2 cores.
+speed-ups. The target: sweep >= 1.8x on 2 cores. The two-process row says how much of a
+shortfall is the machine's (two CPU-bound processes slow each other down on a shared cache and
+memory bus) and how much is Dask's.
 """
 
 from __future__ import annotations
@@ -85,6 +90,23 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.stdout
 
 
+def timed_pair(cmds: list[list[str]]) -> tuple[float, float, list[str]]:
+    """Start the commands at once; (wall seconds until all exited, CPU seconds, stdouts)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT) for c in cmds]
+    outs = []
+    for c, p in zip(cmds, procs, strict=True):
+        out, err = p.communicate(timeout=7200)
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(c[:3])}... failed ({p.returncode}): {err[-2000:]}")
+        outs.append(out)
+    wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), outs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serial", metavar="SPEC.json", help=argparse.SUPPRESS)
@@ -110,6 +132,12 @@ def main() -> int:
             tasks.append({"trace": day, "params": {name: v}, "policy_file": str(f)})
     spec = tmp / "serial.json"
     spec.write_text(json.dumps({"tasks": tasks, "config": args.config, "steps": args.steps}))
+    halves = []  # one run of each day per process
+    for k in range(2):
+        half = tmp / f"half-{k}.json"
+        half.write_text(json.dumps({"tasks": tasks[k::2], "config": args.config,
+                                    "steps": args.steps}))
+        halves.append([sys.executable, str(Path(__file__).resolve()), "--serial", str(half)])
     bin_dir = Path(sys.executable).parent
     serial_cmd = [sys.executable, str(Path(__file__).resolve()), "--serial", str(spec)]
     sweep_cmd = [str(bin_dir / "balancer"), "sweep", "--trace", DAYS[0], "--trace", DAYS[1],
@@ -126,8 +154,11 @@ def main() -> int:
         ts, cs, out_s = timed(serial_cmd)
         l1 = os.getloadavg()[0]
         tp, cp, out_p = timed(sweep_cmd)
+        tt, ct, out_t = timed_pair(halves)
         l2 = os.getloadavg()[0]
         ser = json.loads(out_s)
+        pair = [r for o in out_t for r in json.loads(o)]
+        assert sorted(map(json.dumps, pair)) == sorted(map(json.dumps, ser)), (pair, ser)
         runs = json.loads(out_p)["runs"]
         assert len(runs) == 4 and all("error" not in r for r in runs), runs
         for a in ser:  # the same figures, run by run
@@ -135,18 +166,27 @@ def main() -> int:
             assert all(a[k] == b[k] for k in COMPARED), (a, b)
         workers = {r["worker"] for r in runs}
         per_worker = {w: sum(r["seconds"] for r in runs if r["worker"] == w) for w in workers}
-        rows.append((rep, ts, tp, cs, cp, max(per_worker.values()), len(workers), l0, l1, l2))
-        print(f"  run {rep}: serial {ts:.1f} s, sweep {tp:.1f} s: {ts / tp:.2f}x "
-              f"(load {l0:.2f} / {l1:.2f} / {l2:.2f})", flush=True)
-    print(f"{'run':>3}  {'serial s':>8}  {'sweep s':>7}  {'speed-up':>8}  {'serial CPU s':>12}  "
-          f"{'sweep CPU s':>11}  {'busiest worker s':>16}  {'workers':>7}  "
-          f"{'load before / between / after':>29}")
-    for rep, ts, tp, cs, cp, wmax, nw, l0, l1, l2 in rows:
-        print(f"{rep:>3}  {ts:>8.1f}  {tp:>7.1f}  {ts / tp:>7.2f}x  {cs:>12.1f}  {cp:>11.1f}  "
-              f"{wmax:>16.1f}  {nw:>7}  {l0:>11.2f} / {l1:>5.2f} / {l2:>5.2f}")
-    ups = [r[1] / r[2] for r in rows]
-    print(f"speed-up (serial wall / sweep wall) over {len(rows)} runs: min {min(ups):.2f}x, "
-          f"median {statistics.median(ups):.2f}x, max {max(ups):.2f}x (target >= 1.8x)")
+        rows.append((rep, ts, tp, tt, cs, cp, ct, max(per_worker.values()), len(workers),
+                     l0, l1, l2))
+        print(f"  run {rep}: serial {ts:.1f} s, sweep {tp:.1f} s: {ts / tp:.2f}x; two plain "
+              f"processes {tt:.1f} s: {ts / tt:.2f}x (load {l0:.2f} / {l1:.2f} / {l2:.2f})",
+              flush=True)
+    print(f"{'run':>3}  {'serial s':>8}  {'sweep s':>7}  {'speed-up':>8}  {'2 procs s':>9}  "
+          f"{'speed-up':>8}  {'serial CPU s':>12}  {'sweep CPU s':>11}  {'2 procs CPU s':>13}  "
+          f"{'busiest worker s':>16}  {'workers':>7}  {'load before / between / after':>29}")
+    for rep, ts, tp, tt, cs, cp, ct, wmax, nw, l0, l1, l2 in rows:
+        print(f"{rep:>3}  {ts:>8.1f}  {tp:>7.1f}  {ts / tp:>7.2f}x  {tt:>9.1f}  {ts / tt:>7.2f}x  "
+              f"{cs:>12.1f}  {cp:>11.1f}  {ct:>13.1f}  {wmax:>16.1f}  {nw:>7}  "
+              f"{l0:>11.2f} / {l1:>5.2f} / {l2:>5.2f}")
+
+    def spread(ups: list[float]) -> str:
+        return (f"min {min(ups):.2f}x, median {statistics.median(ups):.2f}x, "
+                f"max {max(ups):.2f}x")
+
+    print(f"sweep speed-up (serial wall / sweep wall) over {len(rows)} runs: "
+          f"{spread([r[1] / r[2] for r in rows])} (target >= 1.8x)")
+    print(f"two plain processes (the machine's ceiling, no Dask): "
+          f"{spread([r[1] / r[3] for r in rows])}")
     return 0
 
 

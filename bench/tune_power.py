@@ -37,13 +37,20 @@ def candidates() -> list[dict]:
     """The margin per host (z x sqrt of the summed VM variances, shrunk towards a prior of
     ``prior_std`` x the VM's size for VMs with little history), three levelling moves per
     cycle, the ewm mean as the level (not floored at the last value); z and the prior trade
-    energy for SLATAH. The rule alone (``solver = "greedy"``) replays a day in seconds."""
+    energy for SLATAH. Then the same with the margin calibrated online (``slatah_target``: z
+    starts at 1.75 and is rescaled every hour by the overloaded share of host time so far over
+    the target). The rule alone (``solver = "greedy"``) replays a day in seconds."""
     out = []
     for z, p in itertools.product((1.5, 1.75, 2.0), (0.1, 0.15, 0.2)):
         out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": z,
                     "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
                     "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
                     "solver": "greedy"})
+    for t, p in itertools.product((0.0075, 0.0085), (0.15, 0.2)):
+        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": 1.75,
+                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
+                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
+                    "slatah_target": t, "z_every": 12, "solver": "greedy"})
     return out
 
 

@@ -20,7 +20,9 @@ Description
       table at 0, 10, ..., 100 % interpolated linearly). A powered-off host draws nothing; a host
       powering on draws idle power for ``boot_s`` and receives nothing until booted. With
       ``empty_host_off`` (CloudSim's accounting) a host that holds no VM draws nothing and is not
-      active, whatever the policy did.
+      active, whatever the policy did; within a step, a host whose last VMs migrate off it
+      draws until the last of those migrations ends, and an empty host that receives one draws
+      from when the first starts (CloudSim counts no energy for a host at 0 % CPU).
     * A host is overloaded in a step when its CPU load (demand plus migration load) exceeds its
       capacity.
 Requirements
@@ -304,6 +306,10 @@ class ReplayContext:
         self.standby = sim.standby.copy()
         self.vm_host = sim.destination()  # where each VM is or is going
         self.migrating = sim.migrating_mask()
+        # host-steps observed so far (steps before this one): overloaded, and active; what
+        # a real balancer reads from its hosts' CPU saturation metrics
+        self.overloaded_host_steps = sim.over_host_steps
+        self.active_host_steps = sim.active_host_steps
         self.vm_mem = sim.work.mem_mb
         self.vm_cores = sim.work.vcpus  # configured size (cores) of each VM
         self.mem_binding = sim.cfg.memory_binding  # configured memory bounds placement
@@ -400,6 +406,8 @@ class Simulator:
         self.plan_seconds = 0.0
         self.notes: list[str] = []
         self.failed_moves = 0  # moves the executor did not carry out
+        self.over_host_steps = 0  # overloaded host-steps so far (policies may read them)
+        self.active_host_steps = 0
         self.waves = 0
         self._exec: tuple[ExecutorConfig, PlannerLimits, ModelParams | None] | None = None
         n_v = len(work.names)
@@ -649,7 +657,14 @@ class Simulator:
             lost = 0.0
             incoming = np.zeros(n_h, dtype=bool)
             done = []
+            leaving = np.zeros(n_h)  # VMs whose migration off the host ends in this step
+            left_at = np.zeros(n_h)  # ... the last of those ends (s into the step)
+            in_from = np.full(n_h, dt)  # the first migration into the host starts
             for m in self.migrations.values():
+                if m.left_s <= dt + 1e-9:
+                    leaving[m.src] += 1
+                    left_at[m.src] = max(left_at[m.src], m.left_s)
+                in_from[m.dst] = min(in_from[m.dst], m.start_s)
                 p = max(0.0, min(m.left_s, dt) - m.start_s) / dt  # share of the step it runs
                 dv = cpu[m.vm]
                 load[m.dst] += dv * p * (1.0 + ovh)
@@ -662,10 +677,19 @@ class Simulator:
                 if m.left_s <= 1e-9:
                     done.append(m.vm)
             # accounting for this step
-            holds = np.bincount(self.vm_host, minlength=n_h) > 0
+            n_on = np.bincount(self.vm_host, minlength=n_h)
+            holds = n_on > 0
             powered = self.power != OFF
+            share = np.ones(n_h)  # of the step a host draws power
             if cfg.empty_host_off:
                 drawing = powered & (holds | incoming | (self.power == BOOTING))
+                # CloudSim's accounting: a host draws until its last VM has left (the end of
+                # the last migration off it) and from the first migration into it
+                emptied = holds & (n_on <= leaving) & (self.power == ON)
+                share[emptied] = left_at[emptied] / dt
+                fills = incoming & (self.power == ON)
+                share[fills & ~holds] = 0.0
+                share[fills] = np.maximum(share[fills], 1.0 - in_from[fills] / dt)
             else:
                 drawing = powered
             active = drawing & (self.power == ON)
@@ -675,8 +699,10 @@ class Simulator:
                 sel = (self._type_ix == k) & drawing
                 if sel.any():
                     u = np.where(self.power[sel] == BOOTING, 0.0, util[sel])
-                    watts[sel] = ht.power.watts(u)
+                    watts[sel] = ht.power.watts(u) * share[sel]
             over = active & (load > self.host_cpu + 1e-9)
+            self.over_host_steps += int(over.sum())
+            self.active_host_steps += int(active.sum())
             unmet = np.maximum(load - self.host_cpu, 0.0)[active].sum()
             au = util[active]
             amu = (memu / mem_cap)[active]

@@ -75,6 +75,15 @@ class PowerArgs:
     max_dtime: float = 0.1  # CP-SAT deterministic time per cycle (deterministic stop)
     time_limit: float = 30.0  # safety net only
     solver: str = "cpsat"  # cpsat (power mode) | greedy (the rule alone, the baseline)
+    # online calibration of the margin: with slatah_target > 0, z is scaled each cycle by
+    # (overloaded share of active host time so far / slatah_target) ** z_gain, within
+    # [z_min, z_max]; the share so far starts from z_prior host-steps at the target
+    slatah_target: float = 0.0
+    z_gain: float = 1.0
+    z_min: float = 0.5
+    z_max: float = 4.0
+    z_prior: float = 600.0
+    z_every: int = 12  # cycles between updates of z (a margin that moves every cycle churns)
 
     def __post_init__(self) -> None:
         for name in ("target_util", "high_util", "low_util"):
@@ -90,15 +99,22 @@ class PowerArgs:
             self.hot_util == 0 or self.target_util <= self.hot_util <= 1),
             f"field 'hot_util' must be 0 or in [target_util, 1], got {self.hot_util!r}")
         for name in ("max_switch", "receivers", "min_on_cycles", "level_moves",
-                     "choose_from"):
+                     "choose_from", "z_every"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
         for name in ("migration_w", "over_w_per_core", "max_dtime", "time_limit", "prior_std",
-                     "prior_steps", "level_band"):
+                     "prior_steps", "level_band", "z_gain", "z_prior"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                   f"field '{name}' must be a number >= 0, got {v!r}")
+        _need(isinstance(self.slatah_target, (int, float)) and 0 <= self.slatah_target < 1,
+              f"field 'slatah_target' must be in [0, 1), got {self.slatah_target!r}")
+        _need(not self.slatah_target or self.z > 0,
+              f"field 'z' must be > 0 when 'slatah_target' is set, got {self.z!r}")
+        _need(isinstance(self.z_min, (int, float)) and isinstance(self.z_max, (int, float))
+              and 0 < self.z_min <= self.z_max, f"fields 'z_min' <= 'z_max' must be > 0, got "
+              f"{self.z_min!r} / {self.z_max!r}")
         _need(self.var_of in ("level", "change"),
               f"field 'var_of' must be 'level' or 'change', got {self.var_of!r}")
         _need(self.solver in ("cpsat", "greedy"),
@@ -192,6 +208,8 @@ class PowerPolicy:
         self.differs_hosts = 0  # ... with other hosts put in standby
         self.solve_status: dict[str, int] = {}
         self._tables: list[HostPower] | None = None
+        self.z_now = self.args.z
+        self._z_sum = 0.0  # for the report: mean z over cycles
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tracker.report())
@@ -200,14 +218,19 @@ class PowerPolicy:
         out["power_differs"] = self.differs
         out["power_differs_hosts"] = self.differs_hosts
         out["power_status"] = dict(sorted(self.solve_status.items()))
+        out["z_mean"] = round(self._z_sum / max(self._cycle, 1), 4)
+        out["z_last"] = round(self.z_now, 4)
         return out
 
     def decide(self, ctx: Any) -> Decision:
         a = self.args
         self._cycle += 1
         cyc = self._cycle
+        self.z_now = self._margin(ctx)
+        self._z_sum += self.z_now
         n_h = ctx.n_hosts
-        hist = ctx.observed(max(self.fopts.lookback, a.history) if a.z else self.fopts.lookback)
+        look = max(self.fopts.lookback, a.history) if self.z_now else self.fopts.lookback
+        hist = ctx.observed(look)
         if self._pending is not None and ctx.step > self._pending[0]:
             step, f = self._pending
             actual = ctx.observed(ctx.step - step)
@@ -216,7 +239,7 @@ class PowerPolicy:
         self._pending = (ctx.step, est)
         # per-host margin: z x sqrt(sum of the VMs' variances) (VMs do not all peak together)
         var = np.zeros(len(est))
-        if a.z:
+        if self.z_now:
             h = hist[-a.history:]
             if a.var_of == "level" or len(h) < 2:
                 var = ewm_last(h, a.span)[1] ** 2
@@ -237,8 +260,9 @@ class PowerPolicy:
         power = ctx.power
         standby = np.asarray(ctx.standby, dtype=bool)
         load_mu = ctx.host_load(est)
-        load_var = ctx.host_load(var) if a.z else np.zeros(n_h)
-        load = load_mu + a.z * np.sqrt(np.maximum(load_var, 0.0))  # forecast load with margin
+        load_var = ctx.host_load(var) if self.z_now else np.zeros(n_h)
+        # forecast load with margin
+        load = load_mu + self.z_now * np.sqrt(np.maximum(load_var, 0.0))
         hot_util = a.hot_util or a.target_util
         count = ctx.vm_count()
         vm_mem = np.asarray(ctx.vm_mem, dtype=float)
@@ -304,7 +328,7 @@ class PowerPolicy:
                       key=lambda h: (load[h] / cap[h], -eff[h], h))
         k = min(len(cool), a.receivers * max(1, len(busy)))
         # the greedy rule: hint and baseline
-        room = Bins(a.z)
+        room = Bins(self.z_now)
         for h in cool[:k]:
             room.add(h, a.target_util * cap[h], load_mu[h], load_var[h])
         for h in wake:
@@ -320,8 +344,8 @@ class PowerPolicy:
             sv = math.sqrt(max(vr, 0.0))
             # largest first: what a VM adds to the host's load with margin
             for v in sorted(vms, key=lambda v: (
-                    -(est[v] + a.z * (sv - math.sqrt(max(vr - var[v], 0.0)))), v)):
-                if mu + a.z * math.sqrt(max(vr, 0.0)) <= a.target_util * cap[h]:
+                    -(est[v] + self.z_now * (sv - math.sqrt(max(vr - var[v], 0.0)))), v)):
+                if mu + self.z_now * math.sqrt(max(vr, 0.0)) <= a.target_util * cap[h]:
                     break
                 shed.append(v)
                 mu -= est[v]
@@ -381,6 +405,21 @@ class PowerPolicy:
                 self.differs_hosts += 1
         return out
 
+    def _margin(self, ctx: Any) -> float:
+        """z for this cycle: the configured one, or (``slatah_target``) scaled by how the
+        overloaded share of active host time so far compares with the target (more margin on a
+        day that runs hot, less on a calm one), so the day's SLATAH heads for the target
+        whatever the day."""
+        a = self.args
+        if not a.slatah_target:
+            return a.z
+        if a.z_every > 1 and (self._cycle - 1) % a.z_every:
+            return self.z_now
+        over = float(getattr(ctx, "overloaded_host_steps", 0))
+        act = float(getattr(ctx, "active_host_steps", 0))
+        rate = (over + a.slatah_target * a.z_prior) / (act + a.z_prior)
+        return float(min(max(a.z * (rate / a.slatah_target) ** a.z_gain, a.z_min), a.z_max))
+
     def _level(self, ctx: Any, on: list[int], place: dict[int, int], leaving: set[int],
                est: np.ndarray, var: np.ndarray, load_mu: np.ndarray, load_var: np.ndarray,
                cap: np.ndarray, vm_mem: np.ndarray, mem_lim: np.ndarray,
@@ -413,7 +452,7 @@ class PowerPolicy:
                 by_host[h].append(v)
 
         def util(h: int, dm: float = 0.0, dv: float = 0.0) -> float:
-            return (mu[h] + dm + a.z * math.sqrt(max(vr[h] + dv, 0.0))) / cap[h]
+            return (mu[h] + dm + self.z_now * math.sqrt(max(vr[h] + dv, 0.0))) / cap[h]
 
         mem_bind = bool(ctx.mem_binding)
         mean = sum(util(h) for h in hosts) / len(hosts)
@@ -472,7 +511,7 @@ class PowerPolicy:
                             max_dtime=a.max_dtime, time_limit=a.time_limit, seed=ctx.seed)
         res = solve(problem, [self._tables[h] for h in scope], was_on, opts,
                     hint_on=hint_on, hint_hosts=hint_units,
-                    vm_var=[float(var[g]) for g in vm_global] if a.z else None, z=a.z)
+                    vm_var=[float(var[g]) for g in vm_global] if self.z_now else None, z=self.z_now)
         self.solves += 1
         self.solve_status[res.status] = self.solve_status.get(res.status, 0) + 1
         if res.status == "unchanged":

@@ -67,7 +67,7 @@ def register(cls: type) -> type:
     return cls
 
 
-BUILTIN_MODULES = ("simulator.consolidate", "simulator.power_policy")
+BUILTIN_MODULES = ("simulator.consolidate", "simulator.power_policy", "simulator.lr_mmt")
 
 
 def _load_builtins() -> None:

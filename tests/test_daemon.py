@@ -34,16 +34,17 @@ def scenario_doc(name: str) -> dict[str, Any]:
 
 
 def make(tmp_path: Path, *, automation: str = "manual", imbalance_cycles: int = 1,
-         vm_automation: dict[str, str] | None = None) -> tuple[Any, Any, Any]:
+         vm_automation: dict[str, str] | None = None,
+         time_limit_s: float = 2.0, solvers: Any = None) -> tuple[Any, Any, Any]:
     cfg = parse_config({
         "server": {"api_token": TOKEN},
         "loop": {"imbalance_cycles": imbalance_cycles, "cooldown_s": 600},
-        "cluster": {"automation": automation, "time_limit_s": 2.0, "seed": 1,
+        "cluster": {"automation": automation, "time_limit_s": time_limit_s, "seed": 1,
                     "vm_automation": vm_automation or {}},
         "ingest": {"source": "push", "window_s": 300, "stale_after_s": 120},
         "store": {"path": str(tmp_path / "state.db")},
     })
-    return build(cfg, registry=CollectorRegistry())
+    return build(cfg, registry=CollectorRegistry(), solvers=solvers)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

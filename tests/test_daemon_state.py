@@ -25,7 +25,8 @@ def feed(controller: Any, doc: dict[str, Any]) -> None:
 
 
 def test_recommendations_keep_their_ids_over_five_cycles(tmp_path: Path) -> None:
-    controller, _, _ = make(tmp_path)
+    # the search ends on its deterministic effort, never on the wall clock of a busy machine
+    controller, _, _ = make(tmp_path, time_limit_s=120.0)
     doc = scenario_doc("hot-cold")
     controller.set_inventory(doc)
     feed(controller, doc)
@@ -154,3 +155,32 @@ def test_an_evacuation_that_failed_runs_again_when_proposed_again(tmp_path: Path
         assert not [vm for vm in on_host if where[vm] == host], where
     finally:
         second.close()
+
+
+def test_a_cycle_without_a_plan_still_updates_the_view_and_its_metrics(tmp_path: Path) -> None:
+    """The estimate runs with the plan (in a solver worker under ``serve``); when there is no
+    plan (an evacuation with nowhere to go), the view and the stale-data gauges still follow the
+    samples."""
+    from prometheus_client import generate_latest
+
+    controller, _, telemetry = make(tmp_path, time_limit_s=120.0)
+    doc = {"version": 1,
+           "hosts": [{"name": "h1", "cpu_capacity": 16, "mem_capacity_mb": 65536,
+                      "state": "maintenance"},
+                     {"name": "h2", "cpu_capacity": 16, "mem_capacity_mb": 65536}],
+           "vms": [{"name": "big", "host": "h1", "vcpus": 4, "mem_mb": 32768,
+                    "cpu_demand": 1.0, "mem_demand_mb": 16384},
+                   {"name": "small", "host": "h2", "vcpus": 2, "mem_mb": 4096,
+                    "cpu_demand": 1.0, "mem_demand_mb": 2048}],
+           # kept apart, and h2 is the only host left: "big" cannot be evacuated
+           "rules": [{"name": "apart", "type": "anti_affinity", "vms": ["big", "small"]}]}
+    controller.set_inventory(doc)
+    # samples for h2 and "small" only: "big" and h1 are stale
+    feed(controller, {**doc, "hosts": doc["hosts"][1:], "vms": doc["vms"][1:]})
+    report = controller.run_cycle()
+    assert any(n.startswith("cycle failed") for n in report.notes), report.notes
+    view = controller.view
+    assert view is not None and view.freshness.stale_vms == ["big"]
+    text = generate_latest(telemetry.registry).decode()
+    assert "balancer_stale_vms 1.0" in text and "balancer_vms 2.0" in text, text
+    controller.close()

@@ -224,6 +224,14 @@ def test_moves_run_through_the_planner_waves_and_the_runner() -> None:
     assert list(sim.vm_host) == [1, 1]
     # PDM: each VM loses 10 % of its 200 mc demand for 20 s of the 300 s step
     assert r.summary.pdm == pytest.approx(2 * 0.1 * 200 * 20 / 300 / (3 * 400))
+    # CloudSim's accounting: host 0 draws until its last VM has left (40 s into step 1),
+    # host 1 from the start of the first migration into it (0 s); then only host 1
+    power = r.log.array("power_w")
+    load0 = 400 + 2 * 200 * (20 / 300) * 0.1  # both VMs, plus the copies' CPU overhead
+    load1 = 2 * 200 * (20 / 300) * 1.1  # the reservations of the copies into it
+    assert power[1] == pytest.approx((100 + 100 * load0 / 4000) * 40 / 300
+                                     + (100 + 100 * load1 / 4000))
+    assert power[2] == pytest.approx(100 + 100 * 400 / 4000)
 
 
 def test_power_policy_on_planetlab_slices() -> None:
@@ -382,3 +390,51 @@ def test_plan_power_bad_input_is_one_line() -> None:
     r = run("--power-history", "/nonexistent/history.csv")
     assert r.returncode == 2 and "--power-history" in r.stderr and len(r.stderr.splitlines()) == 1
     assert all("Traceback" not in x for x in (r.stderr, r.stdout))
+
+
+# ---------------------------------------------------------------- lr-mmt (the reference)
+
+
+def test_lr_coefficients_are_the_least_squares_line_extrapolated() -> None:
+    from simulator.lr_mmt import lr_coefficients
+
+    rng = np.random.default_rng(3)
+    y = rng.random(10)
+    slope, icpt = np.polyfit(np.arange(1, 11), y, 1)
+    assert lr_coefficients(10, 1) @ y == pytest.approx(icpt + slope * 11)
+    assert lr_coefficients(10, 2) @ y == pytest.approx(icpt + slope * 12)
+
+
+def test_lr_mmt_selects_least_memory_places_least_power_and_empties_underloaded() -> None:
+    from simulator.cluster import ReplayContext
+
+    # VMs a..e; host 0 holds a, b, c at 105 % (overloaded), host 1 holds d (2.5 %), host 2
+    # holds e (25 %), host 3 is empty. Even hosts draw 100..200 W, odd hosts 100..300 W.
+    util = [[1.0, 0.8, 0.8, 0.2, 0.5]] * 12
+    tr = synthetic(util, [1.0, 2.0, 2.0, 0.5, 2.0], [2000, 500, 1000, 600, 800])
+    flat = HostType("flat", 4.0, 65536, PowerModel(idle_w=100, peak_w=200), 0.0)
+    steep = HostType("steep", 4.0, 65536, PowerModel(idle_w=100, peak_w=300), 0.0)
+    cfg = ClusterConfig(host_types=(flat, steep), hosts=4, bandwidth_mbps=1000.0,
+                        migration_time="ram-over-half-bandwidth", empty_host_off=True,
+                        memory_binding=False, initial_fill=1.0)
+    work = workload_from_trace(tr, cfg)
+    for step in (11, 5):  # the regression (10 steps of history), then the 0.7 fallback
+        pol = replay_policies.make("lr-mmt", {})
+        sim = Simulator(work, cfg, pol)
+        sim.vm_host = np.array([0, 0, 0, 1, 2])
+        d = pol.decide(ReplayContext(sim, step))
+        # MMT: b (500 MB) leaves host 0, which is then at 65 % (x 1.2 < 1): c and a stay.
+        # PABFD: b adds 40 W on a flat host, 80 W on a steep one: host 2. Host 1 (the least
+        # utilised) is emptied onto host 2; host 2 received, so it is not emptied.
+        assert dict(d.moves) == {1: 2, 3: 2}, step
+        assert pol.report()["lr_underload_emptied"] == 1
+
+
+def test_lr_mmt_replays_reproducibly() -> None:
+    kw = dict(config=BELOGLAZOV, steps=14, vms=150, hosts=40)
+    a = run_one("planetlab:20110303", "lr-mmt", **kw)
+    b = run_one("planetlab:20110303", "lr-mmt", **kw)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b and a["migrations"] > 0 and a["lr_moves_under"] > 0
+    with pytest.raises(InputError, match="field 'safety'"):
+        replay_policies.make("lr-mmt", {"safety": 0})

@@ -37,7 +37,9 @@ def test_worker_plan_equals_in_process_plan(pool: SolverPool) -> None:
 def test_wall_limit_stops_the_solve_with_the_best_plan(pool: SolverPool) -> None:
     snap = parse_snapshot(generate(64, 1000, seed=4))
     t0 = time.monotonic()
-    result = pool.plan(snap, PlanOptions(threshold=5, time_limit=120.0), wall_limit=3.0)
+    # 20x the default effort: far more search than 3 s holds on any machine, so the cap ends it
+    result = pool.plan(snap, PlanOptions(threshold=5, time_limit=120.0, effort=20.0),
+                       wall_limit=3.0)
     took = time.monotonic() - t0
     assert took < 30  # far from the 120 s limit: stopped at the cap
     assert result.solver["stopped_by"] == "stop"
@@ -80,3 +82,36 @@ def test_busy_when_every_worker_solves() -> None:
         t.join(timeout=60)
     finally:
         p.close()
+
+
+def test_the_cycle_estimates_and_plans_in_a_worker(tmp_path, pool: SolverPool,  # noqa: ANN001
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` hands each cycle's estimate and plan to a solver worker (their CPU stays out
+    of the process that answers the API): with both broken in this process, a cycle through
+    the pool still gives the recommendations of an in-process cycle."""
+    import balancer.cycle
+    from tests.test_daemon import make, scenario_doc
+    from tests.test_daemon_state import feed
+
+    doc = scenario_doc("hot-cold")
+
+    def recommend(controller) -> list[tuple[str, str, str]]:  # noqa: ANN001
+        controller.set_inventory(doc)
+        feed(controller, doc)
+        report = controller.run_cycle()
+        assert not any(n.startswith("cycle failed") for n in report.notes), report.notes
+        controller.close()
+        return sorted((r["vm"], r["source"], r["target"]) for r in report.recommendations)
+
+    here, _, _ = make(tmp_path / "here", time_limit_s=120.0)
+    want = recommend(here)
+    assert want
+
+    def broken(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("estimated or planned in the API's process")
+
+    monkeypatch.setattr(balancer.cycle, "estimated", broken)
+    monkeypatch.setattr(balancer.cycle, "plan", broken)
+    there, _, _ = make(tmp_path / "there", time_limit_s=120.0, solvers=pool)
+    assert recommend(there) == want
+

@@ -271,9 +271,15 @@ def _started(n: int) -> dict:
     """A task that notes when and where it ran (for the ordering test)."""
     t0 = time.time()
     time.sleep(1.0)
+    import dask
     from distributed import get_worker
-    return {"n": n, "start": t0, "worker": get_worker().address,
-            "env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}}
+
+    w = get_worker()
+    return {"n": n, "start": t0, "worker": w.address,
+            "env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
+            # Dask's background work beside the run (balancer.tasks.QUIET_CONFIG)
+            "profiler": dask.config.get("distributed.worker.profile.enabled"),
+            "tick": dask.config.get("distributed.admin.tick.interval")}
 
 
 def test_local_cluster_runs_the_longest_first_on_single_thread_workers() -> None:
@@ -291,6 +297,8 @@ def test_local_cluster_runs_the_longest_first_on_single_thread_workers() -> None
     # one thread per numerical library, glibc's own malloc trimming (not Dask's 64 KiB)
     assert all(r["env"] == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
                for r in res), res
+    # no statistical profiler sampling the run's thread, the event loop ticking once a second
+    assert all(r["profiler"] is False and r["tick"] == "1s" for r in res), res
 
 
 def test_estimated_cost_orders_days_by_size_and_none_last() -> None:
