@@ -91,10 +91,13 @@ class Draft:
         for root in sorted(roots, key=lambda r: roots[r][0]):
             members = tuple(roots[root])
             pinned_members = [v for v in members if v in self.pinned]
-            cands = set(receiving)
-            for v in members:
-                if self.allowed[v] is not None:
-                    cands &= self.allowed[v]  # type: ignore[operator]
+            limits = [self.allowed[v] for v in members if self.allowed[v] is not None]
+            # most units may go to every receiving host: that set is shared, not copied
+            cands: frozenset[int] | set[int] = receiving
+            if limits:
+                cands = set(receiving)
+                for allowed in limits:
+                    cands &= allowed  # type: ignore[operator]
             if pinned_members:
                 fixed = {start[v] for v in pinned_members}
                 if len(fixed) > 1:
@@ -122,7 +125,7 @@ class Draft:
                 )
             pinned = bool(pinned_members)
             u = len(units)
-            key = frozenset(cands)
+            key = cands if isinstance(cands, frozenset) else frozenset(cands)
             if key not in shared:
                 shared[key] = tuple(sorted(key))
             units.append(Unit(members=members, candidates=shared[key], pinned=pinned,

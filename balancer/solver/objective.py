@@ -88,8 +88,15 @@ class Evaluator:
         self.unit_pinned = np.array([unit.pinned for unit in p.units], dtype=bool)
         # cand_mask[u, h]: host h is one of unit u's candidates
         self.cand_mask = np.zeros((len(p.units), n_h), dtype=bool)
+        # units share their candidate tuples (policies.base): one assignment per distinct set
+        rows_of: dict[int, list[int]] = {}
+        cands_of: dict[int, tuple[int, ...]] = {}
         for u, unit in enumerate(p.units):
-            self.cand_mask[u, unit.candidates] = True
+            rows_of.setdefault(id(unit.candidates), []).append(u)
+            cands_of[id(unit.candidates)] = unit.candidates
+        for key, rows in rows_of.items():
+            cols = np.asarray(cands_of[key], dtype=np.intp)
+            self.cand_mask[np.asarray(rows, dtype=np.intp)[:, None], cols[None, :]] = True
         # unit -> indices of the mandatory anti-affinity groups it belongs to
         self.apart_of: dict[int, list[int]] = {}
         for gi, g in enumerate(p.apart):
