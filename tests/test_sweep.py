@@ -267,10 +267,15 @@ def test_embedded_local_cluster_by_default() -> None:
     assert all(x["energy_kwh"] > 0 and x["attempts"] == 1 for x in runs)
 
 
+# the ordering test's tasks: estimated cost, and each runs 0.3 s per unit of it, so that the two
+# first runs end 0.3 s apart and the next two start in a definite order
+COSTS = {0: 1.0, 1: 5.0, 2: 3.0, 3: 4.0}
+
+
 def _started(n: int) -> dict:
     """A task that notes when and where it ran (for the ordering test)."""
     t0 = time.time()
-    time.sleep(1.0)
+    time.sleep(0.3 * COSTS[n])
     import dask
     from distributed import get_worker
 
@@ -287,9 +292,8 @@ def test_local_cluster_runs_the_longest_first_on_single_thread_workers() -> None
     the cheapest starts last whatever the order they were given in."""
     from balancer import tasks
 
-    costs = {0: 1.0, 1: 5.0, 2: 3.0, 3: 4.0}
     res = tasks.run_tasks("local", [0, 1, 2, 3], _started, progress=False,
-                          cost=costs.__getitem__)
+                          cost=COSTS.__getitem__)
     assert [r["n"] for r in res] == [0, 1, 2, 3]  # results in the order given
     by_start = [r["n"] for r in sorted(res, key=lambda r: r["start"])]
     assert set(by_start[:2]) == {1, 3} and by_start[2:] == [2, 0], by_start
