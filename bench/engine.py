@@ -264,18 +264,14 @@ def main() -> int:
                   "min / median / max over seeds")
             print("| target | limit | " + " | ".join(args.generators) + " | met |")
             print("|---|---|" + "---|" * len(args.generators) + "---|")
-            for key, label, limit in TARGETS:
-                vals = {g: [r[key] for r in rs] for g, rs in results.items()}
-                met = all(v <= limit + 1e-9 for vs in vals.values() for v in vs)
-                print(f"| {label} | <= {limit:g} | "
-                      + " | ".join(spread(vals[g]) for g in args.generators)
-                      + f" | {'yes' if met else 'NO'} |")
-            for key, label, limit in FLOORS:
-                vals = {g: [r[key] for r in rs] for g, rs in results.items()}
-                ok = all(v <= limit + 1e-9 for vs in vals.values() for v in vs)
-                print(f"| {label} | <= {limit:g} | "
-                      + " | ".join(spread(vals[g]) for g in args.generators)
-                      + f" | {'reachable' if ok else 'NOT REACHABLE on some seeds'} |")
+            for rows, yes, no in ((TARGETS, "yes", "NO"),
+                                  (FLOORS, "reachable", "NOT REACHABLE on some seeds")):
+                for key, label, limit in rows:
+                    vals = {g: [r[key] for r in rs] for g, rs in results.items()}
+                    ok = all(v <= limit + 1e-9 for vs in vals.values() for v in vs)
+                    print(f"| {label} | <= {limit:g} | "
+                          + " | ".join(spread(vals[g]) for g in args.generators)
+                          + f" | {yes if ok else no} |")
     return 0
 
 

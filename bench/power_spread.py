@@ -30,19 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.replay import REFERENCE  # noqa: E402
-from simulator import traces, variants  # noqa: E402
+from bench.tune_power import load_trace  # noqa: E402
+from simulator import traces  # noqa: E402
 from simulator.replay import load_experiment, run_one  # noqa: E402
 
 CACHE = ROOT / "bench" / "lrmmt-reference.json"
 TUNED_ON = {"shift:1", "bootstrap:1"}
-
-
-def load_trace(name: str):  # noqa: ANN201
-    day, *rest = name.split("~")
-    tr = traces.load(f"planetlab:{day}")
-    if rest:
-        tr = variants.make(tr, rest[0], int(rest[1]))
-    return tr
 
 
 def spread(xs: list[float], fmt: str) -> str:

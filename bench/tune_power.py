@@ -54,7 +54,8 @@ def candidates() -> list[dict]:
     return out
 
 
-def _trace(name: str):  # noqa: ANN202
+def load_trace(name: str):  # noqa: ANN201
+    """A bundled PlanetLab day, or a generated variant of it (``DAY~KIND~SEED``)."""
     day, *rest = name.split("~")
     tr = traces.load(f"planetlab:{day}")
     if rest:
@@ -64,7 +65,7 @@ def _trace(name: str):  # noqa: ANN202
 
 def _run(job: tuple[str, dict, str]) -> dict:
     name, params, config = job
-    tr = _trace(name)
+    tr = load_trace(name)
     r = run_one(tr, "power", params, config=load_experiment(config))
     demand_core_h = float(tr.cpu_util.sum())  # normalised below by the same trace's VMs
     r.update({"trace_name": name, "params": params, "demand": demand_core_h})
