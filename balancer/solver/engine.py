@@ -83,7 +83,13 @@ class EngineOptions:
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
     price: float | None = None  # the threshold's price per MiB (budgets are searched by price)
     fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
-    price_steps: int = 6  # bisection steps of the price search
+    price_steps: int = 6  # bisection steps of the price search (budget_descent off)
+    # the price search walks down from descent_high by descent_ratio per step, from the
+    # current placement, until a plan breaks the budget, then bisects descent_bisect times
+    budget_descent: bool = True
+    descent_high: float = 60_000.0
+    descent_ratio: float = 0.45
+    descent_bisect: int = 3
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
     swap_starts: int = 3  # plans within a budget improved by the budgeted local search
     swap_rounds: int = 400  # its rounds (each applies one add, re-target, undo or swap)
@@ -555,23 +561,10 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
     return sorted(sub.assumptions[i] for i in core)
 
 
-def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
-                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
-                     ) -> tuple[np.ndarray, int, int]:
-    """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
-    search (``balancer.solver.swap``); returns (placement, objective, improvements).
-
-    a. The unbudgeted engine at the threshold's price (``budget_explore / 2`` of the effort).
-    b. If its plan fits the budget, the search goes on with the budget in force (it rarely
-       binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
-       effort left), each over-budget plan trimmed to the budget.
-    c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
-       incumbent) go through the budgeted local search on the judged imbalance, and so does
-       the current placement (the local search then chooses every move itself).
-    d. The best of them goes through an iterated local search (``kicks`` random kicks of
-       ``kick_size`` undone moves, seeded).
-    The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
-    std); the greedy answer stays a fallback (``greedy_kept``)."""
+def _bisect(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+            g: np.ndarray, g_obj: int | None) -> tuple[list[Priced], int]:
+    """The price search of the second pass: the unbudgeted engine at the threshold's price,
+    then bisection upwards warm-started from the best plan within the budget."""
     ev = s.ev
     assert opts.price is not None
     fixed_mb = opts.fixed_cost_mb
@@ -603,6 +596,62 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
             step_work = max(1, s.work // 4)
         cands += search_budget(s, problem, start.unit_hosts if start else inc, free, opts.price,
                                fixed_mb, opts.price_steps, step_work)
+    return cands, improvements
+
+
+def _descend(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+             g: np.ndarray, g_obj: int | None) -> list[Priced]:
+    """The price search walking down from a high price (``price.descend_budget``); if the
+    budget does not bind at the threshold's price, the search goes on with it in force."""
+    ev = s.ev
+    assert opts.price is not None
+    cands: list[Priced] = [measure(problem, ev, opts.price, inc)]
+    if g_obj is not None:
+        cands.append(measure(problem, ev, math.inf, g))
+    here = initial_unit_hosts(problem)
+    if mandatory_violations(problem, ev, here):
+        here = best_within(cands).unit_hosts if best_within(cands) else inc
+    got, last = price_mod.descend_budget(
+        s, problem, here, max(opts.descent_high, opts.price), opts.price, opts.descent_ratio,
+        opts.fixed_cost_mb, opts.descent_bisect)
+    cands += got
+    if last is not None and not s.exhausted():
+        pb, evb = reprice(problem, ev, opts.price, opts.fixed_cost_mb, keep_budget=True)
+        s.p, s.ev = pb, evb
+        try:
+            more, _, _ = s.lns(last, evb.objective(last), until=1.0)
+        finally:
+            s.p, s.ev = problem, ev
+        cands.append(measure(problem, ev, opts.price, more))
+    return cands
+
+
+def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
+                     ) -> tuple[np.ndarray, int, int]:
+    """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
+    search (``balancer.solver.swap``); returns (placement, objective, improvements).
+
+    a. The unbudgeted engine at the threshold's price (``budget_explore / 2`` of the effort).
+    b. If its plan fits the budget, the search goes on with the budget in force (it rarely
+       binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
+       effort left), each over-budget plan trimmed to the budget.
+    c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
+       incumbent) go through the budgeted local search on the judged imbalance, and so does
+       the current placement (the local search then chooses every move itself).
+    d. The best of them goes through an iterated local search (``kicks`` random kicks of
+       ``kick_size`` undone moves, seeded).
+    The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
+    std); the greedy answer stays a fallback (``greedy_kept``)."""
+    ev = s.ev
+    assert opts.price is not None
+    fixed_mb = opts.fixed_cost_mb
+    improvements = 0
+    if opts.budget_descent:
+        cands = _descend(s, problem, opts, inc, g, g_obj)
+    else:
+        cands, n = _bisect(s, problem, opts, inc, g, g_obj)
+        improvements += n
     # c. the best few plans within the budget, improved on the judged imbalance
     starts = sorted((c for c in cands if c.within_budget),
                     key=lambda c: (c.imbalance, c.moved_mem, c.price))[:opts.swap_starts]
