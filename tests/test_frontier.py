@@ -20,8 +20,15 @@ CLI = [sys.executable, "-m", "balancer.cli"]
 
 def test_frontier_points_are_verified_plans_sorted_by_memory_moved() -> None:
     snap = parse_snapshot(generate(12, 120, 4, rules=True))
-    f = frontier(snap, PlanOptions(time_limit=300, max_iterations=60, seed=1), points=5)
-    assert len(f.points) == 5
+    opts = PlanOptions(time_limit=300, max_iterations=60, seed=1)
+    priced = frontier(snap, opts, points=5, fill=0)
+    assert len(priced.points) == 5 and {p.kind for p in priced.points} == {"price"}
+    f = frontier(snap, opts, points=5)  # two points by memory budget between neighbours
+    assert 5 < len(f.points) <= 5 + 2 * 4
+    assert {p.kind for p in f.points} == {"price", "memory budget"}
+    # the price points are the same search (the filled ones come after it)
+    assert sorted(p.plan.moved_mem for p in f.points if p.kind == "price") == \
+        [p.plan.moved_mem for p in priced.points]
     moved = [p.plan.moved_mem for p in f.points]
     assert moved == sorted(moved)
     for p in f.points:
@@ -34,18 +41,40 @@ def test_frontier_points_are_verified_plans_sorted_by_memory_moved() -> None:
     assert f.points[0].plan.moved_mem < f.points[-1].plan.moved_mem
     doc = f.to_dict()
     assert set(doc["frontier"][0]) >= {"price", "moved_mem_gb", "moves", "imbalance", "cpu_std",
-                                       "mem_std", "migrations", "bound", "gap"}
+                                       "mem_std", "migrations", "bound", "gap", "solved_by"}
+
+
+def test_filled_points_beat_the_price_points_at_their_memory() -> None:
+    """A point solved by memory budget between two price points balances no worse than every
+    price point that moves no more memory, and most balance better (they add to the curve)."""
+    for gen, seed in ((generate, 21), (generate_skewed, 22)):
+        snap = parse_snapshot(gen(24, 360, seed, rules=True))
+        f = frontier(snap, PlanOptions(time_limit=300, max_iterations=120, seed=1), points=5)
+        filled = [p for p in f.points if p.kind == "memory budget"]
+        assert len(filled) >= 4
+        for p in filled:
+            below = [q for q in f.points if q.kind == "price"
+                     and q.plan.moved_mem <= p.plan.moved_mem]
+            if below:
+                best = min(q.plan.after.imbalance for q in below)
+                assert p.plan.after.imbalance <= best, (gen.__name__, p.to_dict()["price"])
+        # and most do strictly better: they add to the curve
+        assert sum(p.plan.after.imbalance < min(
+            [q.plan.after.imbalance for q in f.points if q.kind == "price"
+             and q.plan.moved_mem <= p.plan.moved_mem] or [9.0]) for p in filled) \
+            >= len(filled) // 2
 
 
 def test_frontier_from_the_command_line_json_table_and_plot(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps(generate(8, 80, 2)))
-    p = subprocess.run([*CLI, "plan", str(path), "--frontier", "--points", "3", "--format",
-                        "json", "--time-limit", "120"], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([*CLI, "plan", str(path), "--frontier", "--points", "3", "--fill", "0",
+                        "--format", "json", "--time-limit", "120"], capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert len(doc["frontier"]) == 3
+    assert {q["solved_by"] for q in doc["frontier"]} == {"price"}
     assert set(doc["frontier"][0]["migrations"][0] if doc["frontier"][0]["migrations"] else
                {"vm": 1, "from": 1, "to": 1, "reason": 1}) >= {"vm", "from", "to", "reason"}
     png = tmp_path / "f.png"
@@ -53,7 +82,7 @@ def test_frontier_from_the_command_line_json_table_and_plot(tmp_path: Path) -> N
                         "table", "--plot", str(png), "--time-limit", "120"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "price/MiB" in p.stdout and "GiB moved" in p.stdout
+    assert "price/MiB" in p.stdout and "GiB moved" in p.stdout and "budget" in p.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([*CLI, "plan", str(path), "--plot", str(png)], capture_output=True,
                          text=True, timeout=60)

@@ -46,7 +46,8 @@ from balancer.model.problem import Problem, vm_placement
 from balancer.solver import bound as bound_mod
 from balancer.solver import cpsat, pairs, swap
 from balancer.solver import price as price_mod
-from balancer.solver.greedy import State, greedy, initial_unit_hosts
+from balancer.solver.gains import Imbalance
+from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
 from balancer.solver.objective import Evaluator
 from balancer.solver.price import Priced, best_within, measure, reprice, search_budget
 
@@ -98,6 +99,11 @@ class EngineOptions:
     kicks: int = 12
     kick_size: int = 8
     frontier_swap_rounds: int = 60  # the same, per frontier point
+    # between two price points of the frontier, this many points solved by memory budget
+    # (the plan of the point that moves more, trimmed to a memory level between the two and
+    # finished by the budgeted local search), so any memory level has a plan nearby
+    frontier_fill: int = 2
+    frontier_fill_rounds: int = 30  # local search rounds per such point
     # decomposition (large clusters): disjoint host groups solved side by side
     # balanced hosts from which the decomposition runs; None: never (the default: measured
     # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
@@ -899,6 +905,7 @@ class CurvePoint:
     unit_hosts: np.ndarray
     objective: int  # at this price
     bound: int  # a lower bound on the objective at this price (see ``lower_bound``)
+    kind: str = "price"  # "price": solved at its price; "memory budget": a filled point
 
 
 def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = None,
@@ -946,10 +953,61 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
             if opts.fluid_bound and not s.interrupted():
                 low = max(low, bound_mod.fluid_bound(problem, evp) or 0)
             points.append(CurvePoint(price, point, obj, min(obj, low)))
+        if opts.frontier_fill > 0 and not s.interrupted():
+            points += _fill(problem, ev, points, opts)
         stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
         return points, stopped_by
     finally:
         s.watcher.close()
+
+
+def _fill(problem: Problem, ev: Evaluator, points: list[CurvePoint], opts: EngineOptions,
+          ) -> list[CurvePoint]:
+    """Points between the price points: for two neighbours A (higher price) and B (lower
+    price, more memory moved), ``frontier_fill`` memory levels evenly between theirs; at each,
+    B's plan trimmed to that memory (undo the moves costing least per MiB at B's price) and
+    finished by the budgeted local search with that memory as the budget.
+
+    Each such point is stated at the price between A's and B's in the same proportion; its
+    bound interpolates theirs linearly in the price, which is valid: the best objective as a
+    function of the price is a minimum of functions linear in it (one per plan), so concave,
+    and lies above the chord between two lower bounds."""
+    out: list[CurvePoint] = []
+    imb = Imbalance.of(problem, ev)
+
+    def value(hosts: np.ndarray) -> float:
+        cpu, memd, _ = ev.loads(hosts)
+        return imb.value(cpu.astype(float), memd.astype(float))
+
+    for a, b in zip(points, points[1:], strict=False):
+        _, mem_a = ev.moved(a.unit_hosts)
+        _, mem_b = ev.moved(b.unit_hosts)
+        if mem_b <= mem_a:
+            continue
+        for j in range(1, opts.frontier_fill + 1):
+            lam = j / (opts.frontier_fill + 1)
+            level = int(mem_a + (mem_b - mem_a) * lam)
+            price = a.price + (b.price - a.price) * lam
+            pb = replace(problem, max_moved_mem=level)
+            _, evb = reprice(pb, ev, b.price, opts.fixed_cost_mb, keep_budget=True)
+            trimmed = trim_to_budget(evb.problem, evb, b.unit_hosts)
+            if trimmed is None:
+                continue
+            # or from the best plan already on the curve within that memory, if that one
+            # balances better (so the point is never worse than the curve below it)
+            starts = [trimmed]
+            below = [q for q in points if q.unit_hosts is not b.unit_hosts
+                     and ev.moved(q.unit_hosts)[1] <= level]
+            if below:
+                starts.append(min(below, key=lambda q: value(q.unit_hosts)).unit_hosts)
+            hosts = swap.improve(pb, ev, min(starts, key=value),
+                                 rounds=opts.frontier_fill_rounds, imb=imb)
+            _, evp = reprice(problem, ev, price, opts.fixed_cost_mb)
+            obj = evp.objective(hosts)
+            low = int(math.floor(a.bound + (b.bound - a.bound) * lam))
+            out.append(CurvePoint(price, hosts, obj, min(obj, max(low, lower_bound(
+                problem, evp, hosts))), kind="memory budget"))
+    return out
 
 
 def lower_bound(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> int:
