@@ -16,9 +16,10 @@ Description
        Steps start with pairs of hosts; the neighbourhood grows when steps stop improving and
        shrinks when CP-SAT cannot prove a step optimal; the search stops early once the largest
        neighbourhoods find nothing more.
-    4. With a budget, step 3 runs without it at a searched price (``price.py``), over-budget
-       plans are trimmed, and the best plans within the budget are finished by the budgeted
-       local search on the judged imbalance (``swap.py``).
+    4. With a budget, step 3 runs without it at prices walked down from a high one until the
+       plan breaks the budget, then bisected (``price.py``), over-budget plans are trimmed,
+       and the best plans within the budget are finished by the budgeted local search on the
+       judged imbalance (``swap.py``).
     The same model (``cpsat.build``) serves every step; only the free set differs.
 Requirements
     A ``Problem`` from ``policies.build_problem``.
@@ -638,10 +639,11 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
     """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
     search (``balancer.solver.swap``); returns (placement, objective, improvements).
 
-    a. The unbudgeted engine at the threshold's price (``budget_explore / 2`` of the effort).
-    b. If its plan fits the budget, the search goes on with the budget in force (it rarely
-       binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
-       effort left), each over-budget plan trimmed to the budget.
+    a./b. The price walked down from ``descent_high`` by ``descent_ratio`` per step from the
+       current placement until a plan breaks the budget, then bisected ``descent_bisect``
+       times, each over-budget plan trimmed to the budget (``_descend``); if the budget does
+       not bind at the threshold's price, the search goes on there with the budget in force.
+       (``budget_descent=False``: the second pass's search, ``_bisect``.)
     c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
        incumbent) go through the budgeted local search on the judged imbalance, and so does
        the current placement (the local search then chooses every move itself).
@@ -651,7 +653,6 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
     std); the greedy answer stays a fallback (``greedy_kept``)."""
     ev = s.ev
     assert opts.price is not None
-    fixed_mb = opts.fixed_cost_mb
     improvements = 0
     if opts.budget_descent:
         cands = _descend(s, problem, opts, inc, g, g_obj)

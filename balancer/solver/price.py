@@ -4,12 +4,12 @@ A budget (at most K migrations, at most G MiB moved) is a hard constraint on the
 its Lagrangian relaxation moves it into the objective as a price per unit of budget used. The
 unbudgeted engine already has such a price: ``move_cost = price * (mem + fixed)`` per VM
 moved. Raising the price moves less; so the engine searches the price at which the
-unbudgeted optimum just fits the budget (bisection in log-price, each point warm-started from
-the best plan within the budget found so far), keeps the best plan within the budget, repairs
-each over-budget plan with one exact CP-SAT model over its moved units (each may stay or go
-back, the budget in force), then fills what is left of the budget with the budget in force.
-The same machinery, swept over a grid of prices from high to low (each point warm-started from
-the one before), gives the whole balance / migration-cost curve (``frontier``).
+unbudgeted optimum just fits the budget: it walks the price down from a high one, each step
+warm-started from the plan before it, until a plan breaks the budget, then bisects in
+log-price between the last two (``descend_budget``; ``search_budget`` is the older upward
+bisection from the best plan within the budget). Every over-budget plan is also trimmed to
+the budget. The same machinery, swept over a grid of prices from high to low (each point
+warm-started from the one before), gives the whole balance / migration-cost curve (``frontier``).
 
 Price shape
     Memory budget: ``price * (mem_mb + fixed_cost_mb)``, the shape the thresholds use.

@@ -35,10 +35,10 @@ def _ops(problem: Problem, ev: Evaluator, st: State, imb: Imbalance, us: np.ndar
          home: np.ndarray, cand: np.ndarray, members: np.ndarray, cpu: np.ndarray,
          memd: np.ndarray) -> tuple[np.ndarray, ...]:
     """Every (unit, destination) pair of the units ``us`` (whose members started together, at
-    ``home``; ``cand`` their candidate mask, ``members`` the VMs of each unit) that passes the cheap vectorised checks, with its
-    change of migrations and of MiB moved and the imbalance after it alone (computed densely
-    over units x hosts: the sum of utilisations changes by the unit's share on its host and on
-    the destination, the sum of squares likewise)."""
+    ``home``; ``cand`` their candidate mask, ``members`` the VMs per unit) that passes the
+    cheap vectorised checks, with its change of migrations and of MiB moved and the imbalance
+    after it alone (computed densely over units x hosts: the sum of utilisations changes by
+    the unit's share on its host and on the destination, the sum of squares likewise)."""
     cur = st.hosts[us]
     rows = np.arange(len(us))
     # capacity on the destination (a unit going home needs no room if its host receives
