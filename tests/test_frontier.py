@@ -97,3 +97,70 @@ def test_memory_budget_by_price_beats_greedy_at_greedys_memory() -> None:
         c = plan(snap, det(threshold=5, max_moved_mem_gb=budget, max_iterations=120))
         assert c.moved_mem <= g.moved_mem
         assert c.after.imbalance <= 0.9 * g.after.imbalance, (gen.__name__, c.solver)
+
+
+def test_budget_price_walks_down_from_a_high_price_then_bisects() -> None:
+    """The price search starts high (almost nothing pays), falls by the ratio per step until
+    a plan breaks the budget, then bisects between the last two prices; every plan it keeps
+    as a candidate fits the budget or is the trim of one that does not."""
+    import math
+
+    from balancer.solver.engine import EngineOptions, _Search
+    from balancer.solver.greedy import initial_unit_hosts
+    from balancer.solver.price import descend_budget
+    from policies import build_problem
+
+    snap = parse_snapshot(generate_skewed(24, 360, 7, rules=True))
+    g = plan(snap, det(threshold=5, solver="greedy"))
+    opts = det(threshold=5, max_moved_mem_gb=g.moved_mem / 1024)
+    problem = build_problem(snap, policies=opts.policies())
+    search = _Search(problem, EngineOptions(time_limit=120.0, max_iterations=60, seed=1,
+                                            price=100.0))
+    try:
+        got, last = descend_budget(search, problem, initial_unit_hosts(problem), 60_000.0,
+                                   100.0, 0.45, 1024.0, 3)
+    finally:
+        search.watcher.close()
+    assert last is None  # the budget binds above the threshold's price
+    steps = []  # (price, within) per step; a trim follows its over-budget plan at its price
+    for c in got:
+        if steps and c.price == steps[-1][0]:
+            assert c.within_budget  # the trim
+            continue
+        steps.append((c.price, c.within_budget))
+    first_over = next(i for i, (_, ok) in enumerate(steps) if not ok)
+    assert first_over >= 1
+    for i in range(first_over + 1):
+        assert math.isclose(steps[i][0], 60_000.0 * 0.45 ** i)
+        assert steps[i][1] == (i < first_over)
+    hi, lo = steps[first_over - 1][0], steps[first_over][0]
+    assert len(steps) == first_over + 1 + 3
+    for price, ok in steps[first_over + 1:]:
+        assert lo < price < hi
+        assert math.isclose(price, math.sqrt(lo * hi))
+        hi, lo = (price, lo) if ok else (hi, price)
+
+
+def test_memory_budget_walking_the_price_down_beats_the_upward_bisection() -> None:
+    """At greedy's memory, the budgeted plan of the price walked down from a high price
+    balances better than the second pass's search (threshold's price, then bisection up from
+    greedy's plan), on both generators, for the same effort."""
+    from dataclasses import replace
+
+    from balancer.model import util_stats
+    from balancer.solver.engine import EngineOptions, solve
+    from policies import build_problem
+
+    for gen, seed in ((generate, 31), (generate_skewed, 32)):
+        snap = parse_snapshot(gen(24, 360, seed, rules=True))
+        g = plan(snap, det(threshold=5, solver="greedy"))
+        opts = det(threshold=5, max_moved_mem_gb=g.moved_mem / 1024)
+        problem = build_problem(snap, policies=opts.policies())
+        base = EngineOptions(time_limit=120.0, max_iterations=80, seed=1, price=100.0)
+        down = solve(problem, base)
+        up = solve(problem, replace(base, budget_descent=False))
+        imb_down = util_stats(snap, down.placement).imbalance
+        imb_up = util_stats(snap, up.placement).imbalance
+        assert verify(snap, down.placement, opts.limits()) == []
+        assert imb_down < imb_up, (gen.__name__, imb_down, imb_up)
+        assert imb_down <= 0.75 * g.after.imbalance, (gen.__name__, imb_down)
