@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -137,9 +138,12 @@ def forecast_snapshot(snap: ClusterSnapshot, history: pd.DataFrame,
 
 
 def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
-               history: pd.DataFrame | None = None) -> dict[str, Any]:
+               history: pd.DataFrame | None = None, *, keep_on: Iterable[str] = (),
+               stop: Any = None) -> dict[str, Any]:
     """Power recommendations for ``snap``; with ``history`` (``read_history``), on the
-    forecast demand of the next cycle with the margin per host ``o.z``."""
+    forecast demand of the next cycle with the margin per host ``o.z``. Hosts named in
+    ``keep_on`` keep their power state (the daemon: a standby the operator dismissed).
+    ``stop`` is accepted so that the daemon can run this in a solver worker (``run_fn``)."""
     from policies import build_problem
 
     o = o or PowerPlanOptions()
@@ -157,8 +161,10 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
                                                  "mem_overcommit": o.mem_overcommit}})
     power = host_power(snap, o.idle_w, o.peak_w)
     # hosts in maintenance stay powered (the operator's) and are evacuated, never switched
-    locked = {i for i, h in enumerate(snap.hosts) if h.state is HostState.MAINTENANCE}
-    was_on = [on or i in locked for i, on in enumerate(was_on)]
+    maint = {i for i, h in enumerate(snap.hosts) if h.state is HostState.MAINTENANCE}
+    keep = set(keep_on)
+    locked = maint | {i for i, h in enumerate(snap.hosts) if h.name in keep}
+    was_on = [on or i in maint for i, on in enumerate(was_on)]
     res = solve(problem, power, was_on, PowerOptions(
         target_util=o.target_util, migration_w=o.migration_w, max_switch=o.max_switch,
         max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed), locked=locked,
@@ -198,7 +204,7 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
         src, dst = start[v], vm_hosts[v]
         if src in res.switched_off:
             return f"empty {snap.hosts[src].name} for standby"
-        if src in locked:
+        if src in maint:
             return f"evacuate {snap.hosts[src].name} (maintenance)"
         if load0[src] > o.target_util * caps[src]:
             return (f"relieve {snap.hosts[src].name}: {100 * load0[src] / caps[src]:.0f} % CPU, "
