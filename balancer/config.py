@@ -122,6 +122,7 @@ class PowerConfig:
     max_switch: int = 1  # hosts put in standby or woken per cycle
     standby_cycles: int = 3  # cycles in a row the plan must want a standby before it is shown
     migration_w: float = 30.0  # watts a migration must save to be worth it
+    forecast: bool = False  # plan on each VM's forecast peak (balancer.forecast), not the estimate
     idle_w: float = 180.0  # hosts without power.* labels: idle and peak watts
     peak_w: float = 450.0
     command: str | None = None  # template with {action} (standby|wake) and {host}
@@ -427,6 +428,7 @@ def parse_power(s: _Section) -> PowerConfig:
         max_switch=s.integer("max_switch", 1, minimum=1),
         standby_cycles=s.integer("standby_cycles", 3, minimum=1),
         migration_w=s.number("migration_w", 30.0, strict=False),
+        forecast=s.boolean("forecast", False),
         idle_w=idle_w, peak_w=peak_w, command=command,
         command_timeout_s=s.number("command_timeout_s", 120.0),
     )
@@ -568,6 +570,9 @@ KEY_DOCS: dict[str, str] = {
     "power.standby_cycles": "cycles in a row the plan must want a host in standby before it "
                             "is recommended (waking is never delayed)",
     "power.migration_w": "watts a migration must save to be worth it",
+    "power.forecast": "plan on each VM's forecast CPU peak for the next cycle (exponentially "
+                      "weighted mean + 1.5 std of its samples, at least the last one) instead "
+                      "of the [ingest] estimate; the forecast's error (WAPE) is reported",
     "power.idle_w": "idle watts of hosts without power.idle_w / power.table_w labels",
     "power.peak_w": "full-load watts of hosts without power.peak_w / power.table_w labels",
     "power.command": "run to power a host down or up: a template with {action} (standby or "

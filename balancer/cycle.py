@@ -38,7 +38,8 @@ from balancer.errors import BalancerError
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, host_loads, util_stats
-from balancer.power_plan import PowerPlanOptions, plan_power
+from balancer.forecast import ForecastOptions, ForecastTracker
+from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.store import Store
 from balancer.telemetry import Telemetry
@@ -94,6 +95,7 @@ class ControlCycle:
         self.run_fn = run_fn
         self.streak = 0
         self.power_streak = 0  # cycles in a row the power plan wanted a host in standby
+        self._forecast: dict[str, float] | None = None  # the last power plan's, per VM
 
     # -- estimation --------------------------------------------------------------------------
     def frame(self, now: float) -> pd.DataFrame:
@@ -244,13 +246,26 @@ class ControlCycle:
         opts = PowerPlanOptions(target_util=pc.target_util, migration_w=pc.migration_w,
                                 max_switch=pc.max_switch, idle_w=pc.idle_w, peak_w=pc.peak_w,
                                 mem_overcommit=c.mem_overcommit, seed=c.seed)
+        history = None
+        if pc.forecast:
+            self._score_forecast(snap, report)
+            f = self.frame(view.built)
+            f = f[f["kind"] == "vm"]
+            history = pd.DataFrame({"timestamp": f["ts"].to_numpy(), "vm": f["name"].to_numpy(),
+                                    "cpu": f["cpu"].to_numpy()})
         t = time.monotonic()
         try:
-            doc = self.run_fn(power_plan, snap, opts, frozenset(keep_on))
+            doc, self._forecast = self.run_fn(power_plan, snap, opts, frozenset(keep_on),
+                                              history)
         except (BalancerError, ValueError) as exc:
             report.notes.append(f"power: no plan: {exc}")
             return result, gains, [], []
         report.solve_s = (report.solve_s or 0.0) + time.monotonic() - t
+        fc = doc["power"].get("forecast")
+        if fc is not None:
+            report.notes.append(
+                f"power: planned on the forecast of {fc['vms_forecast']} VMs: "
+                f"{fc['cpu_forecast_cores']:g} cores against {fc['cpu_now_cores']:g} estimated")
         acts = doc["power"]["recommendations"]
         wake = [a for a in acts if a["action"] == "wake"]
         standby = [a for a in acts if a["action"] == "standby"]
@@ -294,10 +309,40 @@ class ControlCycle:
         return result, gains, actions, watts
 
 
+    def _score_forecast(self, snap: ClusterSnapshot, report: CycleReport) -> None:
+        """The last cycle's forecast against this cycle's estimate (what the demand turned out
+        to be): WAPE and the share of VMs above their forecast."""
+        last, self._forecast = self._forecast, None
+        if not last:
+            return
+        names = [v.name for v in snap.vms if v.name in last]
+        if not names:
+            return
+        actual = np.array([snap.vms[snap.vm_index[n]].cpu_demand for n in names], dtype=float)
+        fc = np.array([last[n] for n in names], dtype=float)
+        tracker = ForecastTracker()
+        tracker.score(fc, actual)
+        score = tracker.report()
+        self.telemetry.forecast_wape.set(score["forecast_wape"])
+        report.notes.append(f"power: last cycle's forecast: WAPE "
+                            f"{100 * score['forecast_wape']:.1f} %, "
+                            f"{100 * score['forecast_under_share']:.1f} % of VMs above it")
+
+
 def power_plan(snap: ClusterSnapshot, opts: PowerPlanOptions, keep_on: frozenset[str],
-               stop: threading.Event | None = None) -> dict[str, Any]:
-    """The cycle's power plan (run in a solver worker through ``run_fn``)."""
-    return plan_power(snap, opts, keep_on=keep_on, stop=stop)
+               history: pd.DataFrame | None = None, stop: threading.Event | None = None
+               ) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The cycle's power plan (run in a solver worker through ``run_fn``); with ``history``
+    (timestamp, vm, cpu in cores), on each VM's forecast peak (``ForecastOptions()``: at least
+    its last sample). Returns the plan and the forecast per VM (millicores), or None."""
+    forecast = report = None
+    if history is not None and len(history):
+        snap, _, report = forecast_snapshot(snap, history, ForecastOptions())
+        forecast = {v.name: float(v.cpu_demand) for v in snap.vms}
+    doc = plan_power(snap, opts, keep_on=keep_on, stop=stop)
+    if report is not None:
+        doc["power"]["forecast"] = report
+    return doc, forecast
 
 
 def move_gains(result: PlanResult) -> list[float]:

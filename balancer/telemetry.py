@@ -77,6 +77,10 @@ class Telemetry:
             "outcome", ["action", "result"], registry=registry)
         self.hosts_standby = Gauge(
             "balancer_hosts_standby", "Hosts in standby in the inventory", registry=registry)
+        self.forecast_wape = Gauge(
+            "balancer_power_forecast_wape", "[power] forecast = true: the last cycle's forecast "
+            "against this cycle's estimate, sum |estimate - forecast| / sum estimate",
+            registry=registry)
         self.cycles = Counter(
             "balancer_cycles", "Control cycles run, by result", ["result"], registry=registry)
         self.leader = Gauge(

@@ -266,3 +266,43 @@ def test_a_crash_during_a_standby_command_leaves_the_host_in_standby_and_says_so
     assert "interrupted by a crash" in rec["detail"] and f"{host} is standby" in rec["detail"]
     snap = controller.inventory
     assert snap.hosts[snap.host_index[host]].state is HostState.STANDBY
+
+
+def test_power_plans_on_the_forecast_and_scores_it_against_the_next_estimate(
+        tmp_path: Path) -> None:
+    controller, app, _ = make(tmp_path, power={"automation": "manual", "standby_cycles": 5,
+                                               "forecast": True})
+    doc = light_cluster()
+    t0 = time.time() - 600  # the first cycle runs "10 minutes ago"
+    clock = [t0]
+    controller.clock = lambda: clock[0]
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
+        assert c.post("/v1/inventory", json=doc).status_code == 200
+        # each VM's samples rise: 1, 2, then 3 x its demand; the forecast is at least the
+        # last sample, above the p95 estimate of the window
+        for i, back in enumerate((60.0, 30.0, 0.0)):
+            step = copy.deepcopy(doc)
+            for v in step["vms"]:
+                v["cpu_demand"] *= i + 1
+            r = c.post("/v1/metrics", json={"samples": samples_for(step, t0, times=(back,))})
+            assert r.status_code == 200
+        notes = c.post("/v1/cycle").json()["notes"]
+        line = next(n for n in notes if n.startswith("power: planned on the forecast of 8 VMs"))
+        forecast, estimate = (float(x) for x in line.split(": ")[-1].replace(
+            " estimated", "").split(" cores against "))
+        assert forecast >= sum(3 * v["cpu_demand"] for v in doc["vms"]) - 0.01, line
+        assert forecast > estimate, line
+        # 10 minutes later the demand is flat at the first level (the estimate's 300 s window
+        # holds only those samples): the forecast made above is scored against it
+        clock[0] = now = time.time()
+        flat = samples_for(doc, now, times=(60.0, 30.0, 0.0))
+        assert c.post("/v1/metrics", json={"samples": flat}).status_code == 200
+        notes = c.post("/v1/cycle").json()["notes"]
+        est = {v["name"]: v["cpu_demand"] for v in c.get("/v1/cluster").json()["vms"]}
+        assert est["v1"] == pytest.approx(doc["vms"][1]["cpu_demand"], abs=0.01)
+        score = next(n for n in notes if n.startswith("power: last cycle's forecast"))
+        wape = float([x for x in c.get("/metrics").text.splitlines()
+                      if x.startswith("balancer_power_forecast_wape ")][0].split()[1])
+        # every VM was forecast at >= 3x what it turned out to be: WAPE >= 200 %, none above
+        assert wape >= 2.0 - 0.01, (wape, score)
+        assert score.endswith("WAPE " + f"{100 * wape:.1f} %, 0.0 % of VMs above it"), score
