@@ -35,10 +35,10 @@ import pandas as pd
 
 from balancer.config import IngestConfig, ServiceConfig
 from balancer.errors import BalancerError
+from balancer.forecast import ForecastOptions, ForecastTracker
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
 from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, host_loads, util_stats
-from balancer.forecast import ForecastOptions, ForecastTracker
 from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.store import Store
