@@ -225,7 +225,6 @@ class ControlCycle:
         report.notes.extend(result.notes)
         return result
 
-
     # -- power management --------------------------------------------------------------------
     def power(self, view: ClusterView, result: PlanResult, gains: list[float],
               report: CycleReport) -> tuple[PlanResult, list[float], list[Move], list[float]]:
@@ -307,7 +306,6 @@ class ControlCycle:
                 f"hosts draw {doc['power']['watts_before']:.0f} W now, "
                 f"{doc['power']['watts_after']:.0f} W after")
         return result, gains, actions, watts
-
 
     def _score_forecast(self, snap: ClusterSnapshot, report: CycleReport) -> None:
         """The last cycle's forecast against this cycle's estimate (what the demand turned out
