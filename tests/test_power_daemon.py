@@ -60,6 +60,14 @@ def placed(c: httpx.Client, doc: dict[str, Any], cpu: float) -> dict[str, Any]:
     return out
 
 
+def first_cycle(c: httpx.Client, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Inventory, one batch of samples, one cycle: the pending recommendations."""
+    assert c.post("/v1/inventory", json=doc).status_code == 200
+    push(c, doc)
+    assert c.post("/v1/cycle").status_code == 200
+    return c.get("/v1/recommendations").json()
+
+
 def host_states(c: httpx.Client) -> dict[str, tuple[str, int]]:
     return {h["name"]: (h["state"], h["vms"]) for h in c.get("/v1/cluster").json()["hosts"]}
 
@@ -69,10 +77,7 @@ def test_standby_waits_for_its_moves_runs_the_command_and_a_wake_follows_load(
     _, app, log = make(tmp_path, power={"automation": "manual", "standby_cycles": 1})
     doc = light_cluster()
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
-        assert c.post("/v1/inventory", json=doc).status_code == 200
-        push(c, doc)
-        assert c.post("/v1/cycle").status_code == 200
-        recs = c.get("/v1/recommendations").json()
+        recs = first_cycle(c, doc)
         standby = [r for r in recs if r["kind"] == "standby"]
         assert len(standby) == 1, recs
         sb = standby[0]
@@ -176,10 +181,7 @@ def test_a_failing_command_fails_the_standby_and_the_host_stays_active(tmp_path:
                                       "command": f"{script} {{action}} {{host}}"})
     doc = light_cluster()
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
-        assert c.post("/v1/inventory", json=doc).status_code == 200
-        push(c, doc)
-        c.post("/v1/cycle")
-        recs = c.get("/v1/recommendations").json()
+        recs = first_cycle(c, doc)
         sb = next(r for r in recs if r["kind"] == "standby")
         for m in recs:
             if m["kind"] == "power":
@@ -199,10 +201,7 @@ def test_a_dismissed_standby_keeps_its_host_on_for_the_cool_down(tmp_path: Path)
                                         "max_switch": 1})
     doc = light_cluster()
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
-        assert c.post("/v1/inventory", json=doc).status_code == 200
-        push(c, doc)
-        c.post("/v1/cycle")
-        first = next(r for r in c.get("/v1/recommendations").json() if r["kind"] == "standby")
+        first = next(r for r in first_cycle(c, doc) if r["kind"] == "standby")
         r = c.post(f"/v1/recommendations/{first['id']}/dismiss")
         assert r.status_code == 200 and r.json()["state"] == "dismissed"
         for _ in range(2):
@@ -217,10 +216,7 @@ def test_power_recommendations_show_in_the_console(tmp_path: Path) -> None:
     _, app, _ = make(tmp_path, power={"automation": "manual", "standby_cycles": 1})
     doc = light_cluster()
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
-        assert c.post("/v1/inventory", json=doc).status_code == 200
-        push(c, doc)
-        c.post("/v1/cycle")
-        sb = next(r for r in c.get("/v1/recommendations").json() if r["kind"] == "standby")
+        sb = next(r for r in first_cycle(c, doc) if r["kind"] == "standby")
         html = c.get("/ui/recommendations").text
         assert 'id="power-recs"' in html
         assert f'data-rec="{sb["id"]}" data-host="{sb["source"]}" data-kind="standby"' in html
@@ -247,10 +243,7 @@ def test_a_crash_during_a_standby_command_leaves_the_host_in_standby_and_says_so
     controller, app, _ = make(tmp_path, power={"automation": "manual", "standby_cycles": 1})
     doc = light_cluster()
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
-        assert c.post("/v1/inventory", json=doc).status_code == 200
-        push(c, doc)
-        c.post("/v1/cycle")
-        sb = next(r for r in c.get("/v1/recommendations").json() if r["kind"] == "standby")
+        sb = next(r for r in first_cycle(c, doc) if r["kind"] == "standby")
     # what a crash between "standby recorded" and "command done" leaves behind
     from balancer.model import HostState
     from balancer.recommendations import RecState
