@@ -36,21 +36,22 @@ MIGRATIONS_PER_VM_DAY = 5.0
 def candidates() -> list[dict]:
     """The margin per host (z x sqrt of the summed VM variances, shrunk towards a prior of
     ``prior_std`` x the VM's size for VMs with little history), three levelling moves per
-    cycle, the ewm mean as the level (not floored at the last value); z and the prior trade
-    energy for SLATAH. Then the same with the margin calibrated online (``slatah_target``: z
-    starts at 1.75 and is rescaled every hour by the overloaded share of host time so far over
-    the target). The rule alone (``solver = "greedy"``) replays a day in seconds."""
+    cycle, the ewm mean as the level (not floored at the last value), z calibrated online
+    (``slatah_target``: z starts at ``z`` and is rescaled every hour by the overloaded share of
+    host time so far over the target): the four candidates chosen among until 29 Nov 2026
+    05:00 UTC, then the same with the long memory of volatility (``long_history = 288``: a
+    VM's variance is at least its variance over the day so far), which with the same start z
+    gives a larger margin, so lower start values of z. The rule alone (``solver = "greedy"``)
+    replays a day in seconds."""
+    base = {"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "prior_steps": 4.0,
+            "level_moves": 3, "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
+            "z_every": 12, "solver": "greedy"}
     out = []
-    for z, p in itertools.product((1.5, 1.75, 2.0), (0.1, 0.15, 0.2)):
-        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": z,
-                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
-                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
-                    "solver": "greedy"})
     for t, p in itertools.product((0.0075, 0.0085), (0.15, 0.2)):
-        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": 1.75,
-                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
-                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
-                    "slatah_target": t, "z_every": 12, "solver": "greedy"})
+        out.append({**base, "z": 1.75, "prior_std": p, "slatah_target": t})
+    for t, z in itertools.product((0.0085, 0.009), (1.3, 1.4, 1.5)):
+        out.append({**base, "z": z, "prior_std": 0.15, "slatah_target": t,
+                    "long_history": 288})
     return out
 
 

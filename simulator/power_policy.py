@@ -7,6 +7,10 @@ Description
        (``balancer.forecast``: ``ewm`` mean + k x std by default, or ``reactive`` = peak of the
        last ``window`` steps, or a ``quantile``). The error of every forecast is scored when the
        step it was made for has been observed (WAPE, under-forecast share; in the summary).
+       With ``z`` > 0 a host's margin is ``z`` x the square root of its VMs' summed variances:
+       each VM's ewm variance, at least its variance over the last ``long_history`` steps
+       (a VM that spiked earlier in the day keeps its risk through a calm hour), shrunk
+       towards a prior proportional to its size.
     2. **Greedy rule (hint and baseline).** With D the total forecast and C the CPU of the hosts
        on: hosts that are hot (forecast load above ``target_util``), hosts to switch on when
        D > ``high_util`` x C (most power-efficient first), and up to ``max_switch`` of the least
@@ -65,6 +69,10 @@ class PowerArgs:
     var_of: str = "level"  # the VM variance: of its level (ewm), or of its step-to-step change
     prior_std: float = 0.0  # prior std of a VM's demand, share of its size (with z)
     prior_steps: float = 12.0  # weight of the prior, in steps of history
+    # long memory of volatility: a VM's variance is at least its variance over the last
+    # `long_history` observed steps (0: off), so a VM that spiked earlier in the day is not
+    # packed as steady after a calm hour
+    long_history: int = 0
     # cpsat: the model picks the hosts to empty among this many (0: max_switch)
     choose_from: int = 0
     level_moves: int = 0  # moves per cycle that level the hosts' forecast load (with margin)
@@ -99,7 +107,7 @@ class PowerArgs:
             self.hot_util == 0 or self.target_util <= self.hot_util <= 1),
             f"field 'hot_util' must be 0 or in [target_util, 1], got {self.hot_util!r}")
         for name in ("max_switch", "receivers", "min_on_cycles", "level_moves",
-                     "choose_from", "z_every"):
+                     "choose_from", "z_every", "long_history"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
@@ -191,6 +199,31 @@ def _ffd(vms: list[int], est: np.ndarray, bins: Bins, var: np.ndarray,
     return out
 
 
+def vm_variance(hist: np.ndarray, a: PowerArgs, size: np.ndarray,
+                long: np.ndarray | None = None) -> np.ndarray:
+    """Each VM's demand variance (millicores squared) for the margin per host: the ewm variance
+    of its level over ``hist`` (steps x VMs; or of its step changes, ``var_of``), at least its
+    variance over ``long`` (the last ``long_history`` observed steps: a VM that spiked earlier
+    in the day keeps that risk through a calm hour), shrunk towards ``(prior_std x size in
+    cores x 1000)^2`` with the weight of ``prior_steps`` steps of history."""
+    h = np.asarray(hist, dtype=float)
+    if a.var_of == "level" or len(h) < 2:
+        var = ewm_last(h, a.span)[1] ** 2
+    else:  # half the ewm mean square of the step changes (= the level's for white noise)
+        d = np.diff(h, axis=0)
+        w = (1.0 - 2.0 / (a.span + 1.0)) ** np.arange(len(d) - 1, -1, -1, dtype=float)
+        var = (w / w.sum()) @ (d * d) / 2.0
+    if long is not None and len(long) >= 2:
+        var = np.maximum(var, np.asarray(long, dtype=float).var(axis=0))
+    if a.prior_std and a.prior_steps:
+        # shrink towards a prior proportional to the VM's size: a VM seen steady for a short
+        # while still gets room, and the first cycles are not trusted blindly
+        prior = (a.prior_std * 1000.0 * np.asarray(size, dtype=float)) ** 2
+        n = float(len(h))
+        var = (n * var + a.prior_steps * prior) / (n + a.prior_steps)
+    return var
+
+
 @register
 class PowerPolicy:
     name: ClassVar[str] = "power"
@@ -240,20 +273,9 @@ class PowerPolicy:
         # per-host margin: z x sqrt(sum of the VMs' variances) (VMs do not all peak together)
         var = np.zeros(len(est))
         if self.z_now:
-            h = hist[-a.history:]
-            if a.var_of == "level" or len(h) < 2:
-                var = ewm_last(h, a.span)[1] ** 2
-            else:  # half the ewm mean square of the step changes (= the level's for white noise)
-                d = np.diff(h, axis=0)
-                w = (1.0 - 2.0 / (a.span + 1.0)) ** np.arange(len(d) - 1, -1, -1, dtype=float)
-                var = (w / w.sum()) @ (d * d) / 2.0
-            if a.prior_std and a.prior_steps:
-                # shrink towards a prior proportional to the VM's size: a VM seen steady for a
-                # short while still gets room, and the first cycles are not trusted blindly
-                size = np.asarray(getattr(ctx, "vm_cores", np.ones(len(est))), dtype=float)
-                prior = (a.prior_std * 1000.0 * size) ** 2
-                n = float(len(h))
-                var = (n * var + a.prior_steps * prior) / (n + a.prior_steps)
+            size = np.asarray(getattr(ctx, "vm_cores", np.ones(len(est))), dtype=float)
+            long = ctx.observed(a.long_history) if a.long_history else None
+            var = vm_variance(hist[-a.history:], a, size, long)
         if self._tables is None:
             self._tables = [HostPower(tuple(t)) for t in ctx.host_power_table]
         cap = np.asarray(ctx.host_cpu, dtype=float)
@@ -528,4 +550,4 @@ class PowerPolicy:
                         moves=tuple(sorted(moves)))
 
 
-__all__ = ["PowerArgs", "PowerPolicy"]
+__all__ = ["PowerArgs", "PowerPolicy", "vm_variance"]

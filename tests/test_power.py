@@ -266,6 +266,29 @@ def test_power_args_rejected_by_field() -> None:
         replay_policies.make("power", {"var_of": "x"})
     with pytest.raises(InputError, match="field 'level_moves'"):
         replay_policies.make("power", {"level_moves": 1.5})
+    with pytest.raises(InputError, match="field 'long_history'"):
+        replay_policies.make("power", {"long_history": -1})
+
+
+def test_vm_variance_remembers_a_spike_older_than_the_recent_history() -> None:
+    from simulator.power_policy import PowerArgs, vm_variance
+
+    # VM 0 spiked to 2 cores in steps 0-2 and has been at 0.2 since (40 steps); VM 1 has been
+    # at 0.2 all along. The recent history (the last 36 steps) has forgotten the spike.
+    long = np.full((43, 2), 200.0)
+    long[:3, 0] = 2000.0
+    recent = long[-36:]
+    a = PowerArgs(z=1.0, prior_std=0.0)
+    short = vm_variance(recent, a, np.ones(2))
+    assert short == pytest.approx([0.0, 0.0], abs=1e-6)
+    kept = vm_variance(recent, PowerArgs(z=1.0, prior_std=0.0, long_history=288), np.ones(2),
+                       long)
+    assert kept[0] == pytest.approx(long[:, 0].var()) and kept[0] > 1e5
+    assert kept[1] == pytest.approx(0.0, abs=1e-6)
+    # the prior still shrinks both: (36 x var + 4 x (0.1 x 1000)^2) / 40
+    prior = vm_variance(recent, PowerArgs(z=1.0, prior_std=0.1, prior_steps=4.0, long_history=288),
+                        np.ones(2), long)
+    assert prior == pytest.approx([(36 * kept[0] + 4e4) / 40, 4e4 / 40])
 
 
 def test_power_policy_levels_the_hosts() -> None:
@@ -295,6 +318,12 @@ def test_power_policy_is_reproducible() -> None:
     b = run_one("planetlab:20110306", "power", **kw)
     a.pop("seconds"), b.pop("seconds")
     assert a == b
+    # the long memory of volatility changes the margins (z > 0 in the shipped config), and
+    # stays reproducible
+    c = run_one("planetlab:20110306", "power", {"long_history": 288}, **kw)
+    d = run_one("planetlab:20110306", "power", {"long_history": 288}, **kw)
+    c.pop("seconds"), d.pop("seconds")
+    assert c == d
 
 
 
