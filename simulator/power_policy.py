@@ -92,6 +92,12 @@ class PowerArgs:
     z_max: float = 4.0
     z_prior: float = 600.0
     z_every: int = 12  # cycles between updates of z (a margin that moves every cycle churns)
+    # error budget (with slatah_target and slatah_window > 0): the overloaded share is accounted
+    # per window of `slatah_window` cycles (e.g. a day); each update sets z to the window's
+    # mean z so far + z_slope x ln(share so far / share the rest of the window may use), so a
+    # window that ran hot spends less of what is left, a calm one more (z_gain is not used)
+    slatah_window: int = 0
+    z_slope: float = 0.8  # z per e-fold of overloaded share (the local slope of the trade-off)
 
     def __post_init__(self) -> None:
         for name in ("target_util", "high_util", "low_util"):
@@ -107,12 +113,12 @@ class PowerArgs:
             self.hot_util == 0 or self.target_util <= self.hot_util <= 1),
             f"field 'hot_util' must be 0 or in [target_util, 1], got {self.hot_util!r}")
         for name in ("max_switch", "receivers", "min_on_cycles", "level_moves",
-                     "choose_from", "z_every", "long_history"):
+                     "choose_from", "z_every", "long_history", "slatah_window"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
         for name in ("migration_w", "over_w_per_core", "max_dtime", "time_limit", "prior_std",
-                     "prior_steps", "level_band", "z_gain", "z_prior"):
+                     "prior_steps", "level_band", "z_gain", "z_prior", "z_slope"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                   f"field '{name}' must be a number >= 0, got {v!r}")
@@ -243,6 +249,7 @@ class PowerPolicy:
         self._tables: list[HostPower] | None = None
         self.z_now = self.args.z
         self._z_sum = 0.0  # for the report: mean z over cycles
+        self._win = (0.0, 0.0, 0.0, 0)  # window start: overloaded, active host-steps; z sum, n
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tracker.report())
@@ -261,6 +268,8 @@ class PowerPolicy:
         cyc = self._cycle
         self.z_now = self._margin(ctx)
         self._z_sum += self.z_now
+        o0, a0, zs, zn = self._win
+        self._win = (o0, a0, zs + self.z_now, zn + 1)
         n_h = ctx.n_hosts
         look = max(self.fopts.lookback, a.history) if self.z_now else self.fopts.lookback
         hist = ctx.observed(look)
@@ -431,16 +440,40 @@ class PowerPolicy:
         """z for this cycle: the configured one, or (``slatah_target``) scaled by how the
         overloaded share of active host time so far compares with the target (more margin on a
         day that runs hot, less on a calm one), so the day's SLATAH heads for the target
-        whatever the day."""
+        whatever the day; with ``slatah_window``, from the window's error budget."""
         a = self.args
         if not a.slatah_target:
             return a.z
-        if a.z_every > 1 and (self._cycle - 1) % a.z_every:
-            return self.z_now
         over = float(getattr(ctx, "overloaded_host_steps", 0))
         act = float(getattr(ctx, "active_host_steps", 0))
+        pos = (self._cycle - 1) % a.slatah_window if a.slatah_window else self._cycle - 1
+        if a.slatah_window and pos == 0:  # a new window: the budget starts afresh
+            self._win = (over, act, 0.0, 0)
+            return a.z
+        if a.z_every > 1 and pos % a.z_every:
+            return self.z_now
+        if a.slatah_window:
+            return self._budget_margin(over, act, pos)
         rate = (over + a.slatah_target * a.z_prior) / (act + a.z_prior)
         return float(min(max(a.z * (rate / a.slatah_target) ** a.z_gain, a.z_min), a.z_max))
+
+    def _budget_margin(self, over: float, act: float, pos: int) -> float:
+        """z from the window's error budget: the overloaded share so far (with a prior of
+        ``z_prior`` host-steps at the target) was had at the window's mean z so far; the share
+        the rest of the window may use is what keeps the whole window at the target, with the
+        host-steps still to come projected from those so far. A log-linear local model of the
+        trade-off (``z_slope`` z per e-fold of share) turns the ratio of the two into z."""
+        a = self.args
+        o0, a0, zs, zn = self._win
+        o, h = over - o0, act - a0
+        z_bar = zs / zn if zn else a.z
+        target = a.slatah_target
+        rate = max((o + target * a.z_prior) / max(h + a.z_prior, 1.0), 0.1 * target)
+        rest = max(h, 1.0) / pos * (a.slatah_window - pos)  # host-steps still to come
+        budget = target * (h + rest) - o  # overloaded host-steps the rest may have
+        allowed = max(budget, 0.1 * target * rest) / rest
+        z = z_bar + a.z_slope * math.log(rate / allowed)
+        return float(min(max(z, a.z_min), a.z_max))
 
     def _level(self, ctx: Any, on: list[int], place: dict[int, int], leaving: set[int],
                est: np.ndarray, var: np.ndarray, load_mu: np.ndarray, load_var: np.ndarray,

@@ -3,6 +3,7 @@ replay through the planner and the executor (make_waves, Runner, SimulatedBacken
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,41 @@ def test_power_policy_levels_the_hosts() -> None:
     assert moved[1][0] == 1 and moved[1][1].count(0) == 3 and moved[1][1][4:] == [1, 2]
 
 
+def test_power_policy_error_budget_sets_the_margin_from_what_is_left() -> None:
+    from types import SimpleNamespace
+
+    from simulator.power_policy import PowerPolicy
+
+    def margins(history: list[tuple[int, int]], **kw: float) -> list[float]:
+        pol = PowerPolicy(replay_policies.make("power", {
+            "z": 1.5, "slatah_target": 0.01, "slatah_window": 4, "z_every": 1,
+            "z_prior": 0.0, "z_slope": 0.8, **kw}).args)
+        out = []
+        for over, act in history:  # cumulative overloaded / active host-steps before the cycle
+            pol._cycle += 1
+            pol.z_now = pol._margin(SimpleNamespace(overloaded_host_steps=over,
+                                                    active_host_steps=act))
+            pol._win = (*pol._win[:2], pol._win[2] + pol.z_now, pol._win[3] + 1)
+            out.append(pol.z_now)
+        return out
+
+    # cycle 1 opens a window at the configured z. Cycle 2: 10 of 100 host-steps overloaded
+    # (10 %), the window may have 1 % of 400: 4 - 10 < 0, so the rest gets the floor, a tenth
+    # of the target: z = 1.5 + 0.8 ln(0.1 / 0.001), clipped at z_max
+    hot = margins([(0, 0), (10, 100), (10, 200), (12, 300), (12, 400)])
+    assert hot[0] == 1.5 and hot[1] == 4.0
+    assert hot[4] == 1.5  # cycle 5 opens the next window afresh
+    # a calm window: nothing overloaded, the share so far is floored at a tenth of the target
+    # and the rest may use 1 %: z = 1.5 + 0.8 ln(0.001 / 0.01)
+    calm = margins([(0, 0), (0, 100)])
+    assert calm[1] == pytest.approx(max(1.5 + 0.8 * math.log(0.1), 0.5))
+    # on target: 1 of 100 so far, 3 of the 300 to come: z stays
+    even = margins([(0, 0), (1, 100)])
+    assert even[1] == pytest.approx(1.5)
+    with pytest.raises(InputError, match="field 'slatah_window'"):
+        replay_policies.make("power", {"slatah_window": -2})
+
+
 def test_power_policy_is_reproducible() -> None:
     kw = dict(config=BELOGLAZOV, seed=1, steps=10, vms=120, hosts=40)
     a = run_one("planetlab:20110306", "power", **kw)
@@ -320,8 +356,9 @@ def test_power_policy_is_reproducible() -> None:
     assert a == b
     # the long memory of volatility changes the margins (z > 0 in the shipped config), and
     # stays reproducible
-    c = run_one("planetlab:20110306", "power", {"long_history": 288}, **kw)
-    d = run_one("planetlab:20110306", "power", {"long_history": 288}, **kw)
+    p = {"long_history": 288, "slatah_window": 4, "z_every": 2}
+    c = run_one("planetlab:20110306", "power", p, **kw)
+    d = run_one("planetlab:20110306", "power", p, **kw)
     c.pop("seconds"), d.pop("seconds")
     assert c == d
 
