@@ -152,6 +152,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "threshold do not apply)")
     p.add_argument("--points", type=_nonneg_int("--points"), default=8, metavar="N",
                    help="with --frontier: number of points (prices) on the curve (default: 8)")
+    p.add_argument("--fill", type=_nonneg_int("--fill"), default=2, metavar="N",
+                   help="with --frontier: points solved by memory budget between each two "
+                   "neighbouring price points, so any memory level has a plan nearby "
+                   "(default: 2; 0: price points only)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --frontier: also draw the curve into this PNG file")
     # balancer plan --fleet (balancer/fleet.py): every snapshot of a folder as Dask tasks
@@ -212,7 +216,7 @@ def _frontier(snap: Any, options: Any, args: argparse.Namespace) -> int:
     from balancer.report import frontier_plot, frontier_table
     from balancer.service import frontier
 
-    result = frontier(snap, options, points=args.points)
+    result = frontier(snap, options, points=args.points, fill=args.fill)
     if args.plot:
         frontier_plot(result, args.plot)
     if args.format == "json":
@@ -278,8 +282,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from balancer.service import PlanOptions
     from balancer.solving import plan_interruptible
 
-    if not args.frontier and (args.plot or args.points != 8):
-        raise InputError("plan: --points and --plot go with --frontier")
+    if not args.frontier and (args.plot or args.points != 8 or args.fill != 2):
+        raise InputError("plan: --points, --fill and --plot go with --frontier")
     if args.frontier and args.points < 1:
         raise InputError("plan: --points must be >= 1")
     snap = _load_snapshot(args)

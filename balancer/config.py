@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,25 @@ class ExecutorConfig:
     settings: dict[str, Any] | None = None
 
 
+POWER_LEVELS = ("off", "manual", "automated")
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """``[power]``: the daemon's power management (standby and wake), see docs/service.md."""
+
+    automation: str = "off"  # off | manual (recommend) | automated (carry out)
+    target_util: float = 0.8  # CPU demand the hosts left on should carry, share of capacity
+    max_switch: int = 1  # hosts put in standby or woken per cycle
+    standby_cycles: int = 3  # cycles in a row the plan must want a standby before it is shown
+    migration_w: float = 30.0  # watts a migration must save to be worth it
+    forecast: bool = False  # plan on each VM's forecast peak (balancer.forecast), not the estimate
+    idle_w: float = 180.0  # hosts without power.* labels: idle and peak watts
+    peak_w: float = 450.0
+    command: str | None = None  # template with {action} (standby|wake) and {host}
+    command_timeout_s: float = 120.0
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "balancer.db"
@@ -133,6 +153,7 @@ class ServiceConfig:
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
     demo: bool = False
     source_path: str | None = None
 
@@ -222,7 +243,7 @@ class _Section:
 
 def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfig:
     """Validate a decoded TOML document into a ``ServiceConfig``."""
-    known = {"server", "loop", "cluster", "ingest", "prometheus", "executor", "store"}
+    known = {"server", "loop", "cluster", "ingest", "prometheus", "executor", "store", "power"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{where}: [{key}]: unknown section (known: "
@@ -372,14 +393,47 @@ def parse_config(data: dict[str, Any], *, where: str = "config") -> ServiceConfi
                         advertise=s.string("advertise", None))
     s.done()
 
+    power = parse_power(_Section(where, "power", data.get("power", {})))
+
     if ingest.source == "libvirt" and executor.backend != "libvirt":
         raise ConfigError(f"{where}: [ingest] source: 'libvirt' needs [executor] backend = "
                           "'libvirt'")
     if ingest.source in ("push", "prometheus") and cluster.inventory is None:
         pass  # inventory may be pushed later through POST /v1/inventory
     return ServiceConfig(server=server, loop=loop, cluster=cluster, ingest=ingest,
-                         prometheus=prom, executor=executor, store=store,
+                         prometheus=prom, executor=executor, store=store, power=power,
                          source_path=None if where == "config" else where)
+
+
+def parse_power(s: _Section) -> PowerConfig:
+    """``[power]``, validated; a bad command template is refused here, not at 3 a.m."""
+    target = s.number("target_util", 0.8)
+    if target > 1:
+        raise s._err("target_util", f"must be in (0, 1], got {target:g}")
+    idle_w, peak_w = s.number("idle_w", 180.0, strict=False), s.number("peak_w", 450.0)
+    if peak_w < idle_w:
+        raise s._err("peak_w", f"must be >= idle_w ({idle_w:g}), got {peak_w:g}")
+    command = s.string("command", None)
+    if command is not None:
+        try:
+            parts = [p.format(action="standby", host="h") for p in shlex.split(command)]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise s._err("command", f"bad template {command!r} ({exc}); use {{action}} and "
+                                    "{host}") from None
+        if not parts:
+            raise s._err("command", "must name a program")
+    power = PowerConfig(
+        automation=s.string("automation", "off", choices=POWER_LEVELS),
+        target_util=target,
+        max_switch=s.integer("max_switch", 1, minimum=1),
+        standby_cycles=s.integer("standby_cycles", 3, minimum=1),
+        migration_w=s.number("migration_w", 30.0, strict=False),
+        forecast=s.boolean("forecast", False),
+        idle_w=idle_w, peak_w=peak_w, command=command,
+        command_timeout_s=s.number("command_timeout_s", 120.0),
+    )
+    s.done()
+    return power
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -444,6 +498,8 @@ SECTION_DOCS: dict[str, str] = {
     "prometheus": "The Prometheus server read when [ingest] source = \"prometheus\".",
     "executor": "How migrations are carried out (automation level partially/fully, or apply).",
     "store": "The service's state: recommendations, history, cycles, inventory (SQLite).",
+    "power": "Power management: hosts put in standby when the others can carry the demand, "
+             "woken when they cannot (docs/service.md, \"Power management\").",
 }
 KEY_DOCS: dict[str, str] = {
     "server.host": "listen address",
@@ -506,6 +562,24 @@ KEY_DOCS: dict[str, str] = {
                      "leader stops renewing it",
     "store.node": "this daemon's name in /v1/leader (default: host:pid)",
     "store.advertise": "the address other daemons and clients are told to use for this one",
+    "power.automation": "off, manual (standby and wake are recommended) or automated (carried "
+                        "out: the moves that empty a host, then its command)",
+    "power.target_util": "CPU demand the hosts left on may carry, share of their capacity "
+                         "(0, 1]; above it a host in standby is woken",
+    "power.max_switch": "hosts put in standby or woken per cycle",
+    "power.standby_cycles": "cycles in a row the plan must want a host in standby before it "
+                            "is recommended (waking is never delayed)",
+    "power.migration_w": "watts a migration must save to be worth it",
+    "power.forecast": "plan on each VM's forecast CPU peak for the next cycle (exponentially "
+                      "weighted mean + 1.5 std of its samples, at least the last one) instead "
+                      "of the [ingest] estimate; the forecast's error (WAPE) is reported",
+    "power.idle_w": "idle watts of hosts without power.idle_w / power.table_w labels",
+    "power.peak_w": "full-load watts of hosts without power.peak_w / power.table_w labels",
+    "power.command": "run to power a host down or up: a template with {action} (standby or "
+                     "wake) and {host}, e.g. \"/usr/local/bin/host-power {action} {host}\" "
+                     "(IPMI, wake-on-LAN); unset: the host's state changes and the operator "
+                     "switches it",
+    "power.command_timeout_s": "seconds the command may run before it counts as failed",
 }
 # Shown (commented out) for keys whose default is unset.
 KEY_EXAMPLES: dict[str, str] = {
@@ -516,6 +590,7 @@ KEY_EXAMPLES: dict[str, str] = {
     "cluster.max_moved_mem_gb": "256.0",
     "cluster.inventory": '"/etc/balancer/inventory.json"',
     "executor.config": '"/etc/balancer/executor.toml"',
+    "power.command": '"/usr/local/bin/host-power {action} {host}"',
 }
 _NOT_TOML = ("demo", "source_path")  # ServiceConfig fields that are not config keys
 

@@ -37,6 +37,7 @@ from balancer.ingest.samples import SampleBuffer, Source
 from balancer.inventory import Inventory
 from balancer.leadership import Leadership
 from balancer.model import VM, ClusterSnapshot, HostState, MoveKind, host_loads, util_stats
+from balancer.power_actions import PowerActions
 from balancer.recommendations import Recommendation, Recommendations, RecState
 from balancer.service import plan
 from balancer.service_errors import Conflict, NotFound, NotLeader, Unavailable
@@ -86,6 +87,7 @@ class Controller:
         self.inv = Inventory(store, mem_overcommit=cfg.cluster.mem_overcommit,
                              snapshot=inventory)
         self.inv.listeners.append(self._inventory_changed)
+        self.power = PowerActions(self.inv, self.recs, telemetry, lambda: self.cfg.power)
         snap = self.inv.snapshot
         if backend is None and snap is not None and cfg.executor.backend == "simulated":
             backend = simulated_backend(snap, self.exec_cfg)
@@ -293,10 +295,11 @@ class Controller:
             with self._lock:
                 if self.inventory is inv:
                     self.view = view
-            recs = self.recs.propose(result.moves, gains, cycle=self.cycle_no)
+            result, gains, actions, watts = self.cycle.power(view, result, gains, report)
+            recs = self.recs.propose(result.moves + actions, gains + watts, cycle=self.cycle_no)
             report.recommendations = [r.to_dict() for r in recs]
             if recs:
-                report.executed = self._execute_auto(recs, trigger="auto")
+                report.executed = self._execute_auto(recs, trigger="auto", power=report.power)
             self._pending_gauge()
             self.telemetry.cycles.labels(result="ok").inc()
         except (BalancerError, ValueError) as exc:
@@ -330,11 +333,35 @@ class Controller:
         return report
 
     # -- execution -------------------------------------------------------------------------
-    def _execute_auto(self, recs: list[Recommendation], trigger: str) -> list[dict[str, Any]]:
-        todo = [r for r in recs if _level_executes(self.cfg.cluster.vm_level(r.vm))]
-        if not todo or self.executor is None or self.stopping.is_set():
+    def _execute_auto(self, recs: list[Recommendation], trigger: str,
+                      power: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """What the automation levels carry out: the moves of VMs at level fully (their
+        migration rows are returned); with ``[power] automation = "automated"``, wakes first,
+        then the moves, then the standbys whose hosts the moves emptied (appended to
+        ``power``)."""
+        if self.stopping.is_set():
             return []
-        return self._execute(todo, trigger)
+        todo = [r for r in recs if not r.kind.host_action
+                and _level_executes(self.cfg.cluster.vm_level(r.vm))]
+        acts = ([r for r in recs if r.kind.host_action]
+                if self.cfg.power.automation == "automated" and power is not None else [])
+        for r in acts:
+            if r.kind is MoveKind.WAKE:
+                power.append(self._power_auto(r, trigger))  # type: ignore[union-attr]
+        rows = self._execute(todo, trigger) if todo and self.executor is not None else []
+        for r in acts:
+            if r.kind is MoveKind.STANDBY and not self.stopping.is_set():
+                power.append(self._power_auto(r, trigger))  # type: ignore[union-attr]
+        if acts:
+            self._pending_gauge()
+        return rows
+
+    def _power_auto(self, rec: Recommendation, trigger: str) -> dict[str, Any]:
+        try:
+            return self.power.apply(rec, trigger)
+        except Conflict as exc:  # e.g. a move that empties the host failed: it stays pending
+            return {"rec_id": rec.id, "host": rec.source, "action": rec.kind.value,
+                    "trigger": trigger, "state": "skipped", "detail": str(exc)}
 
     def _execute(self, recs: list[Recommendation], trigger: str) -> list[dict[str, Any]]:
         """Run recommendations through the executor; mark each applied or failed."""
@@ -379,10 +406,16 @@ class Controller:
         rec = self._rec(rec_id)
         if rec.state is not RecState.PENDING:
             raise Conflict(f"recommendation {rec_id} is {rec.state.value}, not pending")
-        if self.executor is None:
-            raise Unavailable("no executor backend configured")
         if self.stopping.is_set():
             raise Unavailable("shutting down: no new migrations")
+        if rec.kind.host_action:
+            with self._cycle_lock:  # not while a cycle plans with the host's current state
+                done = self.power.apply(rec, trigger)
+            self._pending_gauge()
+            return {"recommendation": self.store.recommendation(rec_id), "migration": None,
+                    "power": done}
+        if self.executor is None:
+            raise Unavailable("no executor backend configured")
         inv = self.inventory
         assert inv is not None
         if rec.vm not in inv.vm_index or inv.vms[inv.vm_index[rec.vm]].host != rec.source:
@@ -402,8 +435,12 @@ class Controller:
         if not self.recs.move(rec_id, RecState.DISMISSED, expect=RecState.PENDING):
             raise Conflict(f"recommendation {rec_id} is {rec.state.value}, not pending")
         self._pending_gauge()
-        log.info("recommendation %d dismissed: %s %s -> %s (VM held for the cool-down)",
-                 rec_id, rec.vm, rec.source, rec.target)
+        if rec.kind.host_action:
+            log.info("recommendation %d dismissed: %s of %s (the host keeps its state for the "
+                     "cool-down)", rec_id, rec.kind.value, rec.source)
+        else:
+            log.info("recommendation %d dismissed: %s %s -> %s (VM held for the cool-down)",
+                     rec_id, rec.vm, rec.source, rec.target)
         return self.store.recommendation(rec_id)  # type: ignore[return-value]
 
     # -- maintenance -----------------------------------------------------------------------
@@ -623,6 +660,9 @@ class Controller:
         """No recommendation stays ``applying`` after a crash: its last migration's outcome,
         else where the backend says the VM is."""
         for rec in self.recs.in_state(RecState.APPLYING):
+            if rec.kind.host_action:
+                self.power.settle(rec)
+                continue
             legs = [m for m in self.store.migrations(limit=50, vm=rec.vm)
                     if m["rec_id"] == rec.id]
             if legs and legs[0]["state"] != "started":

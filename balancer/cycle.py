@@ -34,9 +34,12 @@ import numpy as np
 import pandas as pd
 
 from balancer.config import IngestConfig, ServiceConfig
+from balancer.errors import BalancerError
+from balancer.forecast import ForecastOptions, ForecastTracker
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
-from balancer.model import ClusterSnapshot, MoveKind, host_loads, util_stats
+from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, host_loads, util_stats
+from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.store import Store
 from balancer.telemetry import Telemetry
@@ -69,6 +72,7 @@ class CycleReport:
     solve_s: float | None
     recommendations: list[dict[str, Any]] = field(default_factory=list)
     executed: list[dict[str, Any]] = field(default_factory=list)
+    power: list[dict[str, Any]] = field(default_factory=list)  # host actions carried out
     notes: list[str] = field(default_factory=list)
     imbalance_before: float | None = None
     imbalance_after: float | None = None
@@ -90,6 +94,8 @@ class ControlCycle:
         self.plan_fn = plan_fn
         self.run_fn = run_fn
         self.streak = 0
+        self.power_streak = 0  # cycles in a row the power plan wanted a host in standby
+        self._forecast: dict[str, float] | None = None  # the last power plan's, per VM
 
     # -- estimation --------------------------------------------------------------------------
     def frame(self, now: float) -> pd.DataFrame:
@@ -163,6 +169,7 @@ class ControlCycle:
         self.telemetry.ingestion_age.set(float("nan") if age is None else age)
         self.telemetry.stale_vms.set(len(view.freshness.stale_vms))
         self.telemetry.vms.set(len(snap.vms))
+        self.telemetry.hosts_standby.set(sum(h.state is HostState.STANDBY for h in snap.hosts))
 
     # -- planning ----------------------------------------------------------------------------
     def options(self, threshold: int | None = None) -> PlanOptions:
@@ -217,6 +224,123 @@ class ControlCycle:
         report.streak = self.streak
         report.notes.extend(result.notes)
         return result
+
+    # -- power management --------------------------------------------------------------------
+    def power(self, view: ClusterView, result: PlanResult, gains: list[float],
+              report: CycleReport) -> tuple[PlanResult, list[float], list[Move], list[float]]:
+        """The power plan beside the balance plan (``[power]``, ``balancer.power_plan``).
+
+        Hosts to wake are recommended at once. Hosts to put in standby are recommended once
+        the power plan has wanted a standby for ``standby_cycles`` cycles in a row; the
+        balance plan is then solved again with those hosts leaving service, so that its moves
+        empty them (kind ``POWER``) while it balances what stays on. A host whose standby or
+        wake was dismissed keeps its state for the cool-down. Returns the plan, its gains,
+        the host actions and theirs (watts saved; 0 for a wake)."""
+        pc = self.cfg.power
+        if pc.automation == "off":
+            return result, gains, [], []
+        snap = view.snapshot
+        keep_on = self.store.dismissed_hosts_since(view.built - self.cfg.loop.cooldown_s)
+        c = self.cfg.cluster
+        opts = PowerPlanOptions(target_util=pc.target_util, migration_w=pc.migration_w,
+                                max_switch=pc.max_switch, idle_w=pc.idle_w, peak_w=pc.peak_w,
+                                mem_overcommit=c.mem_overcommit, seed=c.seed)
+        history = None
+        if pc.forecast:
+            self._score_forecast(snap, report)
+            f = self.frame(view.built)
+            f = f[f["kind"] == "vm"]
+            history = pd.DataFrame({"timestamp": f["ts"].to_numpy(), "vm": f["name"].to_numpy(),
+                                    "cpu": f["cpu"].to_numpy()})
+        t = time.monotonic()
+        try:
+            doc, self._forecast = self.run_fn(power_plan, snap, opts, frozenset(keep_on),
+                                              history)
+        except (BalancerError, ValueError) as exc:
+            report.notes.append(f"power: no plan: {exc}")
+            return result, gains, [], []
+        report.solve_s = (report.solve_s or 0.0) + time.monotonic() - t
+        fc = doc["power"].get("forecast")
+        if fc is not None:
+            report.notes.append(
+                f"power: planned on the forecast of {fc['vms_forecast']} VMs: "
+                f"{fc['cpu_forecast_cores']:g} cores against {fc['cpu_now_cores']:g} estimated")
+        acts = doc["power"]["recommendations"]
+        wake = [a for a in acts if a["action"] == "wake"]
+        standby = [a for a in acts if a["action"] == "standby"]
+        self.power_streak = self.power_streak + 1 if standby else 0
+        if standby and self.power_streak < pc.standby_cycles:
+            report.notes.append(
+                f"power: standby of {', '.join(a['host'] for a in standby)} wanted "
+                f"{self.power_streak} of {pc.standby_cycles} cycles; held")
+            standby = []
+        if standby:
+            leaving = {a["host"]: a for a in standby}
+            snap2 = snap
+            for h in leaving:
+                snap2 = snap2.with_host_state(h, HostState.MAINTENANCE)
+            balance_now = self.streak >= self.cfg.loop.imbalance_cycles
+            try:
+                r2, took = self.solve(snap2, self.options(None if balance_now else 1))
+            except (BalancerError, ValueError) as exc:
+                report.notes.append(f"power: standby of {', '.join(leaving)} dropped: its "
+                                    f"moves cannot be planned ({exc})")
+                standby = []
+            else:
+                report.solve_s = (report.solve_s or 0.0) + took
+                moves = [Move(m.vm, m.source, m.target,
+                              f"empty {m.source} for standby (it draws about "
+                              f"{leaving[m.source]['watts_now']:.0f} W now)", m.mem,
+                              MoveKind.POWER)
+                         if m.source in leaving else m for m in r2.moves]
+                result = dataclasses.replace(r2, moves=moves)
+                gains = move_gains(result)
+                report.imbalance_after = result.after.imbalance
+        actions = [Move("", a["host"], a["host"], a["reason"], 0, MoveKind.STANDBY)
+                   for a in standby] + [Move("", a["host"], a["host"], a["reason"], 0,
+                                             MoveKind.WAKE) for a in wake]
+        watts = [float(a["watts_now"]) for a in standby] + [0.0] * len(wake)
+        if actions:
+            report.notes.append(
+                f"power: {len(standby)} standby, {len(wake)} wake recommended; the plan's "
+                f"hosts draw {doc['power']['watts_before']:.0f} W now, "
+                f"{doc['power']['watts_after']:.0f} W after")
+        return result, gains, actions, watts
+
+    def _score_forecast(self, snap: ClusterSnapshot, report: CycleReport) -> None:
+        """The last cycle's forecast against this cycle's estimate (what the demand turned out
+        to be): WAPE and the share of VMs above their forecast."""
+        last, self._forecast = self._forecast, None
+        if not last:
+            return
+        names = [v.name for v in snap.vms if v.name in last]
+        if not names:
+            return
+        actual = np.array([snap.vms[snap.vm_index[n]].cpu_demand for n in names], dtype=float)
+        fc = np.array([last[n] for n in names], dtype=float)
+        tracker = ForecastTracker()
+        tracker.score(fc, actual)
+        score = tracker.report()
+        self.telemetry.forecast_wape.set(score["forecast_wape"])
+        report.notes.append(f"power: last cycle's forecast: WAPE "
+                            f"{100 * score['forecast_wape']:.1f} %, "
+                            f"{100 * score['forecast_under_share']:.1f} % of VMs above it")
+
+
+def power_plan(snap: ClusterSnapshot, opts: PowerPlanOptions, keep_on: frozenset[str],
+               history: pd.DataFrame | None = None, stop: threading.Event | None = None
+               ) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """The cycle's power plan (run in a solver worker through ``run_fn``); with ``history``
+    (timestamp, vm, cpu in cores), on each VM's forecast peak (``ForecastOptions()``: at least
+    its last sample). Returns the plan and the forecast per VM (millicores), or None."""
+    forecast = report = None
+    if history is not None and len(history):
+        snap, _, report = forecast_snapshot(snap, history, ForecastOptions())
+        forecast = {v.name: float(v.cpu_demand) for v in snap.vms}
+    doc = plan_power(snap, opts, keep_on=keep_on, stop=stop)
+    if report is not None:
+        doc["power"]["forecast"] = report
+    return doc, forecast
 
 
 def move_gains(result: PlanResult) -> list[float]:

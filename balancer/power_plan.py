@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,7 +54,7 @@ class PowerPlanOptions:
     idle_w: float = 180.0  # hosts without power labels
     peak_w: float = 450.0
     mem_overcommit: float = 1.0
-    max_dtime: float = 5.0
+    max_dtime: float = 2.0  # CP-SAT deterministic time; then the best plan, else the rule's (hint)
     time_limit: float = 30.0
     seed: int = 0
     command: str | None = None  # template: {action} {host}
@@ -76,6 +77,113 @@ def host_power(snap: ClusterSnapshot, idle_w: float, peak_w: float) -> list[Host
         except ValueError as exc:
             raise InputError(f"host {h.name}: label power.*: {exc}") from None
     return out
+
+
+def model_scope(snap: ClusterSnapshot, o: PowerPlanOptions, maint: set[int]
+                ) -> tuple[list[int], set[int]]:
+    """The hosts the power model decides over, and those whose VMs it may move.
+
+    Movable: the ``3 x max_switch`` (at least 4) least utilised hosts on (those it may
+    empty), as many of the hosts above the target (those it may relieve), and the hosts in
+    maintenance. The scope adds the next ``2 x`` that many least utilised hosts on (receivers)
+    and as many hosts in standby (those it may wake), largest first. Everything else stays as
+    it is, its load and power counted: the model stays small whatever the cluster's size
+    (with every VM free on every host, a 64-host / 1,000-VM cluster took CP-SAT 12 s for a
+    first feasible answer, and 500 / 10,000 gave none)."""
+    n = max(4, 3 * o.max_switch)
+    load = [0] * len(snap.hosts)
+    for v in snap.vms:
+        load[snap.host_index[v.host]] += v.cpu_demand
+    util = {i: load[i] / h.cpu_capacity for i, h in enumerate(snap.hosts)
+            if h.state is HostState.ACTIVE and h.cpu_capacity > 0}
+    order = sorted(util, key=lambda i: (util[i], i))
+    hot = [i for i in reversed(order) if util[i] > o.target_util][:n]
+    movable = set(order[:n]) | set(hot) | maint
+    standby = sorted((i for i, h in enumerate(snap.hosts) if h.state is HostState.STANDBY),
+                     key=lambda i: (-snap.hosts[i].cpu_capacity, i))[:2 * n]
+    return sorted(movable | set(order[n:3 * n]) | set(standby)), movable
+
+
+def greedy_hint(problem: Any, scope: list[int], movable: set[int], was_on: list[bool],
+                locked: set[int], o: PowerPlanOptions) -> tuple[list[bool], list[int]]:
+    """The DPM rule as the model's hint (CP-SAT starts from it): first relieve the movable
+    hosts above the target, largest units first, onto hosts on in scope with room under the
+    target, waking a host in standby in scope when none has room; then empty the least
+    utilised movable hosts, one after the other, each only if all its units fit
+    first-fit-decreasing on the hosts on in scope, within the target and their memory limit;
+    at most ``max_switch`` hosts switched. Returns (on per host, host per unit)."""
+    snap = problem.snapshot
+    n_h = problem.n_hosts
+    cpu = np.zeros(n_h)
+    mem = np.zeros(n_h)
+    u_host = [problem.start[u.members[0]] for u in problem.units]
+    u_cpu = [sum(snap.vms[v].cpu_demand for v in u.members) for u in problem.units]
+    u_mem = [sum(snap.vms[v].mem for v in u.members) for u in problem.units]
+    for i, h in enumerate(u_host):
+        cpu[h] += u_cpu[i]
+        mem[h] += u_mem[i]
+    caps = [h.cpu_capacity for h in snap.hosts]
+    on = list(was_on)
+    in_scope = set(scope)
+    by_host: dict[int, list[int]] = {}
+    for i, h in enumerate(u_host):
+        by_host.setdefault(h, []).append(i)
+    switched = 0
+
+    def fits(i: int, d: int, c: np.ndarray, m: np.ndarray) -> bool:
+        return (c[d] + u_cpu[i] <= o.target_util * caps[d]
+                and m[d] + u_mem[i] <= problem.mem_limit[d])
+
+    hot = sorted((h for h in movable if on[h] and caps[h] > 0
+                  and cpu[h] > o.target_util * caps[h]), key=lambda h: (-cpu[h] / caps[h], h))
+    for h in hot:
+        for i in sorted(by_host.get(h, []), key=lambda i: (-u_cpu[i], i)):
+            if cpu[h] <= o.target_util * caps[h]:
+                break
+            if problem.units[i].pinned:
+                continue
+            cands = [d for d in problem.units[i].candidates if d != h and d in in_scope]
+            dest = next((d for d in cands if on[d] and fits(i, d, cpu, mem)), None)
+            if dest is None and switched < o.max_switch:
+                dest = next((d for d in cands if not on[d] and d not in locked
+                             and fits(i, d, cpu, mem)), None)
+                if dest is not None:
+                    on[dest] = True
+                    switched += 1
+            if dest is None:
+                continue
+            u_host[i] = dest
+            cpu[h] -= u_cpu[i]
+            mem[h] -= u_mem[i]
+            cpu[dest] += u_cpu[i]
+            mem[dest] += u_mem[i]
+    cands = sorted((h for h in movable if on[h] and h not in locked and caps[h] > 0
+                    and h not in hot), key=lambda h: (cpu[h] / caps[h], h))
+    for h in cands:
+        if switched >= o.max_switch:
+            break
+        units = sorted((i for i in by_host.get(h, []) if u_host[i] == h),
+                       key=lambda i: (-u_cpu[i], i))
+        if any(problem.units[i].pinned for i in units):
+            continue
+        trial_cpu, trial_mem, placed = cpu.copy(), mem.copy(), {}
+        for i in units:
+            dest = next((d for d in problem.units[i].candidates
+                         if d != h and d in in_scope and on[d]
+                         and fits(i, d, trial_cpu, trial_mem)), None)
+            if dest is None:
+                break
+            placed[i] = dest
+            trial_cpu[dest] += u_cpu[i]
+            trial_mem[dest] += u_mem[i]
+        else:
+            for i, d in placed.items():
+                u_host[i] = d
+            trial_cpu[h] = trial_mem[h] = 0.0
+            cpu, mem = trial_cpu, trial_mem
+            on[h] = False
+            switched += 1
+    return on, u_host
 
 
 def read_history(path: str) -> pd.DataFrame:
@@ -137,9 +245,12 @@ def forecast_snapshot(snap: ClusterSnapshot, history: pd.DataFrame,
 
 
 def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
-               history: pd.DataFrame | None = None) -> dict[str, Any]:
+               history: pd.DataFrame | None = None, *, keep_on: Iterable[str] = (),
+               stop: Any = None) -> dict[str, Any]:
     """Power recommendations for ``snap``; with ``history`` (``read_history``), on the
-    forecast demand of the next cycle with the margin per host ``o.z``."""
+    forecast demand of the next cycle with the margin per host ``o.z``. Hosts named in
+    ``keep_on`` keep their power state (the daemon: a standby the operator dismissed).
+    ``stop`` is accepted so that the daemon can run this in a solver worker (``run_fn``)."""
     from policies import build_problem
 
     o = o or PowerPlanOptions()
@@ -157,12 +268,18 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
                                                  "mem_overcommit": o.mem_overcommit}})
     power = host_power(snap, o.idle_w, o.peak_w)
     # hosts in maintenance stay powered (the operator's) and are evacuated, never switched
-    locked = {i for i, h in enumerate(snap.hosts) if h.state is HostState.MAINTENANCE}
-    was_on = [on or i in locked for i, on in enumerate(was_on)]
+    maint = {i for i, h in enumerate(snap.hosts) if h.state is HostState.MAINTENANCE}
+    keep = set(keep_on)
+    locked = maint | {i for i, h in enumerate(snap.hosts) if h.name in keep}
+    was_on = [on or i in maint for i, on in enumerate(was_on)]
+    scope, movable = model_scope(snap, o, maint)
+    hint_on, hint_hosts = greedy_hint(problem, scope, movable, was_on, locked, o)
     res = solve(problem, power, was_on, PowerOptions(
         target_util=o.target_util, migration_w=o.migration_w, max_switch=o.max_switch,
-        max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed), locked=locked,
-        vm_var=vm_var, z=o.z)
+        max_dtime=o.max_dtime, time_limit=o.time_limit, seed=o.seed, hint_fallback=True),
+        locked=locked,
+        vm_var=vm_var, z=o.z, hosts=scope, movable_from=movable, hint_on=hint_on,
+        hint_hosts=hint_hosts)
     cpu = [float(v.cpu_demand) for v in snap.vms]
     vm_hosts = [res.unit_hosts[problem.unit_of[v]] for v in range(len(snap.vms))]
     caps = [h.cpu_capacity for h in snap.hosts]
@@ -198,7 +315,7 @@ def plan_power(snap: ClusterSnapshot, o: PowerPlanOptions | None = None,
         src, dst = start[v], vm_hosts[v]
         if src in res.switched_off:
             return f"empty {snap.hosts[src].name} for standby"
-        if src in locked:
+        if src in maint:
             return f"evacuate {snap.hosts[src].name} (maintenance)"
         if load0[src] > o.target_util * caps[src]:
             return (f"relieve {snap.hosts[src].name}: {100 * load0[src] / caps[src]:.0f} % CPU, "

@@ -63,14 +63,14 @@ def frontier_table(result: FrontierResult, width: int = 48) -> str:
     pts = result.points
     b = result.before
     lines = [f"{'#':>2}  {'price/MiB':>10}  {'moves':>5}  {'moved GiB':>9}  {'imbalance':>9}  "
-             f"{'cpu std':>7}  {'mem std':>7}  {'gap':>6}"]
+             f"{'cpu std':>7}  {'mem std':>7}  {'gap':>6}  by"]
     lines.append(f"{'-':>2}  {'(start)':>10}  {0:>5}  {0:>9.1f}  {b.imbalance:>9.4f}  "
                  f"{b.cpu_std:>7.4f}  {b.mem_std:>7.4f}  {'':>6}")
     for i, p in enumerate(pts, 1):
         d = p.to_dict()
         lines.append(f"{i:>2}  {p.price:>10.1f}  {d['moves']:>5}  {d['moved_mem_gb']:>9.1f}  "
                      f"{d['imbalance']:>9.4f}  {d['cpu_std']:>7.4f}  {d['mem_std']:>7.4f}  "
-                     f"{d['gap']:>6.1%}")
+                     f"{d['gap']:>6.1%}  {'price' if p.kind == 'price' else 'budget'}")
     if pts:
         top = max(b.imbalance, max(p.plan.after.imbalance for p in pts)) or 1.0
         right = max(p.plan.moved_mem for p in pts) or 1
@@ -107,8 +107,15 @@ def frontier_plot(result: FrontierResult, path: str, title: str | None = None) -
     xs = [0.0] + [p.plan.moved_mem / 1024 for p in pts]
     ys = [result.before.imbalance] + [p.plan.after.imbalance for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, ys, "o-", color="tab:blue", label="frontier (one verified plan per price)")
-    for p in pts:
+    ax.plot(xs, ys, "-", color="tab:blue", lw=1)
+    pp = [p for p in pts if p.kind == "price"]
+    ax.plot([p.plan.moved_mem / 1024 for p in pp], [p.plan.after.imbalance for p in pp], "o",
+            color="tab:blue", label="solved at a price (verified plan)")
+    fb = [p for p in pts if p.kind != "price"]
+    if fb:
+        ax.plot([p.plan.moved_mem / 1024 for p in fb], [p.plan.after.imbalance for p in fb],
+                ".", color="tab:orange", label="solved by memory budget between two prices")
+    for p in pp:
         ax.annotate(f"{p.price:,.0f}", (p.plan.moved_mem / 1024, p.plan.after.imbalance),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.axhline(result.before.imbalance, color="grey", lw=0.8, ls=":", label="start")

@@ -327,6 +327,7 @@ class FrontierPoint:
     plan: PlanResult
     bound: int  # lower bound on the objective at this price
     objective: int
+    kind: str = "price"  # "price": solved at its price; "memory budget": filled between two
 
     def to_dict(self) -> dict[str, Any]:
         a = self.plan.after
@@ -341,6 +342,7 @@ class FrontierPoint:
             "bound": self.bound,
             "gap": (0.0 if self.objective <= 0
                     else round((self.objective - self.bound) / self.objective, 6)),
+            "solved_by": self.kind,
             "migrations": [{"vm": m.vm, "from": m.source, "to": m.target, "reason": m.reason,
                             "mem_mb": m.mem} for m in self.plan.moves],
         }
@@ -364,7 +366,7 @@ FRONTIER_LOW = 10.0  # and of its last (a tenth of threshold 5's)
 
 
 def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, points: int = 8,
-             stop: threading.Event | None = None) -> FrontierResult:
+             stop: threading.Event | None = None, fill: int = 2) -> FrontierResult:
     """The balance / migration-cost curve: ``points`` verified plans, one per price per MiB
     moved (geometric from ``FRONTIER_HIGH`` to ``FRONTIER_LOW``), from one search that
     warm-starts each point from the one before; sorted by memory moved.
@@ -372,9 +374,15 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     ``options`` gives the constraints (capacity, budgets are ignored: the curve is what a
     budget would pick from), the seed and the effort (three times a plan's, shared between the
     points); its threshold is not used (each point has its own price).
+
+    ``fill`` more points are solved between each two neighbouring price points, by memory
+    budget (``balancer.solver.engine.curve``), so any memory level has a plan nearby: up to
+    ``points + fill x (points - 1)`` points in all, each saying how it was solved.
     """
     if points < 1:
         raise InputError(f"points: must be >= 1, got {points}")
+    if fill < 0:
+        raise InputError(f"fill: must be >= 0, got {fill}")
     opts = options or PlanOptions()
     t0 = time.monotonic()
     free = replace(opts, max_migrations=None, max_moved_mem_gb=None, threshold=5)
@@ -387,8 +395,8 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
     prices = frontier_prices(points, FRONTIER_HIGH, FRONTIER_LOW)
     pts, stopped_by = curve(problem, prices, EngineOptions(
         time_limit=time_limit, seed=opts.seed, max_iterations=opts.max_iterations,
-        max_dtime=opts.max_dtime, max_work=max_work, fixed_cost_mb=opts.fixed_cost_mb),
-        ev, stop=stop)
+        max_dtime=opts.max_dtime, max_work=max_work, fixed_cost_mb=opts.fixed_cost_mb,
+        frontier_fill=fill), ev, stop=stop)
     out = []
     limits = free.limits()
     for cp in pts:
@@ -407,7 +415,7 @@ def frontier(snapshot: ClusterSnapshot, options: PlanOptions | None = None, poin
             after=util_stats(snapshot, placement),
             solver={"price": cp.price}, notes=problem.notes)
         out.append(FrontierPoint(price=cp.price, plan=result, bound=min(cp.bound, obj),
-                                 objective=obj))
+                                 objective=obj, kind=cp.kind))
     out.sort(key=lambda p: (p.plan.moved_mem, -p.price))
     return FrontierResult(
         snapshot=snapshot, before=util_stats(snapshot, snapshot.placement()), points=out,

@@ -72,6 +72,15 @@ class Telemetry:
         self.vms = Gauge(
             "balancer_vms", "VMs in the inventory at the last estimate (balancer_stale_vms / "
             "balancer_vms: the stale share)", registry=registry)
+        self.power_actions = Counter(
+            "balancer_power_actions", "Host power actions (standby, wake) carried out, by "
+            "outcome", ["action", "result"], registry=registry)
+        self.hosts_standby = Gauge(
+            "balancer_hosts_standby", "Hosts in standby in the inventory", registry=registry)
+        self.forecast_wape = Gauge(
+            "balancer_power_forecast_wape", "[power] forecast = true: the last cycle's forecast "
+            "against this cycle's estimate, sum |estimate - forecast| / sum estimate",
+            registry=registry)
         self.cycles = Counter(
             "balancer_cycles", "Control cycles run, by result", ["result"], registry=registry)
         self.leader = Gauge(

@@ -80,7 +80,7 @@ class Serve:
         return self.proc.returncode
 
 
-def demo_config(tmp: Path, *, time_scale: float = 0.1) -> Path:
+def demo_config(tmp: Path, *, time_scale: float = 0.1, extra: str = "") -> Path:
     """The demo (configs/demo.toml) with a slowed simulated backend: migrations take seconds."""
     inventory = ROOT / "balancer/data/demo-cluster.json"
     path = tmp / "console.toml"
@@ -112,6 +112,7 @@ time_scale = {time_scale}
 poll_interval_s = 1.0
 [store]
 path = "{tmp / 'state.db'}"
+{extra}
 """)
     return path
 
@@ -483,3 +484,51 @@ def test_keyboard_reaches_every_control_and_they_are_labelled(demo: str, context
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.textContent") == "Cluster"
         page.close()
+
+
+def test_a_standby_is_approved_from_the_console_once_its_host_is_empty(
+        tmp_path: Path, context: Any) -> None:
+    """The demo with power management on: the console shows the standby with its watts,
+    refuses it while the host runs VMs, and carries it out once they have left."""
+    log = tmp_path / "power.log"
+    power = f"""
+[power]
+automation = "manual"
+standby_cycles = 1
+command = "sh -c 'echo {{action}} {{host}} >> {log}'"
+"""
+    serve = Serve(demo_config(tmp_path, time_scale=0.01, extra=power),
+                  {"BALANCER_API_TOKEN": TOKEN})
+    try:
+        wait_ready(serve.url)
+        url = serve.url
+        recs = httpx.get(f"{url}/v1/recommendations").json()
+        sb = next(r for r in recs if r["kind"] == "standby")
+        host = sb["source"]
+        page, errors = open_page(context, f"{url}/ui/recommendations")
+        row = page.locator(f"#power-recs tr[data-rec='{sb['id']}']")
+        cells = row.locator("td").all_inner_texts()
+        assert cells[0] == "standby" and cells[1] == host and cells[2] == sb["reason"]
+        assert cells[3] == f"{round(sb['gain'])} W"
+        sign_in(page, TOKEN)
+        page.locator("#who", has_text="signed in").wait_for()
+        apply = page.get_by_role("button", name=f"Apply: standby {host}")
+        apply.click()
+        page.get_by_role("status").filter(has_text="apply the moves that empty it").wait_for()
+        assert not log.exists()
+        for r in recs:
+            if r["kind"] == "power":
+                got = httpx.post(f"{url}/v1/recommendations/{r['id']}/apply", headers=AUTH,
+                                 timeout=60)
+                assert got.status_code == 200 and \
+                    got.json()["recommendation"]["state"] == "applied", got.text
+        apply.click()
+        page.get_by_role("status").filter(has_text=f"standby of {host} done").wait_for()
+        row.wait_for(state="detached")
+        assert log.read_text() == f"standby {host}\n"
+        states = {h["name"]: h["state"] for h in httpx.get(f"{url}/v1/cluster").json()["hosts"]}
+        assert states[host] == "standby"
+        # the one refusal (409) is the only error the browser logs
+        assert len(errors) == 1 and "status of 409" in errors[0], errors
+    finally:
+        assert serve.stop() == 0, "".join(serve.lines[-20:])

@@ -172,13 +172,17 @@ class Recommendation(_Out):
     id: int
     created: float
     cycle: int | None
-    kind: Literal["balance", "mandatory", "evacuation"]
+    kind: Literal["balance", "mandatory", "evacuation", "power", "standby", "wake"] = Field(
+        description="why the VM moves (balance, mandatory, evacuation; power: it empties a "
+                    "host for standby), or a host power action (standby, wake: vm is empty, "
+                    "source and target name the host)")
     vm: str
     source: str
     target: str
     reason: str
     mem_mb: int
-    gain: float = Field(description="imbalance (CPU std + memory std) the plan loses without it")
+    gain: float = Field(description="imbalance (CPU std + memory std) the plan loses without "
+                                    "it; for a standby, the watts the host draws now")
     state: Literal["pending", "applying", "applied", "failed", "dismissed", "superseded"]
     updated: float
     detail: str | None
@@ -198,9 +202,25 @@ class Migration(_Out):
     error: str | None
 
 
+class PowerAction(BaseModel):
+    rec_id: int
+    host: str
+    action: Literal["standby", "wake"]
+    trigger: str
+    command: list[str] | None = Field(default=None,
+                                      description="the command run (argv), if configured")
+    exit: int | None = Field(default=None, description="its exit code (None: not run)")
+    output: str = Field(default="", description="the end of its output")
+    state: Literal["completed", "failed", "skipped"] = Field(
+        description="skipped: its host was not ready (e.g. a move emptying it failed)")
+    detail: str
+
+
 class ApplyResponse(BaseModel):
     recommendation: Recommendation
     migration: Migration | None = Field(description="the last migration leg run for it")
+    power: PowerAction | None = Field(default=None,
+                                      description="a host power action: what was run")
 
 
 class InventoryAccepted(BaseModel):
@@ -315,6 +335,8 @@ class CycleReport(_Out):
     solve_s: float | None
     recommendations: list[Recommendation]
     executed: list[Migration]
+    power: list[PowerAction] = Field(default_factory=list,
+                                     description="host power actions carried out this cycle")
     notes: list[str]
     imbalance_before: float | None
     imbalance_after: float | None

@@ -110,8 +110,10 @@ def mount_console(app: FastAPI, controller: Any, telemetry: Any) -> None:
         decided = [r for st in ("applying", "applied", "failed", "dismissed")
                    for r in controller.store.recommendations(st, 15)]
         recent = sorted(decided, key=lambda r: (-r["updated"], -r["id"]))[:15]
-        return {"groups": views.wave_groups(recs, _waves(controller, recs)),
-                "n": len(recs), "recent": recent}
+        power = [r for r in recs if r["kind"] in ("standby", "wake")]
+        moves = [r for r in recs if r["kind"] not in ("standby", "wake")]
+        return {"groups": views.wave_groups(moves, _waves(controller, moves)),
+                "power": power, "n": len(recs), "recent": recent}
 
     def history_ctx(_: Request) -> dict[str, Any]:
         return {"history": controller.store.migrations(limit=50)}

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from balancer.model import ClusterSnapshot, RuleType
+from balancer.model import ClusterSnapshot, HostState, RuleType
 from balancer.snapshot import parse_snapshot, to_dict
 
 FRESH_RULE = "balancer:fresh-hosts"
@@ -135,8 +135,8 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
         age = None if last is None else max(0.0, now - last)
         fresh.host_age[h.name] = age
         host_fresh[h.name] = age is not None and age <= stale_after_s
-        if not host_fresh[h.name]:
-            fresh.stale_hosts.append(h.name)
+        if not host_fresh[h.name] and h.state is not HostState.STANDBY:
+            fresh.stale_hosts.append(h.name)  # a host in standby sends nothing, by design
 
     pinned: dict[str, str] = {}
     for raw in doc["vms"]:
@@ -168,6 +168,8 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
 
     if require_fresh:
         fresh_hosts = sorted(h for h in active if host_fresh[h])
+        # hosts in standby have no samples by design; a plan that wakes one may use it
+        standby = sorted(h.name for h in inventory.hosts if h.state is HostState.STANDBY)
         vm_host_rules = [r for r in inventory.rules
                          if r.type is RuleType.VM_HOST and r.mandatory]
         by_vm: dict[str, set[str]] = {}
@@ -179,7 +181,7 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
         for v in inventory.vms:
             if v.name in pinned or host_of[v.name] not in active:
                 continue
-            allowed = set(fresh_hosts)
+            allowed = set(fresh_hosts) | set(standby)
             for member in groups.get(v.name, [v.name]):
                 if member in by_vm:
                     allowed &= by_vm[member]
@@ -194,9 +196,9 @@ def apply_estimates(inventory: ClusterSnapshot, est: Estimates | None, now: floa
                     pinned.setdefault(other, f"affine to pinned VM {name}")
         movable = sorted(v.name for v in inventory.vms if v.name not in pinned
                          and v.automation.value == "fully")
-        if movable and fresh_hosts and len(fresh_hosts) < len(inventory.hosts):
+        if movable and fresh_hosts and len(fresh_hosts) + len(standby) < len(inventory.hosts):
             doc["rules"].append({"name": FRESH_RULE, "type": "vm_host", "vms": movable,
-                                 "hosts": fresh_hosts, "mandatory": True})
+                                 "hosts": sorted(fresh_hosts + standby), "mandatory": True})
     for raw in doc["vms"]:
         if raw["name"] in pinned:
             raw["automation"] = "manual"

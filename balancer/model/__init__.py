@@ -188,11 +188,20 @@ Placement = tuple[int, ...]
 
 
 class MoveKind(str, Enum):
-    """Why a move is in a plan, set where its reason is written (``explain_moves``)."""
+    """Why a move is in a plan, set where its reason is written (``explain_moves``); the last
+    two are not moves but host power actions (``vm`` empty, ``source`` = ``target`` = the
+    host), recommended beside the moves by the daemon's power management."""
 
     BALANCE = "balance"  # lowers the imbalance; may be delayed by anti-flapping
     EVACUATION = "evacuation"  # leaves a host in maintenance
     MANDATORY = "mandatory"  # fixes a rule, or makes room for a mandatory move
+    POWER = "power"  # empties a host the power plan puts in standby
+    STANDBY = "standby"  # host action: power the (empty) host down
+    WAKE = "wake"  # host action: power a host in standby up
+
+    @property
+    def host_action(self) -> bool:
+        return self in (MoveKind.STANDBY, MoveKind.WAKE)
 
 
 @dataclass(frozen=True, slots=True)

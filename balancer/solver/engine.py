@@ -16,9 +16,10 @@ Description
        Steps start with pairs of hosts; the neighbourhood grows when steps stop improving and
        shrinks when CP-SAT cannot prove a step optimal; the search stops early once the largest
        neighbourhoods find nothing more.
-    4. With a budget, step 3 runs without it at a searched price (``price.py``), over-budget
-       plans are trimmed, and the best plans within the budget are finished by the budgeted
-       local search on the judged imbalance (``swap.py``).
+    4. With a budget, step 3 runs without it at prices walked down from a high one until the
+       plan breaks the budget, then bisected (``price.py``), over-budget plans are trimmed,
+       and the best plans within the budget are finished by the budgeted local search on the
+       judged imbalance (``swap.py``).
     The same model (``cpsat.build``) serves every step; only the free set differs.
 Requirements
     A ``Problem`` from ``policies.build_problem``.
@@ -46,7 +47,8 @@ from balancer.model.problem import Problem, vm_placement
 from balancer.solver import bound as bound_mod
 from balancer.solver import cpsat, pairs, swap
 from balancer.solver import price as price_mod
-from balancer.solver.greedy import State, greedy, initial_unit_hosts
+from balancer.solver.gains import Imbalance
+from balancer.solver.greedy import State, greedy, initial_unit_hosts, trim_to_budget
 from balancer.solver.objective import Evaluator
 from balancer.solver.price import Priced, best_within, measure, reprice, search_budget
 
@@ -83,7 +85,13 @@ class EngineOptions:
     budget_explore: float = 0.6  # share of the effort spent exploring without the budgets
     price: float | None = None  # the threshold's price per MiB (budgets are searched by price)
     fixed_cost_mb: float = 1024.0  # the fixed part of a move's price
-    price_steps: int = 6  # bisection steps of the price search
+    price_steps: int = 6  # bisection steps of the price search (budget_descent off)
+    # the price search walks down from descent_high by descent_ratio per step, from the
+    # current placement, until a plan breaks the budget, then bisects descent_bisect times
+    budget_descent: bool = True
+    descent_high: float = 60_000.0
+    descent_ratio: float = 0.45
+    descent_bisect: int = 3
     reopen_moved: int = 12  # moved units re-opened per LNS step while a budget binds
     swap_starts: int = 3  # plans within a budget improved by the budgeted local search
     swap_rounds: int = 400  # its rounds (each applies one add, re-target, undo or swap)
@@ -92,6 +100,11 @@ class EngineOptions:
     kicks: int = 12
     kick_size: int = 8
     frontier_swap_rounds: int = 60  # the same, per frontier point
+    # between two price points of the frontier, this many points solved by memory budget
+    # (the plan of the point that moves more, trimmed to a memory level between the two and
+    # finished by the budgeted local search), so any memory level has a plan nearby
+    frontier_fill: int = 2
+    frontier_fill_rounds: int = 30  # local search rounds per such point
     # decomposition (large clusters): disjoint host groups solved side by side
     # balanced hosts from which the decomposition runs; None: never (the default: measured
     # worse than LNS alone for the same CPU on 500 hosts / 10,000 VMs, docs/benchmarks.md)
@@ -555,23 +568,10 @@ def explain_infeasible(problem: Problem, opts: EngineOptions,
     return sorted(sub.assumptions[i] for i in core)
 
 
-def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
-                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
-                     ) -> tuple[np.ndarray, int, int]:
-    """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
-    search (``balancer.solver.swap``); returns (placement, objective, improvements).
-
-    a. The unbudgeted engine at the threshold's price (``budget_explore / 2`` of the effort).
-    b. If its plan fits the budget, the search goes on with the budget in force (it rarely
-       binds). Otherwise the price is bisected (``price_steps`` points sharing 80 % of the
-       effort left), each over-budget plan trimmed to the budget.
-    c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
-       incumbent) go through the budgeted local search on the judged imbalance, and so does
-       the current placement (the local search then chooses every move itself).
-    d. The best of them goes through an iterated local search (``kicks`` random kicks of
-       ``kick_size`` undone moves, seeded).
-    The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
-    std); the greedy answer stays a fallback (``greedy_kept``)."""
+def _bisect(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+            g: np.ndarray, g_obj: int | None) -> tuple[list[Priced], int]:
+    """The price search of the second pass: the unbudgeted engine at the threshold's price,
+    then bisection upwards warm-started from the best plan within the budget."""
     ev = s.ev
     assert opts.price is not None
     fixed_mb = opts.fixed_cost_mb
@@ -603,6 +603,62 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
             step_work = max(1, s.work // 4)
         cands += search_budget(s, problem, start.unit_hosts if start else inc, free, opts.price,
                                fixed_mb, opts.price_steps, step_work)
+    return cands, improvements
+
+
+def _descend(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+             g: np.ndarray, g_obj: int | None) -> list[Priced]:
+    """The price search walking down from a high price (``price.descend_budget``); if the
+    budget does not bind at the threshold's price, the search goes on with it in force."""
+    ev = s.ev
+    assert opts.price is not None
+    cands: list[Priced] = [measure(problem, ev, opts.price, inc)]
+    if g_obj is not None:
+        cands.append(measure(problem, ev, math.inf, g))
+    here = initial_unit_hosts(problem)
+    if mandatory_violations(problem, ev, here):
+        here = best_within(cands).unit_hosts if best_within(cands) else inc
+    got, last = price_mod.descend_budget(
+        s, problem, here, max(opts.descent_high, opts.price), opts.price, opts.descent_ratio,
+        opts.fixed_cost_mb, opts.descent_bisect)
+    cands += got
+    if last is not None and not s.exhausted():
+        pb, evb = reprice(problem, ev, opts.price, opts.fixed_cost_mb, keep_budget=True)
+        s.p, s.ev = pb, evb
+        try:
+            more, _, _ = s.lns(last, evb.objective(last), until=1.0)
+        finally:
+            s.p, s.ev = problem, ev
+        cands.append(measure(problem, ev, opts.price, more))
+    return cands
+
+
+def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.ndarray,
+                     inc_obj: int, g: np.ndarray, g_obj: int | None, stats: dict,
+                     ) -> tuple[np.ndarray, int, int]:
+    """A budgeted plan by price search (``balancer.solver.price``) and the budgeted local
+    search (``balancer.solver.swap``); returns (placement, objective, improvements).
+
+    a./b. The price walked down from ``descent_high`` by ``descent_ratio`` per step from the
+       current placement until a plan breaks the budget, then bisected ``descent_bisect``
+       times, each over-budget plan trimmed to the budget (``_descend``); if the budget does
+       not bind at the threshold's price, the search goes on there with the budget in force.
+       (``budget_descent=False``: the second pass's search, ``_bisect``.)
+    c. The best ``swap_starts`` plans within the budget (price points, trims, greedy, the
+       incumbent) go through the budgeted local search on the judged imbalance, and so does
+       the current placement (the local search then chooses every move itself).
+    d. The best of them goes through an iterated local search (``kicks`` random kicks of
+       ``kick_size`` undone moves, seeded).
+    The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
+    std); the greedy answer stays a fallback (``greedy_kept``)."""
+    ev = s.ev
+    assert opts.price is not None
+    improvements = 0
+    if opts.budget_descent:
+        cands = _descend(s, problem, opts, inc, g, g_obj)
+    else:
+        cands, n = _bisect(s, problem, opts, inc, g, g_obj)
+        improvements += n
     # c. the best few plans within the budget, improved on the judged imbalance
     starts = sorted((c for c in cands if c.within_budget),
                     key=lambda c: (c.imbalance, c.moved_mem, c.price))[:opts.swap_starts]
@@ -850,6 +906,7 @@ class CurvePoint:
     unit_hosts: np.ndarray
     objective: int  # at this price
     bound: int  # a lower bound on the objective at this price (see ``lower_bound``)
+    kind: str = "price"  # "price": solved at its price; "memory budget": a filled point
 
 
 def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = None,
@@ -897,10 +954,61 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
             if opts.fluid_bound and not s.interrupted():
                 low = max(low, bound_mod.fluid_bound(problem, evp) or 0)
             points.append(CurvePoint(price, point, obj, min(obj, low)))
+        if opts.frontier_fill > 0 and not s.interrupted():
+            points += _fill(problem, ev, points, opts)
         stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
         return points, stopped_by
     finally:
         s.watcher.close()
+
+
+def _fill(problem: Problem, ev: Evaluator, points: list[CurvePoint], opts: EngineOptions,
+          ) -> list[CurvePoint]:
+    """Points between the price points: for two neighbours A (higher price) and B (lower
+    price, more memory moved), ``frontier_fill`` memory levels evenly between theirs; at each,
+    B's plan trimmed to that memory (undo the moves costing least per MiB at B's price) and
+    finished by the budgeted local search with that memory as the budget.
+
+    Each such point is stated at the price between A's and B's in the same proportion; its
+    bound interpolates theirs linearly in the price, which is valid: the best objective as a
+    function of the price is a minimum of functions linear in it (one per plan), so concave,
+    and lies above the chord between two lower bounds."""
+    out: list[CurvePoint] = []
+    imb = Imbalance.of(problem, ev)
+
+    def value(hosts: np.ndarray) -> float:
+        cpu, memd, _ = ev.loads(hosts)
+        return imb.value(cpu.astype(float), memd.astype(float))
+
+    for a, b in zip(points, points[1:], strict=False):
+        _, mem_a = ev.moved(a.unit_hosts)
+        _, mem_b = ev.moved(b.unit_hosts)
+        if mem_b <= mem_a:
+            continue
+        for j in range(1, opts.frontier_fill + 1):
+            lam = j / (opts.frontier_fill + 1)
+            level = int(mem_a + (mem_b - mem_a) * lam)
+            price = a.price + (b.price - a.price) * lam
+            pb = replace(problem, max_moved_mem=level)
+            _, evb = reprice(pb, ev, b.price, opts.fixed_cost_mb, keep_budget=True)
+            trimmed = trim_to_budget(evb.problem, evb, b.unit_hosts)
+            if trimmed is None:
+                continue
+            # or from the best plan already on the curve within that memory, if that one
+            # balances better (so the point is never worse than the curve below it)
+            starts = [trimmed]
+            below = [q for q in points if q.unit_hosts is not b.unit_hosts
+                     and ev.moved(q.unit_hosts)[1] <= level]
+            if below:
+                starts.append(min(below, key=lambda q: value(q.unit_hosts)).unit_hosts)
+            hosts = swap.improve(pb, ev, min(starts, key=value),
+                                 rounds=opts.frontier_fill_rounds, imb=imb)
+            _, evp = reprice(problem, ev, price, opts.fixed_cost_mb)
+            obj = evp.objective(hosts)
+            low = int(math.floor(a.bound + (b.bound - a.bound) * lam))
+            out.append(CurvePoint(price, hosts, obj, min(obj, max(low, lower_bound(
+                problem, evp, hosts))), kind="memory budget"))
+    return out
 
 
 def lower_bound(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray) -> int:

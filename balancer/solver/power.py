@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -95,6 +96,8 @@ class PowerOptions:
     over_w_per_core: float = 400.0  # price of forecast load above target, watts per core
     max_switch: int = 4  # hosts switched on or off per call
     max_dtime: float = 0.5  # CP-SAT deterministic time (deterministic stop)
+    # no answer within max_dtime: return the hint if the model accepts it (status "hint")
+    hint_fallback: bool = False
     time_limit: float = 30.0  # safety net only
     seed: int = 0
 
@@ -140,10 +143,13 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
           options: PowerOptions | None = None, *, hosts: list[int] | None = None,
           hint_on: list[bool] | None = None, hint_hosts: list[int] | None = None,
           locked: set[int] | None = None, vm_var: list[float] | None = None,
-          z: float = 0.0) -> PowerResult:
+          z: float = 0.0, movable_from: set[int] | None = None) -> PowerResult:
     """Decide on/off and placement over ``hosts`` (default: every host); units on other hosts
     stay where they are. ``hint_*`` (per host / per unit) is the greedy rule's answer; hosts in
     ``locked`` keep their power state (e.g. in maintenance: powered, evacuated, not switched).
+
+    ``movable_from`` (host indices): only units on these hosts may move (the others stay,
+    their load counted); the model then stays small on a large cluster.
 
     ``vm_var`` (per VM, millicores squared) and ``z`` add a margin per host to the load the
     target applies to: ``z x sqrt(sum of the variances of its VMs)``, linearised at the hint's
@@ -163,6 +169,7 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
     u_cpu = [int(vm_cpu[list(u.members)].sum()) for u in p.units]
     u_mem = [int(vm_mem[list(u.members)].sum()) for u in p.units]
     free = [i for i, u in enumerate(p.units) if start_units[i] in in_scope
+            and (movable_from is None or start_units[i] in movable_from)
             and len(set(u.candidates) & in_scope) > 0
             and not (u.pinned and start_units[i] in u.candidates)]
     free_set = set(free)
@@ -285,6 +292,15 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
         for h in scope:
             new_on[h] = bool(solver.Value(on[h]))
         st = "optimal" if status == cp_model.OPTIMAL else "feasible"
+    elif o.hint_fallback and (hint_on is not None or hint_hosts is not None) and \
+            _accepts_hint(m, on, x, h_on, h_hosts, o):
+        uh = list(start_units)
+        for i in free:
+            uh[i] = h_hosts[i]
+        new_on = list(was_on)
+        for h in scope:
+            new_on[h] = bool(h_on[h])
+        st = "hint"
     else:
         uh, new_on, st = list(start_units), list(was_on), "unchanged"
     vm_hosts = list(p.start)
@@ -298,6 +314,22 @@ def solve(problem: Problem, power: list[HostPower], was_on: list[bool],
         switched_on=[h for h in scope if new_on[h] and not was_on[h]],
         switched_off=[h for h in scope if was_on[h] and not new_on[h]],
         watts_before=before, watts_after=after)
+
+
+def _accepts_hint(m: cp_model.CpModel, on: dict[int, Any], x: dict[tuple[int, int], Any],
+                  h_on: list[bool], h_hosts: list[int], o: PowerOptions) -> bool:
+    """Whether the model has a solution with every decision at its hinted value (a solve
+    with them fixed: propagation alone decides it)."""
+    for h, var in on.items():
+        m.Add(var == int(bool(h_on[h])))
+    for (i, h), var in x.items():
+        m.Add(var == int(h_hosts[i] == h))
+    m.ClearHints()
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = o.seed
+    solver.parameters.max_deterministic_time = max(o.max_dtime, 1.0)
+    return solver.Solve(m) in (cp_model.OPTIMAL, cp_model.FEASIBLE)
 
 
 __all__ = ["HostPower", "PowerOptions", "PowerResult", "model_watts", "solve"]

@@ -4,12 +4,12 @@ A budget (at most K migrations, at most G MiB moved) is a hard constraint on the
 its Lagrangian relaxation moves it into the objective as a price per unit of budget used. The
 unbudgeted engine already has such a price: ``move_cost = price * (mem + fixed)`` per VM
 moved. Raising the price moves less; so the engine searches the price at which the
-unbudgeted optimum just fits the budget (bisection in log-price, each point warm-started from
-the best plan within the budget found so far), keeps the best plan within the budget, repairs
-each over-budget plan with one exact CP-SAT model over its moved units (each may stay or go
-back, the budget in force), then fills what is left of the budget with the budget in force.
-The same machinery, swept over a grid of prices from high to low (each point warm-started from
-the one before), gives the whole balance / migration-cost curve (``frontier``).
+unbudgeted optimum just fits the budget: it walks the price down from a high one, each step
+warm-started from the plan before it, until a plan breaks the budget, then bisects in
+log-price between the last two (``descend_budget``; ``search_budget`` is the older upward
+bisection from the best plan within the budget). Every over-budget plan is also trimmed to
+the budget. The same machinery, swept over a grid of prices from high to low (each point
+warm-started from the one before), gives the whole balance / migration-cost curve (``frontier``).
 
 Price shape
     Memory budget: ``price * (mem_mb + fixed_cost_mb)``, the shape the thresholds use.
@@ -88,16 +88,31 @@ def measure(problem: Problem, ev: Evaluator, price: float, unit_hosts: np.ndarra
     return Priced(price, unit_hosts.copy(), imb, migrations, moved, within)
 
 
+def measured(problem: Problem, ev: Evaluator, price: float, fixed_mb: float,
+             hosts: np.ndarray) -> list[Priced]:
+    """The plan measured, and if it breaks the budget, also trimmed to it (undo the moves
+    whose undoing costs least at ``price`` per unit of budget freed)."""
+    m = measure(problem, ev, price, hosts)
+    out = [m]
+    if not m.within_budget:
+        p2, ev2 = reprice(problem, ev, price, fixed_mb, keep_budget=True)
+        fixed = trim_to_budget(p2, ev2, hosts)
+        if fixed is not None:
+            out.append(measure(problem, ev, price, fixed))
+    return out
+
+
 def improve_at(s: _Search, problem: Problem, price: float, fixed_mb: float,
-               start: np.ndarray, work: int, iterations: int | None = None) -> np.ndarray:
+               start: np.ndarray, work: int | None, iterations: int | None = None,
+               until: float | None = None) -> np.ndarray:
     """Run the unbudgeted LNS at ``price`` from ``start`` for about ``work`` units (or until
-    the search has made ``iterations`` steps in all)."""
+    the search has made ``iterations`` steps in all, or spent ``until`` of its effort)."""
     p2, ev2 = reprice(problem, s.ev, price, fixed_mb)
     saved = s.p, s.ev, s.converged
     s.p, s.ev, s.converged = p2, ev2, False
     try:
-        target = s.work + work
-        inc, _, _ = s.lns(start, ev2.objective(start), until=None, work_until=target,
+        target = None if work is None else s.work + work
+        inc, _, _ = s.lns(start, ev2.objective(start), until=until, work_until=target,
                           iterations_until=iterations)
     finally:
         s.p, s.ev, s.converged = saved
@@ -115,14 +130,9 @@ def search_budget(s: _Search, problem: Problem, start: np.ndarray, over: np.ndar
     out: list[Priced] = []
 
     def keep(price: float, hosts: np.ndarray) -> Priced:
-        m = measure(problem, ev, price, hosts)
-        out.append(m)
-        if not m.within_budget:
-            p2, ev2 = reprice(problem, ev, price, fixed_mb, keep_budget=True)
-            fixed = trim_to_budget(p2, ev2, hosts)
-            if fixed is not None:
-                out.append(measure(problem, ev, price, fixed))
-        return m
+        got = measured(problem, ev, price, fixed_mb, hosts)
+        out.extend(got)
+        return got[0]
 
     keep(price0, over)
     lo, hi = math.log(price0), None
@@ -143,6 +153,60 @@ def search_budget(s: _Search, problem: Problem, start: np.ndarray, over: np.ndar
         else:
             price = math.exp((lo + hi) / 2)
     return out
+
+
+def descend_budget(s: _Search, problem: Problem, start: np.ndarray, price_hi: float,
+                   price_lo: float, ratio: float, fixed_cost_mb: float, bisect: int,
+                   until: float = 1.0) -> tuple[list[Priced], np.ndarray | None]:
+    """Walk the price down from ``price_hi`` by ``ratio`` per step (each step the unbudgeted
+    search from the plan before it, the first from ``start``, which makes only the forced
+    moves) until a plan breaks the budget; then bisect (log space, ``bisect`` steps) between
+    the last price whose plan fits and the first that does not, warm-started from the last
+    plan that fits. Each step gets an even share of the effort left until ``until`` (a
+    share of the search's effort, ``_Search.effort``) among the steps that may still come,
+    so the steps near the budget, where the plans kept are found, get the most.
+
+    Returns every plan met (over-budget ones also trimmed to the budget) and, if the price
+    reached ``price_lo`` with every plan within the budget (the budget does not bind there),
+    the last plan, for the caller to go on searching with the budget in force."""
+    ev = s.ev
+    fixed_mb = fixed_part(problem, ev, fixed_cost_mb)
+    out: list[Priced] = []
+    n_descent = max(1, math.ceil(math.log(price_lo / price_hi) / math.log(ratio) - 1e-9) + 1)
+
+    def step(price: float, hosts: np.ndarray, left: int) -> tuple[np.ndarray, Priced]:
+        e = s.effort()
+        new = improve_at(s, problem, price, fixed_mb, hosts, None,
+                         until=e + max(0.0, until - e) / max(1, left))
+        got = measured(problem, ev, price, fixed_mb, new)
+        out.extend(got)
+        return new, got[0]
+
+    price, cur = price_hi, start
+    hi = lo = None  # log prices: the last whose plan fits, the first whose plan does not
+    i = 0
+    while not s.exhausted():
+        hosts, m = step(price, cur, n_descent - i + bisect)
+        i += 1
+        if not m.within_budget:
+            lo = math.log(price)
+            break
+        hi, cur = math.log(price), hosts
+        if price <= price_lo * (1 + 1e-9):
+            return out, cur
+        price = max(price_lo, price * ratio)
+    if hi is None or lo is None:
+        return out, None
+    for j in range(bisect):
+        if s.exhausted():
+            break
+        price = math.exp((lo + hi) / 2)
+        hosts, m = step(price, cur, bisect - j)
+        if m.within_budget:
+            hi, cur = math.log(price), hosts
+        else:
+            lo = math.log(price)
+    return out, None
 
 
 def best_within(cands: list[Priced]) -> Priced | None:

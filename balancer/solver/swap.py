@@ -31,32 +31,50 @@ SWAP_POOL = 256  # single operations tried as the second half of a swap
 SWAP_UNDO = 64  # moves tried as the first half (those whose undo costs least)
 
 
-def _ops(problem: Problem, ev: Evaluator, st: State, movable: np.ndarray,
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every (unit, destination) pair that passes the cheap vectorised checks, with its change
-    of migrations and of MiB moved. Units whose members started apart are left out."""
-    home = ev.unit_home[movable]
-    ok_u = home >= 0
-    us = movable[ok_u]
-    home = home[ok_u]
+def _ops(problem: Problem, ev: Evaluator, st: State, imb: Imbalance, us: np.ndarray,
+         home: np.ndarray, cand: np.ndarray, members: np.ndarray, cpu: np.ndarray,
+         memd: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every (unit, destination) pair of the units ``us`` (whose members started together, at
+    ``home``; ``cand`` their candidate mask, ``members`` the VMs per unit) that passes the
+    cheap vectorised checks, with its change of migrations and of MiB moved and the imbalance
+    after it alone (computed densely over units x hosts: the sum of utilisations changes by
+    the unit's share on its host and on the destination, the sum of squares likewise)."""
     cur = st.hosts[us]
-    mask = ev.cand_mask[us].copy()
-    mask[np.arange(len(us)), cur] = False
+    rows = np.arange(len(us))
     # capacity on the destination (a unit going home needs no room if its host receives
     # nothing else: the exact check below decides)
     fits = ((st.mem[None, :] + ev.u_mem[us][:, None] <= np.asarray(problem.mem_limit)[None, :])
             & (st.cpu[None, :] + ev.u_cpu[us][:, None]
                <= np.asarray(problem.cpu_limit)[None, :]))
-    fits[np.arange(len(us)), home] = True
-    mask &= fits
+    fits[rows, home] = True
+    mask = cand & fits
+    mask[rows, cur] = False
     ri, hs = np.nonzero(mask)
     u = us[ri]
-    n_members = np.bincount(ev.vm_unit, minlength=len(problem.units))[u]
+    n_members = members[u]
     was = (cur[ri] != home[ri]).astype(np.int64)
     now = (hs != home[ri]).astype(np.int64)
     d_mig = (now - was) * n_members
     d_mem = (now - was) * ev.u_mem[u]
-    return u, hs, d_mig, d_mem
+    if imb.n == 0:
+        return u, hs, d_mig, d_mem, np.zeros(len(u))
+    dense = np.zeros(mask.shape)
+    inv_n = 1.0 / imb.n
+    for load, inv, dem in ((cpu, imb.inv_cpu, ev.u_cpu), (memd, imb.inv_mem, ev.u_memd)):
+        x = load * inv
+        s1, s2 = x.sum(), (x * x).sum()
+        d = dem[us].astype(float)
+        a = d * inv[cur]  # utilisation leaving the unit's host
+        b = np.multiply.outer(d, inv)  # arriving on each destination
+        m1 = (b + (s1 - a)[:, None]) * inv_n  # mean after: (s1 - a + b) / n
+        m1 *= m1
+        b *= b + 2 * x  # b^2 + 2 b x_h
+        b += (s2 + a * (a - 2 * x[cur]))[:, None]  # sum of squares after
+        b *= inv_n
+        b -= m1
+        np.maximum(b, 0.0, out=b)
+        dense += np.sqrt(b, out=b)
+    return u, hs, d_mig, d_mem, dense[ri, hs]
 
 
 def improve(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, rounds: int = 400,
@@ -68,16 +86,20 @@ def improve(problem: Problem, ev: Evaluator, unit_hosts: np.ndarray, rounds: int
     movable = np.nonzero(~ev.unit_pinned)[0]
     k_max, g_max = problem.max_migrations, problem.max_moved_mem
     home_of = ev.unit_home
+    # units whose members started apart are left out
+    us = movable[home_of[movable] >= 0]
+    home = home_of[us]
+    cmask = ev.cand_mask[us]
+    members = np.bincount(ev.vm_unit, minlength=len(problem.units))
     for _ in range(rounds):
         cpu = st.cpu.astype(float)
         memd = st.memd.astype(float)
         base = imb.value(cpu, memd)
-        u, hs, d_mig, d_mem = _ops(problem, ev, st, movable)
+        u, hs, d_mig, d_mem, single = _ops(problem, ev, st, imb, us, home, cmask, members, cpu,
+                                          memd)
         if len(u) == 0:
             break
         src = st.hosts[u]
-        single = imb.shift(cpu, memd, src, hs, ev.u_cpu[u].astype(float),
-                           ev.u_memd[u].astype(float))
         room_mig = np.inf if k_max is None else k_max - st.migrations
         room_mem = np.inf if g_max is None else g_max - st.moved_mem
         within = (d_mig <= room_mig) & (d_mem <= room_mem)

@@ -224,12 +224,14 @@ class Store:
                            "ORDER BY id")
             if kinds is not None:
                 old = [r for r in old if r["kind"] in kinds]
-            by_move = {(r["vm"], r["target"]): r for r in old}
-            new_target = {r.vm: r.target for r in recs}
+            # a move is known by (VM, destination); a host power action (no VM) by its kind
+            # and host, so that a standby never turns into a wake under the same id
+            by_move = {(r["vm"] or r["kind"], r["target"]): r for r in old}
+            new_target = {r.vm: r.target for r in recs if r.vm}
             ids: list[int] = []
             kept: set[int] = set()
             for r in recs:
-                prev = by_move.get((r.vm, r.target))
+                prev = by_move.get((r.vm or r.kind, r.target))
                 if prev is not None and prev["id"] not in kept:
                     db.execute("UPDATE recommendations SET cycle = ?, kind = ?, source = ?, "
                                "reason = ?, mem_mb = ?, gain = ?, updated = ? WHERE id = ?",
@@ -308,7 +310,14 @@ class Store:
 
     def dismissed_since(self, since: float) -> set[str]:
         rows = self.db.rows("SELECT DISTINCT vm FROM recommendations WHERE "
-                            "state = 'dismissed' AND updated >= ?", (since,))
+                            "state = 'dismissed' AND updated >= ? AND vm <> ''", (since,))
+        return {r[0] for r in rows}
+
+    def dismissed_hosts_since(self, since: float) -> set[str]:
+        """Hosts whose power action (standby, wake) was dismissed since ``since``."""
+        rows = self.db.rows("SELECT DISTINCT source FROM recommendations WHERE state = "
+                            "'dismissed' AND kind IN ('standby', 'wake') AND updated >= ?",
+                            (since,))
         return {r[0] for r in rows}
 
     # -- migration history -----------------------------------------------------------------
