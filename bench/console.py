@@ -99,6 +99,7 @@ backend = "simulated"
 {extra.get('executor', '')}
 [store]
 path = "{Path(tmp) / 'state.db'}"
+{extra.get('tail', '')}
 """
     path.write_text(text)
     return str(path)
@@ -215,32 +216,48 @@ def browser_runs(browser: Any, url: str, args: argparse.Namespace) -> list[tuple
 
 
 def screenshots(args: argparse.Namespace) -> int:
-    """PNGs of each page on the demo cluster, with a migration in flight on one of them."""
+    """PNGs of each page on the demo cluster, with a migration in flight on one of them; then
+    the recommendations page of the demo with power management on (its Power table)."""
     from playwright.sync_api import sync_playwright
 
     out = Path(args.screenshots)
     out.mkdir(parents=True, exist_ok=True)
     inventory = ROOT / "balancer/data/demo-cluster.json"
-    with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
-        cfg = config(tmp, source="simulated", name="demo",
-                     cluster=f'inventory = "{inventory}"\nseed = 0',
-                     executor="[executor.settings.simulated]\ntime_scale = 0.25")
-        proc, url, drain = serve(cfg)
-        try:
-            deadline = time.monotonic() + 120
-            while httpx.get(f"{url}/readyz").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the demo's first cycle did not finish")
-                time.sleep(0.3)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-                try:
-                    shoot(browser, url, out)
-                finally:
-                    browser.close()
-        finally:
-            stop(proc, drain)
+    power = ('[power]\nautomation = "manual"\nstandby_cycles = 1\nmax_switch = 2\n'
+             'command = "/usr/local/bin/host-power {action} {host}"')
+    for tail, shots in (("", shoot), (power, shoot_power)):
+        with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
+            cfg = config(tmp, source="simulated", name="demo",
+                         cluster=f'inventory = "{inventory}"\nseed = 0',
+                         executor="[executor.settings.simulated]\ntime_scale = 0.25", tail=tail)
+            proc, url, drain = serve(cfg)
+            try:
+                deadline = time.monotonic() + 120
+                while httpx.get(f"{url}/readyz").status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the demo's first cycle did not finish")
+                    time.sleep(0.3)
+                with sync_playwright() as p:
+                    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                    try:
+                        shots(browser, url, out)
+                    finally:
+                        browser.close()
+            finally:
+                stop(proc, drain)
     return 0
+
+
+def shoot_power(browser: Any, url: str, out: Path) -> None:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, device_scale_factor=1)
+    page = ctx.new_page()
+    page.goto(f"{url}/ui/recommendations")
+    page.wait_for_function("document.documentElement.dataset.ready === '1'")
+    page.wait_for_selector("#power-recs")
+    page.wait_for_timeout(400)
+    page.screenshot(path=str(out / "console-power.png"))
+    print(f"wrote {out / 'console-power.png'}", file=sys.stderr)
+    ctx.close()
 
 
 def shoot(browser: Any, url: str, out: Path) -> None:

@@ -6,7 +6,7 @@
 For each bundled PlanetLab day D (the held-out day), every candidate parameter set is replayed
 on the OTHER day and on generated variants of the other day (``simulator.variants``: VMs rotated
 in time; ``bootstrap:1`` adds VMs resampled); the candidate chosen is the one with the least
-energy per unit of demand among those that keep SLATAH <= 0.9 % and at most 5 migrations per
+energy per unit of demand among those that keep SLATAH <= 0.95 % and at most 5 migrations per
 VM-day on every one of those traces (else the one with the least worst SLATAH). Then it is
 replayed on D and reported there. Finally the same rule over all days and their variants picks
 the parameters the configs ship with. Prints every run and each fold's choice; ``--out`` writes
@@ -29,28 +29,31 @@ sys.path.insert(0, str(ROOT))
 from simulator import traces, variants  # noqa: E402
 from simulator.replay import load_experiment, run_one  # noqa: E402
 
-SLATAH_MAX = 0.009
+SLATAH_MAX = 0.0095  # leaves 0.05 % of the 1 % target for days not seen
 MIGRATIONS_PER_VM_DAY = 5.0
 
 
 def candidates() -> list[dict]:
     """The margin per host (z x sqrt of the summed VM variances, shrunk towards a prior of
     ``prior_std`` x the VM's size for VMs with little history), three levelling moves per
-    cycle, the ewm mean as the level (not floored at the last value); z and the prior trade
-    energy for SLATAH. Then the same with the margin calibrated online (``slatah_target``: z
-    starts at 1.75 and is rescaled every hour by the overloaded share of host time so far over
-    the target). The rule alone (``solver = "greedy"``) replays a day in seconds."""
-    out = []
-    for z, p in itertools.product((1.5, 1.75, 2.0), (0.1, 0.15, 0.2)):
-        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": z,
-                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
-                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
-                    "solver": "greedy"})
-    for t, p in itertools.product((0.0075, 0.0085), (0.15, 0.2)):
-        out.append({"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "z": 1.75,
-                    "prior_std": p, "prior_steps": 4.0, "level_moves": 3,
-                    "target_util": 0.9, "high_util": 0.95, "low_util": 0.8,
-                    "slatah_target": t, "z_every": 12, "solver": "greedy"})
+    cycle, the ewm mean as the level (not floored at the last value). First the parameters
+    shipped until 29 Nov 2026 (z calibrated online in proportion to the overloaded share so
+    far, ``slatah_target`` 0.85 %), as the baseline. Then the long memory of volatility
+    (``long_history = 288``: a VM's variance is at least its variance over the day so far)
+    with z set from the day's error budget (``slatah_window = 288``), at two targets and three
+    ways of splitting the margin between a fixed share of the host (``target_util``) and the
+    variance term (``z``): the more of it in z, the more placement spreads the risky VMs. The
+    rule alone (``solver = "greedy"``) replays a day in seconds."""
+    base = {"forecast": "ewm", "k": 0.0, "last_floor": False, "span": 12, "prior_steps": 4.0,
+            "prior_std": 0.15, "level_moves": 3, "z_every": 12, "solver": "greedy"}
+    out = [{**base, "z": 1.75, "slatah_target": 0.0085, "target_util": 0.9,
+            "high_util": 0.95, "low_util": 0.8}]
+    split = ({"z": 1.4, "target_util": 0.9, "high_util": 0.95, "low_util": 0.8},
+             {"z": 2.0, "target_util": 0.97, "high_util": 0.99, "low_util": 0.87},
+             {"z": 2.4, "target_util": 1.0, "high_util": 1.0, "low_util": 0.9})
+    for t, sp in itertools.product((0.009, 0.0092), split):
+        out.append({**base, **sp, "slatah_target": t, "long_history": 288,
+                    "slatah_window": 288, "z_slope": 0.8})
     return out
 
 

@@ -7,6 +7,10 @@ Description
        (``balancer.forecast``: ``ewm`` mean + k x std by default, or ``reactive`` = peak of the
        last ``window`` steps, or a ``quantile``). The error of every forecast is scored when the
        step it was made for has been observed (WAPE, under-forecast share; in the summary).
+       With ``z`` > 0 a host's margin is ``z`` x the square root of its VMs' summed variances:
+       each VM's ewm variance, at least its variance over the last ``long_history`` steps
+       (a VM that spiked earlier in the day keeps its risk through a calm hour), shrunk
+       towards a prior proportional to its size.
     2. **Greedy rule (hint and baseline).** With D the total forecast and C the CPU of the hosts
        on: hosts that are hot (forecast load above ``target_util``), hosts to switch on when
        D > ``high_util`` x C (most power-efficient first), and up to ``max_switch`` of the least
@@ -65,6 +69,10 @@ class PowerArgs:
     var_of: str = "level"  # the VM variance: of its level (ewm), or of its step-to-step change
     prior_std: float = 0.0  # prior std of a VM's demand, share of its size (with z)
     prior_steps: float = 12.0  # weight of the prior, in steps of history
+    # long memory of volatility: a VM's variance is at least its variance over the last
+    # `long_history` observed steps (0: off), so a VM that spiked earlier in the day is not
+    # packed as steady after a calm hour
+    long_history: int = 0
     # cpsat: the model picks the hosts to empty among this many (0: max_switch)
     choose_from: int = 0
     level_moves: int = 0  # moves per cycle that level the hosts' forecast load (with margin)
@@ -84,6 +92,12 @@ class PowerArgs:
     z_max: float = 4.0
     z_prior: float = 600.0
     z_every: int = 12  # cycles between updates of z (a margin that moves every cycle churns)
+    # error budget (with slatah_target and slatah_window > 0): the overloaded share is accounted
+    # per window of `slatah_window` cycles (e.g. a day); each update sets z to the window's
+    # mean z so far + z_slope x ln(share so far / share the rest of the window may use), so a
+    # window that ran hot spends less of what is left, a calm one more (z_gain is not used)
+    slatah_window: int = 0
+    z_slope: float = 0.8  # z per e-fold of overloaded share (the local slope of the trade-off)
 
     def __post_init__(self) -> None:
         for name in ("target_util", "high_util", "low_util"):
@@ -99,12 +113,12 @@ class PowerArgs:
             self.hot_util == 0 or self.target_util <= self.hot_util <= 1),
             f"field 'hot_util' must be 0 or in [target_util, 1], got {self.hot_util!r}")
         for name in ("max_switch", "receivers", "min_on_cycles", "level_moves",
-                     "choose_from", "z_every"):
+                     "choose_from", "z_every", "long_history", "slatah_window"):
             v = getattr(self, name)
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"field '{name}' must be a whole number >= 0, got {v!r}")
         for name in ("migration_w", "over_w_per_core", "max_dtime", "time_limit", "prior_std",
-                     "prior_steps", "level_band", "z_gain", "z_prior"):
+                     "prior_steps", "level_band", "z_gain", "z_prior", "z_slope"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                   f"field '{name}' must be a number >= 0, got {v!r}")
@@ -191,6 +205,31 @@ def _ffd(vms: list[int], est: np.ndarray, bins: Bins, var: np.ndarray,
     return out
 
 
+def vm_variance(hist: np.ndarray, a: PowerArgs, size: np.ndarray,
+                long: np.ndarray | None = None) -> np.ndarray:
+    """Each VM's demand variance (millicores squared) for the margin per host: the ewm variance
+    of its level over ``hist`` (steps x VMs; or of its step changes, ``var_of``), at least its
+    variance over ``long`` (the last ``long_history`` observed steps: a VM that spiked earlier
+    in the day keeps that risk through a calm hour), shrunk towards ``(prior_std x size in
+    cores x 1000)^2`` with the weight of ``prior_steps`` steps of history."""
+    h = np.asarray(hist, dtype=float)
+    if a.var_of == "level" or len(h) < 2:
+        var = ewm_last(h, a.span)[1] ** 2
+    else:  # half the ewm mean square of the step changes (= the level's for white noise)
+        d = np.diff(h, axis=0)
+        w = (1.0 - 2.0 / (a.span + 1.0)) ** np.arange(len(d) - 1, -1, -1, dtype=float)
+        var = (w / w.sum()) @ (d * d) / 2.0
+    if long is not None and len(long) >= 2:
+        var = np.maximum(var, np.asarray(long, dtype=float).var(axis=0))
+    if a.prior_std and a.prior_steps:
+        # shrink towards a prior proportional to the VM's size: a VM seen steady for a short
+        # while still gets room, and the first cycles are not trusted blindly
+        prior = (a.prior_std * 1000.0 * np.asarray(size, dtype=float)) ** 2
+        n = float(len(h))
+        var = (n * var + a.prior_steps * prior) / (n + a.prior_steps)
+    return var
+
+
 @register
 class PowerPolicy:
     name: ClassVar[str] = "power"
@@ -210,6 +249,7 @@ class PowerPolicy:
         self._tables: list[HostPower] | None = None
         self.z_now = self.args.z
         self._z_sum = 0.0  # for the report: mean z over cycles
+        self._win = (0.0, 0.0, 0.0, 0)  # window start: overloaded, active host-steps; z sum, n
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tracker.report())
@@ -228,6 +268,8 @@ class PowerPolicy:
         cyc = self._cycle
         self.z_now = self._margin(ctx)
         self._z_sum += self.z_now
+        o0, a0, zs, zn = self._win
+        self._win = (o0, a0, zs + self.z_now, zn + 1)
         n_h = ctx.n_hosts
         look = max(self.fopts.lookback, a.history) if self.z_now else self.fopts.lookback
         hist = ctx.observed(look)
@@ -240,20 +282,9 @@ class PowerPolicy:
         # per-host margin: z x sqrt(sum of the VMs' variances) (VMs do not all peak together)
         var = np.zeros(len(est))
         if self.z_now:
-            h = hist[-a.history:]
-            if a.var_of == "level" or len(h) < 2:
-                var = ewm_last(h, a.span)[1] ** 2
-            else:  # half the ewm mean square of the step changes (= the level's for white noise)
-                d = np.diff(h, axis=0)
-                w = (1.0 - 2.0 / (a.span + 1.0)) ** np.arange(len(d) - 1, -1, -1, dtype=float)
-                var = (w / w.sum()) @ (d * d) / 2.0
-            if a.prior_std and a.prior_steps:
-                # shrink towards a prior proportional to the VM's size: a VM seen steady for a
-                # short while still gets room, and the first cycles are not trusted blindly
-                size = np.asarray(getattr(ctx, "vm_cores", np.ones(len(est))), dtype=float)
-                prior = (a.prior_std * 1000.0 * size) ** 2
-                n = float(len(h))
-                var = (n * var + a.prior_steps * prior) / (n + a.prior_steps)
+            size = np.asarray(getattr(ctx, "vm_cores", np.ones(len(est))), dtype=float)
+            long = ctx.observed(a.long_history) if a.long_history else None
+            var = vm_variance(hist[-a.history:], a, size, long)
         if self._tables is None:
             self._tables = [HostPower(tuple(t)) for t in ctx.host_power_table]
         cap = np.asarray(ctx.host_cpu, dtype=float)
@@ -409,16 +440,40 @@ class PowerPolicy:
         """z for this cycle: the configured one, or (``slatah_target``) scaled by how the
         overloaded share of active host time so far compares with the target (more margin on a
         day that runs hot, less on a calm one), so the day's SLATAH heads for the target
-        whatever the day."""
+        whatever the day; with ``slatah_window``, from the window's error budget."""
         a = self.args
         if not a.slatah_target:
             return a.z
-        if a.z_every > 1 and (self._cycle - 1) % a.z_every:
-            return self.z_now
         over = float(getattr(ctx, "overloaded_host_steps", 0))
         act = float(getattr(ctx, "active_host_steps", 0))
+        pos = (self._cycle - 1) % a.slatah_window if a.slatah_window else self._cycle - 1
+        if a.slatah_window and pos == 0:  # a new window: the budget starts afresh
+            self._win = (over, act, 0.0, 0)
+            return a.z
+        if a.z_every > 1 and pos % a.z_every:
+            return self.z_now
+        if a.slatah_window:
+            return self._budget_margin(over, act, pos)
         rate = (over + a.slatah_target * a.z_prior) / (act + a.z_prior)
         return float(min(max(a.z * (rate / a.slatah_target) ** a.z_gain, a.z_min), a.z_max))
+
+    def _budget_margin(self, over: float, act: float, pos: int) -> float:
+        """z from the window's error budget: the overloaded share so far (with a prior of
+        ``z_prior`` host-steps at the target) was had at the window's mean z so far; the share
+        the rest of the window may use is what keeps the whole window at the target, with the
+        host-steps still to come projected from those so far. A log-linear local model of the
+        trade-off (``z_slope`` z per e-fold of share) turns the ratio of the two into z."""
+        a = self.args
+        o0, a0, zs, zn = self._win
+        o, h = over - o0, act - a0
+        z_bar = zs / zn if zn else a.z
+        target = a.slatah_target
+        rate = max((o + target * a.z_prior) / max(h + a.z_prior, 1.0), 0.1 * target)
+        rest = max(h, 1.0) / pos * (a.slatah_window - pos)  # host-steps still to come
+        budget = target * (h + rest) - o  # overloaded host-steps the rest may have
+        allowed = max(budget, 0.1 * target * rest) / rest
+        z = z_bar + a.z_slope * math.log(rate / allowed)
+        return float(min(max(z, a.z_min), a.z_max))
 
     def _level(self, ctx: Any, on: list[int], place: dict[int, int], leaving: set[int],
                est: np.ndarray, var: np.ndarray, load_mu: np.ndarray, load_var: np.ndarray,
@@ -528,4 +583,4 @@ class PowerPolicy:
                         moves=tuple(sorted(moves)))
 
 
-__all__ = ["PowerArgs", "PowerPolicy"]
+__all__ = ["PowerArgs", "PowerPolicy", "vm_variance"]

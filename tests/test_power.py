@@ -3,6 +3,7 @@ replay through the planner and the executor (make_waves, Runner, SimulatedBacken
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,29 @@ def test_power_args_rejected_by_field() -> None:
         replay_policies.make("power", {"var_of": "x"})
     with pytest.raises(InputError, match="field 'level_moves'"):
         replay_policies.make("power", {"level_moves": 1.5})
+    with pytest.raises(InputError, match="field 'long_history'"):
+        replay_policies.make("power", {"long_history": -1})
+
+
+def test_vm_variance_remembers_a_spike_older_than_the_recent_history() -> None:
+    from simulator.power_policy import PowerArgs, vm_variance
+
+    # VM 0 spiked to 2 cores in steps 0-2 and has been at 0.2 since (40 steps); VM 1 has been
+    # at 0.2 all along. The recent history (the last 36 steps) has forgotten the spike.
+    long = np.full((43, 2), 200.0)
+    long[:3, 0] = 2000.0
+    recent = long[-36:]
+    a = PowerArgs(z=1.0, prior_std=0.0)
+    short = vm_variance(recent, a, np.ones(2))
+    assert short == pytest.approx([0.0, 0.0], abs=1e-6)
+    kept = vm_variance(recent, PowerArgs(z=1.0, prior_std=0.0, long_history=288), np.ones(2),
+                       long)
+    assert kept[0] == pytest.approx(long[:, 0].var()) and kept[0] > 1e5
+    assert kept[1] == pytest.approx(0.0, abs=1e-6)
+    # the prior still shrinks both: (36 x var + 4 x (0.1 x 1000)^2) / 40
+    prior = vm_variance(recent, PowerArgs(z=1.0, prior_std=0.1, prior_steps=4.0, long_history=288),
+                        np.ones(2), long)
+    assert prior == pytest.approx([(36 * kept[0] + 4e4) / 40, 4e4 / 40])
 
 
 def test_power_policy_levels_the_hosts() -> None:
@@ -289,12 +313,54 @@ def test_power_policy_levels_the_hosts() -> None:
     assert moved[1][0] == 1 and moved[1][1].count(0) == 3 and moved[1][1][4:] == [1, 2]
 
 
+def test_power_policy_error_budget_sets_the_margin_from_what_is_left() -> None:
+    from types import SimpleNamespace
+
+    from simulator.power_policy import PowerPolicy
+
+    def margins(history: list[tuple[int, int]], **kw: float) -> list[float]:
+        pol = PowerPolicy(replay_policies.make("power", {
+            "z": 1.5, "slatah_target": 0.01, "slatah_window": 4, "z_every": 1,
+            "z_prior": 0.0, "z_slope": 0.8, **kw}).args)
+        out = []
+        for over, act in history:  # cumulative overloaded / active host-steps before the cycle
+            pol._cycle += 1
+            pol.z_now = pol._margin(SimpleNamespace(overloaded_host_steps=over,
+                                                    active_host_steps=act))
+            pol._win = (*pol._win[:2], pol._win[2] + pol.z_now, pol._win[3] + 1)
+            out.append(pol.z_now)
+        return out
+
+    # cycle 1 opens a window at the configured z. Cycle 2: 10 of 100 host-steps overloaded
+    # (10 %), the window may have 1 % of 400: 4 - 10 < 0, so the rest gets the floor, a tenth
+    # of the target: z = 1.5 + 0.8 ln(0.1 / 0.001), clipped at z_max
+    hot = margins([(0, 0), (10, 100), (10, 200), (12, 300), (12, 400)])
+    assert hot[0] == 1.5 and hot[1] == 4.0
+    assert hot[4] == 1.5  # cycle 5 opens the next window afresh
+    # a calm window: nothing overloaded, the share so far is floored at a tenth of the target
+    # and the rest may use 1 %: z = 1.5 + 0.8 ln(0.001 / 0.01)
+    calm = margins([(0, 0), (0, 100)])
+    assert calm[1] == pytest.approx(max(1.5 + 0.8 * math.log(0.1), 0.5))
+    # on target: 1 of 100 so far, 3 of the 300 to come: z stays
+    even = margins([(0, 0), (1, 100)])
+    assert even[1] == pytest.approx(1.5)
+    with pytest.raises(InputError, match="field 'slatah_window'"):
+        replay_policies.make("power", {"slatah_window": -2})
+
+
 def test_power_policy_is_reproducible() -> None:
     kw = dict(config=BELOGLAZOV, seed=1, steps=10, vms=120, hosts=40)
     a = run_one("planetlab:20110306", "power", **kw)
     b = run_one("planetlab:20110306", "power", **kw)
     a.pop("seconds"), b.pop("seconds")
     assert a == b
+    # the long memory of volatility changes the margins (z > 0 in the shipped config), and
+    # stays reproducible
+    p = {"long_history": 288, "slatah_window": 4, "z_every": 2}
+    c = run_one("planetlab:20110306", "power", p, **kw)
+    d = run_one("planetlab:20110306", "power", p, **kw)
+    c.pop("seconds"), d.pop("seconds")
+    assert c == d
 
 
 
