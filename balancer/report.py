@@ -110,11 +110,12 @@ def frontier_plot(result: FrontierResult, path: str, title: str | None = None) -
     ax.plot(xs, ys, "-", color="tab:blue", lw=1)
     pp = [p for p in pts if p.kind == "price"]
     ax.plot([p.plan.moved_mem / 1024 for p in pp], [p.plan.after.imbalance for p in pp], "o",
-            color="tab:blue", label="solved at a price (verified plan)")
+            color="tab:blue", label="solved at a price")
     fb = [p for p in pts if p.kind != "price"]
     if fb:
         ax.plot([p.plan.moved_mem / 1024 for p in fb], [p.plan.after.imbalance for p in fb],
-                ".", color="tab:orange", label="solved by memory budget between two prices")
+                ".", color="tab:orange",
+                label="solved by memory budget between two prices (all verified plans)")
     for p in pp:
         ax.annotate(f"{p.price:,.0f}", (p.plan.moved_mem / 1024, p.plan.after.imbalance),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
