@@ -164,3 +164,32 @@ def test_memory_budget_walking_the_price_down_beats_the_upward_bisection() -> No
         assert verify(snap, down.placement, opts.limits()) == []
         assert imb_down < imb_up, (gen.__name__, imb_down, imb_up)
         assert imb_down <= 0.75 * g.after.imbalance, (gen.__name__, imb_down)
+
+
+def test_filling_the_frontier_stops_when_interrupted() -> None:
+    """The points between prices check the stop (event or wall clock) before each one: what
+    was filled so far comes back."""
+    from balancer.solver.engine import EngineOptions, _fill, curve
+    from balancer.solver.objective import Evaluator
+    from balancer.solver.price import frontier_prices
+    from policies import build_problem
+
+    snap = parse_snapshot(generate(16, 200, 5, rules=True))
+    problem = build_problem(snap, policies=PlanOptions(threshold=5).policies())
+    ev = Evaluator(problem)
+    opts = EngineOptions(time_limit=120.0, max_iterations=40, seed=1, frontier_fill=0)
+    pts, _ = curve(problem, frontier_prices(4), opts, ev)
+    assert len(pts) == 4
+    fill = EngineOptions(frontier_fill=2)
+    every = _fill(problem, ev, pts, fill)
+    assert len(every) > 3
+    asked = []
+
+    def interrupted() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    some = _fill(problem, ev, pts, fill, interrupted)
+    assert len(some) <= 3 < len(every)
+    for p, q in zip(some, every, strict=False):
+        assert (p.unit_hosts == q.unit_hosts).all() and p.price == q.price

@@ -35,6 +35,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -955,7 +956,7 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
                 low = max(low, bound_mod.fluid_bound(problem, evp) or 0)
             points.append(CurvePoint(price, point, obj, min(obj, low)))
         if opts.frontier_fill > 0 and not s.interrupted():
-            points += _fill(problem, ev, points, opts)
+            points += _fill(problem, ev, points, opts, s.interrupted)
         stopped_by = s.stopped_by if s.stopped_by in ("stop", "wall_clock") else "effort"
         return points, stopped_by
     finally:
@@ -963,7 +964,7 @@ def curve(problem: Problem, prices: list[float], opts: EngineOptions | None = No
 
 
 def _fill(problem: Problem, ev: Evaluator, points: list[CurvePoint], opts: EngineOptions,
-          ) -> list[CurvePoint]:
+          interrupted: Callable[[], bool] = lambda: False) -> list[CurvePoint]:
     """Points between the price points: for two neighbours A (higher price) and B (lower
     price, more memory moved), ``frontier_fill`` memory levels evenly between theirs; at each,
     B's plan trimmed to that memory (undo the moves costing least per MiB at B's price) and
@@ -972,7 +973,8 @@ def _fill(problem: Problem, ev: Evaluator, points: list[CurvePoint], opts: Engin
     Each such point is stated at the price between A's and B's in the same proportion; its
     bound interpolates theirs linearly in the price, which is valid: the best objective as a
     function of the price is a minimum of functions linear in it (one per plan), so concave,
-    and lies above the chord between two lower bounds."""
+    and lies above the chord between two lower bounds. ``interrupted`` (a stop event or the
+    wall clock) is checked before each point: the points filled so far come back."""
     out: list[CurvePoint] = []
     imb = Imbalance.of(problem, ev)
 
@@ -986,6 +988,8 @@ def _fill(problem: Problem, ev: Evaluator, points: list[CurvePoint], opts: Engin
         if mem_b <= mem_a:
             continue
         for j in range(1, opts.frontier_fill + 1):
+            if interrupted():
+                return out
             lam = j / (opts.frontier_fill + 1)
             level = int(mem_a + (mem_b - mem_a) * lam)
             price = a.price + (b.price - a.price) * lam
