@@ -225,7 +225,8 @@ def test_cached_history_follows_writes_of_another_process(target: str) -> None:
         leader.close()
 
 
-def test_watched_versions_keep_reads_answering_while_the_database_hangs(pg_url: str) -> None:
+def test_watched_versions_keep_reads_answering_while_the_database_hangs(
+        pg_url: str) -> None:  # noqa: F811
     """``watch_versions``: this process's writes are read back at once, another process's
     within the interval, and while a session holds the versions table locked (a database that
     stopped answering, as the API's event loop sees it) cached reads still answer at once,
