@@ -38,7 +38,16 @@ from balancer.errors import BalancerError
 from balancer.forecast import ForecastOptions, ForecastTracker
 from balancer.ingest.demand import Freshness, apply_estimates, estimate
 from balancer.ingest.samples import SampleBuffer, Source
-from balancer.model import ClusterSnapshot, HostState, Move, MoveKind, host_loads, util_stats
+from balancer.model import (
+    ClusterSnapshot,
+    HostState,
+    Move,
+    MoveKind,
+    Rule,
+    RuleType,
+    host_loads,
+    util_stats,
+)
 from balancer.power_plan import PowerPlanOptions, forecast_snapshot, plan_power
 from balancer.service import PlanOptions, PlanResult, plan
 from balancer.store import Store
@@ -46,6 +55,7 @@ from balancer.telemetry import Telemetry
 from balancer.verify import broken_rules
 
 PlanFn = Callable[[ClusterSnapshot, PlanOptions], PlanResult]
+SPARE_RULE = "balancer:standby-pending"  # keeps VMs off hosts whose standby is held
 # run_fn(fn, *args): fn(*args, stop=...) where the caller chooses (a solver worker, in-process)
 RunFn = Callable[..., Any]
 
@@ -270,10 +280,13 @@ class ControlCycle:
         standby = [a for a in acts if a["action"] == "standby"]
         self.power_streak = self.power_streak + 1 if standby else 0
         if standby and self.power_streak < pc.standby_cycles:
+            wanted = {a["host"] for a in standby}
             report.notes.append(
-                f"power: standby of {', '.join(a['host'] for a in standby)} wanted "
+                f"power: standby of {', '.join(sorted(wanted))} wanted "
                 f"{self.power_streak} of {pc.standby_cycles} cycles; held")
             standby = []
+            if any(m.target in wanted for m in result.moves):
+                result, gains = self._spare(snap, wanted, result, gains, report)
         if standby:
             leaving = {a["host"]: a for a in standby}
             snap2 = snap
@@ -306,6 +319,30 @@ class ControlCycle:
                 f"hosts draw {doc['power']['watts_before']:.0f} W now, "
                 f"{doc['power']['watts_after']:.0f} W after")
         return result, gains, actions, watts
+
+    def _spare(self, snap: ClusterSnapshot, wanted: set[str], result: PlanResult,
+               gains: list[float], report: CycleReport) -> tuple[PlanResult, list[float]]:
+        """While a standby is held by ``standby_cycles``, the balance plan sends no VM to the
+        hosts it wants to empty (a mandatory rule keeps every VM not on them off them; their
+        own VMs may stay or leave): otherwise balancing would fill them, the cool-down would
+        then hold those VMs, and the hosts could not be emptied. Unchanged if that plan
+        cannot be made."""
+        rule = Rule(SPARE_RULE, RuleType.VM_HOST,
+                    vms=tuple(v.name for v in snap.vms if v.host not in wanted),
+                    hosts=tuple(h.name for h in snap.hosts if h.name not in wanted))
+        snap2 = dataclasses.replace(snap, rules=(*snap.rules, rule))
+        balance_now = self.streak >= self.cfg.loop.imbalance_cycles
+        try:
+            r2, took = self.solve(snap2, self.options(None if balance_now else 1))
+        except (BalancerError, ValueError) as exc:
+            report.notes.append(f"power: balancing may fill {', '.join(sorted(wanted))}: no "
+                                f"plan keeps them spare ({exc})")
+            return result, gains
+        report.solve_s = (report.solve_s or 0.0) + took
+        report.imbalance_after = r2.after.imbalance
+        report.notes.append(f"power: no VM sent to {', '.join(sorted(wanted))} while their "
+                            "standby is held")
+        return r2, move_gains(r2)
 
     def _score_forecast(self, snap: ClusterSnapshot, report: CycleReport) -> None:
         """The last cycle's forecast against this cycle's estimate (what the demand turned out

@@ -101,6 +101,10 @@ def build(cfg: Any, *, registry: Any = None, solvers: Any = None) -> tuple[Any, 
         inventory = snapshot.load(cfg.cluster.inventory,
                                   mem_overcommit=cfg.cluster.mem_overcommit)
     store = Store(cfg.store.target)
+    if store.kind == "postgres":
+        # version checks on the API's event loop read a copy kept by a thread: a server that
+        # stops answering no longer stalls every request (cached reads keep being served)
+        store.watch_versions(0.1)
     backend = None
     if cfg.executor.backend == "libvirt":
         backend = _libvirt_backend(cfg, inventory)

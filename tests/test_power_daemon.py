@@ -299,3 +299,33 @@ def test_power_plans_on_the_forecast_and_scores_it_against_the_next_estimate(
         # every VM was forecast at >= 3x what it turned out to be: WAPE >= 200 %, none above
         assert wape >= 2.0 - 0.01, (wape, score)
         assert score.endswith("WAPE " + f"{100 * wape:.1f} %, 0.0 % of VMs above it"), score
+
+
+def skewed_light_cluster() -> dict[str, Any]:
+    """Light (16 % CPU) but unbalanced: h1 runs four busy VMs, h4 one small one."""
+    vms = [("a0", "h1", 2.0), ("a1", "h1", 2.0), ("a2", "h1", 2.0), ("a3", "h1", 2.0),
+           ("b0", "h2", 1.0), ("c0", "h3", 1.0), ("d0", "h4", 0.5)]
+    return {"version": 1,
+            "hosts": [{"name": f"h{i}", "cpu_capacity": 16, "mem_capacity_mb": 65536,
+                       "state": "active"} for i in range(1, 5)],
+            "vms": [{"name": n, "host": h, "vcpus": 4, "mem_mb": 4096, "cpu_demand": c,
+                     "mem_demand_mb": 2048} for n, h, c in vms],
+            "rules": []}
+
+
+def test_balancing_sends_no_vm_to_a_host_whose_standby_is_held(tmp_path: Path) -> None:
+    _, app, _ = make(tmp_path, power={"automation": "manual", "standby_cycles": 3})
+    doc = skewed_light_cluster()
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH) as c:
+        assert c.post("/v1/inventory", json=doc).status_code == 200
+        push(c, doc)
+        report = c.post("/v1/cycle").json()
+        held = [n for n in report["notes"] if n.endswith("wanted 1 of 3 cycles; held")]
+        assert len(held) == 1, report["notes"]
+        wanted = held[0].split("standby of ")[1].split(" wanted")[0]
+        assert f"power: no VM sent to {wanted} while their standby is held" in report["notes"]
+        targets = [r["target"] for r in report["recommendations"]]
+        assert targets and wanted not in targets, report["recommendations"]
+        # the balance plan alone (what-if, same threshold) would have sent VMs there
+        alone = c.post("/v1/whatif", json={"snapshot": doc, "threshold": 3}).json()
+        assert wanted in [m["to"] for m in alone["migrations"]], alone["migrations"]

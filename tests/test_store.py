@@ -3,6 +3,7 @@ versions, key/values, stable recommendations, migration history, leases and fenc
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -222,3 +223,47 @@ def test_cached_history_follows_writes_of_another_process(target: str) -> None:
     finally:
         follower.close()
         leader.close()
+
+
+def test_watched_versions_keep_reads_answering_while_the_database_hangs(
+        pg_url: str) -> None:  # noqa: F811
+    """``watch_versions``: this process's writes are read back at once, another process's
+    within the interval, and while a session holds the versions table locked (a database that
+    stopped answering, as the API's event loop sees it) cached reads still answer at once,
+    where an unwatched store waits for the lock."""
+    import psycopg
+
+    watched, other, plain = Store(pg_url), Store(pg_url), Store(pg_url)
+    try:
+        watched.watch_versions(0.05)
+        watched.replace_pending([rec("v1", "h2")], cycle=1)
+        assert [r["vm"] for r in json.loads(watched.pending_json())] == ["v1"]  # own write
+        other.replace_pending([rec("v2", "h3")], cycle=2)
+        deadline = time.monotonic() + 5
+        while [r["vm"] for r in json.loads(watched.pending_json())] != ["v2"]:
+            assert time.monotonic() < deadline, "another store's write never showed"
+            time.sleep(0.02)
+        assert [r["vm"] for r in json.loads(plain.pending_json())] == ["v2"]
+
+        with psycopg.connect(pg_url, autocommit=False) as lock:
+            lock.execute("LOCK TABLE versions IN ACCESS EXCLUSIVE MODE")
+            got: list[list[str]] = []
+
+            def reads() -> None:
+                for _ in range(20):
+                    got.append([r["vm"] for r in json.loads(watched.pending_json())])
+
+            fast = threading.Thread(target=reads, daemon=True)
+            fast.start()
+            fast.join(timeout=1.0)
+            done = threading.Event()
+            slow = threading.Thread(target=lambda: (plain.pending_json(), done.set()),
+                                    daemon=True)
+            slow.start()
+            blocked = not done.wait(1.0)  # the unwatched store waits on the lock
+            lock.rollback()
+        assert not fast.is_alive() and got == [["v2"]] * 20
+        assert blocked and done.wait(10)
+    finally:
+        for s in (watched, other, plain):
+            s.close()

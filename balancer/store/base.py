@@ -22,8 +22,10 @@ refreshed) and supersedes only those whose move changed or left the plan, saying
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from typing import Any
 
 from balancer.errors import BalancerError
 from balancer.store.sql import Database, migrate, redact
+
+log = logging.getLogger("balancer.store")
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
@@ -111,12 +115,44 @@ class Store:
         self.fence: tuple[str, int] | None = None
         self._pending: tuple[int, list[dict[str, Any]], bytes] | None = None
         self._history: tuple[int, bytes] | None = None
+        # watch_versions(): the versions as last read by a background thread, so that the
+        # API's version checks never wait on the database
+        self._watched: dict[str, int] | None = None
+        self._bumped: dict[str, int] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def describe(self) -> str:
         return f"{self.kind} {redact(self.path)}"
 
     def close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         self.db.close()
+
+    def watch_versions(self, interval_s: float = 0.1) -> None:
+        """Read every version in a background thread each ``interval_s``; ``version()`` then
+        answers from that copy (this process's own writes at once, other processes' within
+        ``interval_s``) and never waits on the database. For PostgreSQL, where a version check
+        on the API's event loop could otherwise wait up to the connect timeout for a server
+        that stopped answering; cached reads then keep being served."""
+        if self._watcher is not None:
+            return
+        self._watched = self._read_versions()
+
+        def run() -> None:
+            while not self._watch_stop.wait(interval_s):
+                try:
+                    self._watched = self._read_versions()
+                except Exception as exc:  # the database is away: keep the last copy
+                    log.debug("version watch: %s", exc)
+
+        self._watcher = threading.Thread(target=run, name="store-versions", daemon=True)
+        self._watcher.start()
+
+    def _read_versions(self) -> dict[str, int]:
+        return {str(k): int(n) for k, n in self.db.rows("SELECT key, n FROM versions")}
 
     # -- transactions and fencing ---------------------------------------------------------
     def check_fence(self, db: Database) -> None:
@@ -135,19 +171,35 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Database]:
-        with self.db.tx() as db:
-            self.check_fence(db)
-            yield db
+        with self.db.lock:  # one writer in this process: the bumps below are this one's
+            outer = not self.db.in_transaction
+            with self.db.tx() as db:
+                self.check_fence(db)
+                if outer:
+                    self._bumped = {}
+                yield db
+            if outer and self._bumped and self._watched is not None:
+                # committed: this process reads its own writes at once
+                self._watched = {**self._watched, **self._bumped}
+                self._drop_caches(self._bumped)
 
     def _bump(self, db: Database, key: str) -> None:
-        db.execute("INSERT INTO versions (key, n) VALUES (?, 1) ON CONFLICT (key) DO UPDATE "
-                   "SET n = versions.n + 1", (key,))
-        if key == "recs":
-            self._pending = None
-        elif key == "migs":
-            self._history = None
+        row = db.one("INSERT INTO versions (key, n) VALUES (?, 1) ON CONFLICT (key) DO UPDATE "
+                     "SET n = versions.n + 1 RETURNING n", (key,))
+        self._bumped[key] = int(row[0])  # type: ignore[index]
+        self._drop_caches((key,))
+
+    def _drop_caches(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key == "recs":
+                self._pending = None
+            elif key == "migs":
+                self._history = None
 
     def version(self, key: str) -> int:
+        watched = self._watched
+        if watched is not None:
+            return watched.get(key, 0)
         row = self.db.one("SELECT n FROM versions WHERE key = ?", (key,))
         return 0 if row is None else int(row[0])
 

@@ -209,6 +209,11 @@ class Database:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (call with ``lock`` held: then it is this thread's)."""
+        return self._depth > 0
+
     @contextmanager
     def tx(self) -> Iterator[Database]:
         """One transaction; nested calls join the outer one."""
