@@ -252,6 +252,8 @@ def test_budget_iterated_local_search_never_worse_and_deterministic() -> None:
     problem = build_problem(s, policies=opts.policies())
     base = EngineOptions(time_limit=120.0, max_iterations=40, seed=1, price=100.0)
     without = solve(problem, replace(base, kicks=0))
+    # a count budget alone uses count_kicks (kicks of a third of K): none, no kicks at all
+    assert solve(problem, replace(base, count_kicks=0)).placement == without.placement
     a = solve(problem, base)
     b = solve(problem, base)
     assert a.placement == b.placement

@@ -100,6 +100,10 @@ class EngineOptions:
     # kicks, each undoing ``kick_size`` moves drawn at random (seeded) before the local search
     kicks: int = 12
     kick_size: int = 8
+    # with a count budget (and no memory budget) the plan is a choice of K moves: more kicks,
+    # each undoing a share of them (at least kick_size)
+    count_kicks: int = 24
+    count_kick_share: float = 1 / 3
     frontier_swap_rounds: int = 60  # the same, per frontier point
     # between two price points of the frontier, this many points solved by memory budget
     # (the plan of the point that moves more, trimmed to a memory level between the two and
@@ -649,7 +653,8 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
        incumbent) go through the budgeted local search on the judged imbalance, and so does
        the current placement (the local search then chooses every move itself).
     d. The best of them goes through an iterated local search (``kicks`` random kicks of
-       ``kick_size`` undone moves, seeded).
+       ``kick_size`` undone moves, seeded; with a count budget K alone ``count_kicks`` kicks
+       of ``max(kick_size, count_kick_share x K)`` moves).
     The plan kept is the one within the budget with the lowest imbalance (CPU std + memory
     std); the greedy answer stays a fallback (``greedy_kept``)."""
     ev = s.ev
@@ -676,9 +681,13 @@ def _budget_by_price(s: _Search, problem: Problem, opts: EngineOptions, inc: np.
     # d. iterated local search from the best plan within the budget
     best = best_within(cands)
     assert best is not None  # the incumbent fits
-    if opts.kicks > 0 and not s.interrupted():
-        kicked = swap.kick_improve(problem, ev, best.unit_hosts, opts.kicks, opts.kick_size,
-                                   opts.seed, rounds=opts.swap_rounds)
+    kicks, size = opts.kicks, opts.kick_size
+    if problem.max_migrations is not None and problem.max_moved_mem is None and kicks > 0:
+        kicks = opts.count_kicks
+        size = max(size, round(opts.count_kick_share * problem.max_migrations))
+    if kicks > 0 and not s.interrupted():
+        kicked = swap.kick_improve(problem, ev, best.unit_hosts, kicks, size, opts.seed,
+                                   rounds=opts.swap_rounds)
         cands.append(measure(problem, ev, best.price, kicked))
         best = best_within(cands)
         assert best is not None
