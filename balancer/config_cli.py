@@ -37,6 +37,9 @@ def check(path: str) -> list[str]:
     facts = [f"source {cfg.ingest.source}", f"automation {cfg.cluster.automation}",
              f"executor {cfg.executor.backend}", f"store {cfg.store.path}",
              f"listen {cfg.server.host}:{cfg.server.port}"]
+    if cfg.power.automation != "off":
+        facts.append(f"power {cfg.power.automation}"
+                     + ("" if cfg.power.command else " (no command: state changes only)"))
     if cfg.cluster.inventory is not None:
         from balancer import snapshot
 

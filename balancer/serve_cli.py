@@ -221,6 +221,11 @@ def run(args: argparse.Namespace) -> int:
         sdnotify.notify("READY=1", f"STATUS=serving on {scheme}://{host}:{port}")  # Type=notify
         if not cfg.token():
             log.warning("no API token configured: mutating endpoints are refused")
+        if cfg.power.automation != "off":
+            log.info("power management %s: %s", cfg.power.automation,
+                     f"command {cfg.power.command!r}" if cfg.power.command else
+                     "no [power] command, so standby and wake only change the host's state "
+                     "(the operator switches the hosts)")
 
     from balancer.leadership import Leadership
     from balancer.store import is_url
