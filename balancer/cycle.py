@@ -292,15 +292,13 @@ class ControlCycle:
             snap2 = snap
             for h in leaving:
                 snap2 = snap2.with_host_state(h, HostState.MAINTENANCE)
-            balance_now = self.streak >= self.cfg.loop.imbalance_cycles
             try:
-                r2, took = self.solve(snap2, self.options(None if balance_now else 1))
+                r2 = self._replan(snap2, report)
             except (BalancerError, ValueError) as exc:
                 report.notes.append(f"power: standby of {', '.join(leaving)} dropped: its "
                                     f"moves cannot be planned ({exc})")
                 standby = []
             else:
-                report.solve_s = (report.solve_s or 0.0) + took
                 moves = [Move(m.vm, m.source, m.target,
                               f"empty {m.source} for standby (it draws about "
                               f"{leaving[m.source]['watts_now']:.0f} W now)", m.mem,
@@ -308,7 +306,6 @@ class ControlCycle:
                          if m.source in leaving else m for m in r2.moves]
                 result = dataclasses.replace(r2, moves=moves)
                 gains = move_gains(result)
-                report.imbalance_after = result.after.imbalance
         actions = [Move("", a["host"], a["host"], a["reason"], 0, MoveKind.STANDBY)
                    for a in standby] + [Move("", a["host"], a["host"], a["reason"], 0,
                                              MoveKind.WAKE) for a in wake]
@@ -331,18 +328,25 @@ class ControlCycle:
                     vms=tuple(v.name for v in snap.vms if v.host not in wanted),
                     hosts=tuple(h.name for h in snap.hosts if h.name not in wanted))
         snap2 = dataclasses.replace(snap, rules=(*snap.rules, rule))
-        balance_now = self.streak >= self.cfg.loop.imbalance_cycles
         try:
-            r2, took = self.solve(snap2, self.options(None if balance_now else 1))
+            r2 = self._replan(snap2, report)
         except (BalancerError, ValueError) as exc:
             report.notes.append(f"power: balancing may fill {', '.join(sorted(wanted))}: no "
                                 f"plan keeps them spare ({exc})")
             return result, gains
-        report.solve_s = (report.solve_s or 0.0) + took
-        report.imbalance_after = r2.after.imbalance
         report.notes.append(f"power: no VM sent to {', '.join(sorted(wanted))} while their "
                             "standby is held")
         return r2, move_gains(r2)
+
+    def _replan(self, snap: ClusterSnapshot, report: CycleReport) -> PlanResult:
+        """The cycle's plan solved again on ``snap`` (the power step's variant of the view), at
+        the threshold anti-flapping allows now (1 while balancing moves are held); its solve
+        time and imbalance go into ``report``. Raises what the solve raises."""
+        balance_now = self.streak >= self.cfg.loop.imbalance_cycles
+        r, took = self.solve(snap, self.options(None if balance_now else 1))
+        report.solve_s = (report.solve_s or 0.0) + took
+        report.imbalance_after = r.after.imbalance
+        return r
 
     def _score_forecast(self, snap: ClusterSnapshot, report: CycleReport) -> None:
         """The last cycle's forecast against this cycle's estimate (what the demand turned out
